@@ -1,0 +1,44 @@
+# OneRec serving. `make serve` and `make test` work on a fresh clone (see README.md).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+STORE ?= model-store
+MODEL ?= demo
+
+.PHONY: install proto serve demo-model test lint bench-kernels clean
+
+install: $(STAMP) proto
+
+# torch is pinned through constraints.txt: the CPU build of 2.13.0 is on disk, a newer one is GBs of CUDA.
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev,bench]'
+	touch $(STAMP)
+
+# gRPC stubs are generated from proto/ at install time, never committed.
+proto: $(STAMP)
+	$(PY) -m service.proto_gen
+
+demo-model: install
+	@if [ -z "$$(ls -A $(STORE)/$(MODEL) 2>/dev/null)" ]; then \
+		echo "model store $(STORE) has no '$(MODEL)' model: building the synthetic demo (about a minute)"; \
+		$(VENV)/bin/onerec build --dataset synthetic --out $(STORE) --name $(MODEL); \
+	fi
+
+serve: demo-model
+	$(VENV)/bin/onerec serve --model-store $(STORE)
+
+test: install
+	$(PY) -m pytest -q
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy service model_store kernels
+
+bench-kernels: install
+	$(PY) benchmarks/kernels.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache service/_proto

@@ -1,0 +1,56 @@
+"""Dispatcher for the trie-constrained log-softmax + top-k.
+
+One beam-search step for every (request, beam) row: the row sits on trie node ``node[r]``; its
+allowed next codes are the CSR children of that node minus banned child nodes; the answer is
+the top-k of the log-softmax renormalised over the allowed children only.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from kernels.dispatch import choose_backend
+from kernels.pytorch.pt_trie_topk import pt_trie_topk
+
+
+class TrieTopK(NamedTuple):
+    values: torch.Tensor  # (R, k) float32 log-probs over allowed children; -inf past the last allowed
+    codes: torch.Tensor  # (R, k) int64 child codes; -1 where values is -inf
+    nodes: torch.Tensor  # (R, k) int64 child node ids; -1 where values is -inf
+
+
+def trie_topk(
+    logits: torch.Tensor,
+    node: torch.Tensor,
+    offsets: torch.Tensor,
+    child_codes: torch.Tensor,
+    child_nodes: torch.Tensor,
+    k: int,
+    banned_keys: torch.Tensor,
+    row_groups: torch.Tensor,
+    num_nodes: int,
+    backend: str | None = None,
+) -> TrieTopK:
+    """Top-k allowed children of each row's trie node, with log-probs renormalised over them.
+
+    logits: (R, V) scores over this level's code vocabulary (any float dtype; math in float32).
+    node: (R,) int64 current trie node of each row; -1 marks a dead row (no children, all -inf).
+    offsets: (N+1,) int64 CSR offsets; children of n are edges offsets[n]..offsets[n+1].
+    child_codes, child_nodes: (E,) int64 per edge, child codes sorted within a node.
+    banned_keys: (B,) int64 sorted ascending, each ``group * num_nodes + node``.
+    row_groups: (R, G) int64: child c of row r is banned if ``row_groups[r, g] * num_nodes + c``
+        is in banned_keys for some g (requests share a group; a beam's own session is another).
+    Rows with fewer than k allowed children are filled with -inf / -1; a row with none dies.
+    """
+    chosen = choose_backend(logits, backend)
+    if chosen == "triton":
+        from kernels.triton.triton_trie_topk import triton_trie_topk
+
+        out = triton_trie_topk(
+            logits, node, offsets, child_codes, child_nodes, k, banned_keys, row_groups, num_nodes
+        )
+    else:
+        out = pt_trie_topk(logits, node, offsets, child_codes, child_nodes, k, banned_keys, row_groups, num_nodes)
+    return TrieTopK(*out)

@@ -1,0 +1,7 @@
+"""``python -m onerec`` is the ``onerec`` command."""
+
+import sys
+
+from onerec.cli import main
+
+sys.exit(main())

@@ -1,0 +1,173 @@
+"""The ``onerec`` command line.
+
+Offline commands (build, eval, recommend) live here; ``serve`` and ``features`` are registered by
+``service.cli`` and ``replay`` / ``traffic`` by ``loadtest.cli``, imported lazily so each package owns
+its commands and ``onerec build`` does not pay for the web stack.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+EXTENSIONS = ("service.cli", "loadtest.cli")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "func"):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError, KeyError) as exc:
+        print(f"onerec {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="onerec", description="OneRec generative recommender: build, evaluate, serve.")
+    sub = parser.add_subparsers(dest="command")
+    _add_build(sub)
+    _add_eval(sub)
+    _add_recommend(sub)
+    for module in EXTENSIONS:
+        try:
+            ext = importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name is not None and module.startswith(exc.name):
+                continue  # that package is not installed
+            raise
+        ext.register(sub)
+    return parser
+
+
+def _add_build(sub: Any) -> None:
+    p = sub.add_parser("build", help="offline pipeline: data -> semantic IDs -> training -> eval -> model store")
+    p.add_argument("--dataset", default="synthetic", help="'synthetic' or a sequence file (user item item ...)")
+    p.add_argument("--out", required=True, type=Path, help="model store directory")
+    p.add_argument("--name", default=None, help="model name in the store (default: demo / the file's stem)")
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--ipa-iterations", type=int, default=0)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--eval-users", type=int, default=None, help="evaluate on at most this many users")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_run_build)
+
+
+def _run_build(args: argparse.Namespace) -> int:
+    from onerec.build import build, demo_config, print_summary
+
+    cfg = demo_config()
+    cfg.dataset = args.dataset
+    cfg.name = args.name or ("demo" if args.dataset == "synthetic" else Path(args.dataset).stem or "model")
+    if args.dataset != "synthetic" and not Path(args.dataset).is_file():
+        raise FileNotFoundError(f"--dataset {args.dataset}: no such file (or use 'synthetic')")
+    if args.epochs is not None:
+        cfg.train.epochs = args.epochs
+    cfg.train.device = args.device
+    cfg.ipa_iterations = args.ipa_iterations
+    cfg.eval_users = args.eval_users
+    _, summary = build(cfg, args.out, progress=not args.quiet)
+    print_summary(summary)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _add_eval(sub: Any) -> None:
+    p = sub.add_parser("eval", help="full-ranking Recall@K / NDCG@K of a model version (leave-one-out)")
+    p.add_argument("--model", required=True, type=Path, help="a version directory STORE/NAME/VERSION")
+    p.add_argument("--dataset", required=True, help="'synthetic' (regenerated from the manifest's seed) or a path")
+    p.add_argument("--split", default="test", choices=["test", "valid"])
+    p.add_argument("--k", type=int, nargs="+", default=[5, 10])
+    p.add_argument("--beam", type=int, default=20)
+    p.add_argument("--max-users", type=int, default=None)
+    p.set_defaults(func=_run_eval)
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    from onerec.bundle import load_bundle
+    from onerec.data import SyntheticConfig, leave_one_out, load_sequence_file, make_synthetic
+    from onerec.evaluate import evaluate_generator, popularity_ranking, ranking_metrics
+
+    bundle = load_bundle(args.model)
+    if args.dataset == "synthetic":
+        recorded = bundle.manifest.get("dataset", {}).get("synthetic_config")
+        if recorded is None:
+            raise ValueError(f"{args.model} was not built on the synthetic world; pass its sequence file")
+        data = make_synthetic(SyntheticConfig(**recorded)).data
+    else:
+        data = load_sequence_file(args.dataset)
+    split = leave_one_out(data)
+    rows = split.eval_set(args.split)
+    take = len(rows) if args.max_users is None else min(args.max_users, len(rows))
+    # The dataset's internal indices may differ from the model's: map through external ids.
+    hist = [[bundle.item_index(data.item_ids[i]) for i in h] for h in rows.truncated(bundle.max_history)[:take]]
+    hist_known = [[i for i in h if i is not None] for h in hist]
+    targets = [bundle.item_index(data.item_ids[t]) for t in rows.targets[:take]]
+    users = [data.user_ids[u] for u in rows.users[:take]]
+    metrics = evaluate_generator(bundle.generator, hist_known, [-1 if t is None else t for t in targets], users,
+                                 ks=args.k, beam_width=args.beam)
+    pop_data = popularity_ranking(split.train_popularity(), max(args.k))
+    pop = [bundle.item_index(data.item_ids[i]) for i in pop_data]
+    baseline = ranking_metrics([pop] * take, [-1 if t is None else t for t in targets], args.k)
+    out = {"model": {"name": bundle.name, "version": bundle.version}, "split": args.split, "users": take,
+           "beam": args.beam, "metrics": metrics, "most_popular": baseline}
+    print(json.dumps(out, indent=2))
+    return 0
+
+
+def _add_recommend(sub: Any) -> None:
+    p = sub.add_parser("recommend", help="one recommendation from the newest model, printed as the HTTP response JSON")
+    p.add_argument("--store", required=True, type=Path)
+    p.add_argument("--name", default=None)
+    p.add_argument("--history", default="", help="comma-separated item ids, oldest first")
+    p.add_argument("--user-id", default="cli")
+    p.add_argument("--mode", default="session", choices=["session", "items"])
+    p.add_argument("--beam-width", type=int, default=32)
+    p.add_argument("--num-items", type=int, default=10)
+    p.add_argument("--exclude", default="", help="comma-separated item ids never to return")
+    p.add_argument("--repeat", type=int, default=1, help="run N times and report latency percentiles")
+    p.set_defaults(func=_run_recommend)
+
+
+def _run_recommend(args: argparse.Namespace) -> int:
+    import time
+    import uuid
+
+    from onerec.bundle import load_newest_bundle
+    from onerec.generate import RecRequest
+
+    bundle, _ = load_newest_bundle(args.store, args.name)
+    ids = [s for s in args.history.split(",") if s.strip()]
+    known = [bundle.item_index(s.strip()) for s in ids]
+    excl = [bundle.item_index(s.strip()) for s in args.exclude.split(",") if s.strip()]
+    req = RecRequest(history=[i for i in known if i is not None], num_items=args.num_items, mode=args.mode,
+                     beam_width=args.beam_width, exclude=[i for i in excl if i is not None], user_id=args.user_id)
+    bundle.warmup()
+    latencies = []
+    for _ in range(max(1, args.repeat)):
+        t0 = time.perf_counter()
+        results, _stats = bundle.generator.generate([req])
+        latencies.append((time.perf_counter() - t0) * 1000)
+    out: dict[str, Any] = {
+        "request_id": str(uuid.uuid4()),
+        "model": {"name": bundle.name, "version": str(bundle.version)},
+        "items": [{"item_id": bundle.item_id(it.item), "score": round(it.score, 4), "semantic_id": list(it.semantic_id)}
+                  for it in results[0].items],
+        "degraded": False,
+    }
+    if args.repeat > 1:
+        lat = sorted(latencies)
+        out["latency_ms"] = {"p50": round(lat[len(lat) // 2], 2), "p99": round(lat[min(len(lat) - 1, int(len(lat) * 0.99))], 2),
+                             "runs": len(lat)}
+    ignored = sum(1 for i in known if i is None)
+    if ignored:
+        print(f"onerec recommend: ignored {ignored} unknown history item ids", file=sys.stderr)
+    print(json.dumps(out, indent=2))
+    return 0

@@ -1,0 +1,330 @@
+"""The OneRec encoder-decoder, in one file.
+
+Encoder: [user token, history items] -> memory. An item is the sum of its per-level code
+embeddings (so withdrawn or new items need no item table) plus a recency position (0 = newest).
+Decoder: causal self-attention, cross-attention to the memory, and a sparse MoE SwiGLU FFN (through
+``kernels.moe``), RMSNorm everywhere, one output head per semantic-ID level.
+
+Decoder layout. A session of m items with D code levels is m*D decoder positions. Instead of a BOS
+token per item, position t = slot*D + level carries a learned (slot, level) embedding, and its input
+is the embedding of the code generated at t-1 (a learned start vector at t = 0); position t predicts
+the code of (slot, level). This saves the BOS step per item (m*D steps instead of m*(D+1)). The
+point-wise layout is the first D positions of the same model (one slot).
+
+Shapes: B requests, S history length, D levels, T = m*D decoder positions, R = B*beams rows,
+d = d_model, H heads, dh = d/H.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kernels.moe import moe
+
+
+@dataclass
+class ModelConfig:
+    level_sizes: list[int] = field(default_factory=lambda: [64, 64, 64])  # code vocabulary per level
+    session_items: int = 5  # m: items per generated session
+    max_history: int = 50  # encoder reads at most this many recent items
+    d_model: int = 64
+    n_heads: int = 4
+    n_encoder_layers: int = 2
+    n_decoder_layers: int = 2
+    d_ff: int = 128  # hidden width of the encoder FFN and of each expert
+    n_experts: int = 4
+    experts_top_k: int = 2
+    user_buckets: int = 1000  # hashed user-id embedding table size
+    dropout: float = 0.1
+
+    @property
+    def depth(self) -> int:
+        return len(self.level_sizes)
+
+    @property
+    def session_positions(self) -> int:
+        return self.session_items * self.depth
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown model config keys: {sorted(unknown)}")
+        return cls(**data)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
+        return (x.float() * scale).to(x.dtype) * self.weight
+
+
+class Attention(nn.Module):
+    """Multi-head attention with separate q and kv inputs (self- or cross-attention)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.h = cfg.n_heads
+        self.dh = cfg.d_model // cfg.n_heads
+        self.q = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.kv = nn.Linear(cfg.d_model, 2 * cfg.d_model, bias=False)
+        self.o = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.dropout = cfg.dropout
+
+    def split(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        return x.view(b, n, self.h, self.dh).transpose(1, 2)  # (b, H, n, dh)
+
+    def project_kv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        k, v = self.kv(x).chunk(2, dim=-1)  # (b, n, d) each
+        return self.split(k), self.split(v)  # (b, H, n, dh) each
+
+    def forward(
+        self, x: torch.Tensor, kv_src: torch.Tensor, mask: torch.Tensor | None = None, causal: bool = False
+    ) -> torch.Tensor:
+        # x: (b, n, d); kv_src: (b, s, d); mask: (b, 1, 1|n, s) True = attend
+        q = self.split(self.q(x))
+        k, v = self.project_kv(kv_src)
+        drop = self.dropout if self.training else 0.0
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop, is_causal=causal)
+        return self.o(out.transpose(1, 2).reshape(x.shape))  # (b, n, d)
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, d: int, f: int):
+        super().__init__()
+        self.gate = nn.Linear(d, f, bias=False)
+        self.up = nn.Linear(d, f, bias=False)
+        self.down = nn.Linear(f, d, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+class MoEFFN(nn.Module):
+    """E SwiGLU experts behind a top-k softmax gate; compute goes through ``kernels.moe``."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        e, d, f = cfg.n_experts, cfg.d_model, cfg.d_ff
+        self.top_k = cfg.experts_top_k
+        self.router = nn.Parameter(torch.randn(e, d) * 0.02)  # (E, d)
+        self.w_gate = nn.Parameter(torch.randn(e, d, f) / math.sqrt(d))  # (E, d, f)
+        self.w_up = nn.Parameter(torch.randn(e, d, f) / math.sqrt(d))  # (E, d, f)
+        self.w_down = nn.Parameter(torch.randn(e, f, d) / math.sqrt(f))  # (E, f, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])  # (tokens, d)
+        return moe(flat, self.router, self.w_gate, self.w_up, self.w_down, self.top_k).view(shape)
+
+    def balance_loss(self, x: torch.Tensor) -> torch.Tensor:
+        """Switch-style load balancing: E * sum_e (share of tokens routed to e) * (mean gate prob of e)."""
+        flat = x.reshape(-1, x.shape[-1])
+        probs = torch.softmax((flat @ self.router.t()).float(), dim=-1)  # (tokens, E)
+        chosen = probs.topk(self.top_k, dim=-1).indices
+        share = F.one_hot(chosen, probs.shape[-1]).float().sum(1).mean(0) / self.top_k  # (E,)
+        return probs.shape[-1] * (share * probs.mean(0)).sum()
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n1, self.attn = RMSNorm(cfg.d_model), Attention(cfg)
+        self.n2, self.ffn = RMSNorm(cfg.d_model), SwiGLU(cfg.d_model, cfg.d_ff)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        h = self.n1(x)
+        x = x + self.attn(h, h, mask)
+        return x + self.ffn(self.n2(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n1, self.self_attn = RMSNorm(cfg.d_model), Attention(cfg)
+        self.n2, self.cross_attn = RMSNorm(cfg.d_model), Attention(cfg)
+        self.n3, self.moe = RMSNorm(cfg.d_model), MoEFFN(cfg)
+
+    def forward(self, x: torch.Tensor, memory: torch.Tensor, mem_mask: torch.Tensor) -> torch.Tensor:
+        h = self.n1(x)
+        x = x + self.self_attn(h, h, causal=True)
+        x = x + self.cross_attn(self.n2(x), memory, mem_mask)
+        return x + self.moe(self.n3(x))
+
+
+@dataclass
+class EncoderState:
+    """What decoding needs from the encoder: per-request cross-attention K/V, shared by all beams."""
+
+    cross_k: list[torch.Tensor]  # per decoder layer (B, H, S+1, dh)
+    cross_v: list[torch.Tensor]  # per decoder layer (B, H, S+1, dh)
+    mask: torch.Tensor  # (B, 1, 1, S+1) True = attend
+
+
+class OneRecModel(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if cfg.d_model % cfg.n_heads:
+            raise ValueError(f"d_model {cfg.d_model} is not divisible by n_heads {cfg.n_heads}")
+        self.cfg = cfg
+        d = cfg.d_model
+        self.enc_codes = nn.ModuleList(nn.Embedding(v, d) for v in cfg.level_sizes)
+        self.enc_pos = nn.Embedding(cfg.max_history + 1, d)  # 0 = user token, 1.. = recency
+        self.user = nn.Embedding(cfg.user_buckets, d)
+        self.encoder = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.n_encoder_layers))
+        self.enc_norm = RMSNorm(d)
+        self.dec_codes = nn.ModuleList(nn.Embedding(v, d) for v in cfg.level_sizes)
+        self.dec_start = nn.Parameter(torch.zeros(d))
+        self.dec_pos = nn.Embedding(cfg.session_positions, d)  # (slot, level) of position t
+        self.decoder = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.n_decoder_layers))
+        self.dec_norm = RMSNorm(d)
+        self.heads = nn.ModuleList(nn.Linear(d, v, bias=False) for v in cfg.level_sizes)
+        self.apply(self._init)
+
+    @staticmethod
+    def _init(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=0.02)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, std=0.02)
+
+    # ---- encoder ------------------------------------------------------------------------------
+
+    def encode(self, hist_codes: torch.Tensor, hist_mask: torch.Tensor, user: torch.Tensor) -> torch.Tensor:
+        """hist_codes: (B, S, D) newest first; hist_mask: (B, S) True = real item; user: (B,) -> (B, S+1, d)."""
+        b, s, _ = hist_codes.shape
+        items = sum(emb(hist_codes[..., lvl]) for lvl, emb in enumerate(self.enc_codes))  # (B, S, d)
+        x = torch.cat([self.user(user)[:, None], items], dim=1)  # (B, S+1, d)
+        x = x + self.enc_pos(torch.arange(s + 1, device=x.device))[None]
+        mask = self.memory_mask(hist_mask)  # (B, 1, 1, S+1)
+        for layer in self.encoder:
+            x = layer(x, mask)
+        return self.enc_norm(x)
+
+    @staticmethod
+    def memory_mask(hist_mask: torch.Tensor) -> torch.Tensor:
+        user_col = torch.ones_like(hist_mask[:, :1])
+        return torch.cat([user_col, hist_mask], dim=1)[:, None, None, :]  # (B, 1, 1, S+1)
+
+    # ---- training -----------------------------------------------------------------------------
+
+    def decoder_inputs(self, target_codes: torch.Tensor) -> torch.Tensor:
+        """target_codes: (B, m', D) -> teacher-forced decoder inputs (B, m'*D, d)."""
+        b, slots, depth = target_codes.shape
+        prev = [self.dec_start.expand(b, 1, -1)]
+        flat = target_codes.reshape(b, slots * depth)
+        for t in range(1, slots * depth):
+            prev.append(self.dec_codes[(t - 1) % depth](flat[:, t - 1])[:, None])
+        x = torch.cat(prev, dim=1)  # (B, T, d)
+        return x + self.dec_pos(torch.arange(slots * depth, device=x.device))[None]
+
+    def forward(
+        self,
+        hist_codes: torch.Tensor,
+        hist_mask: torch.Tensor,
+        user: torch.Tensor,
+        target_codes: torch.Tensor,
+        target_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher-forced next-token loss over sessions. Returns (mean cross-entropy, MoE balance loss).
+
+        target_codes: (B, m', D); target_mask: (B, m') True where the slot holds a real item (a user's
+        last session can be shorter than m).
+        """
+        memory = self.encode(hist_codes, hist_mask, user)
+        mem_mask = self.memory_mask(hist_mask)
+        x = self.decoder_inputs(target_codes)
+        balance = x.new_zeros((), dtype=torch.float32)
+        for layer in self.decoder:
+            balance = balance + layer.moe.balance_loss(layer.n3(x))
+            x = layer(x, memory, mem_mask)
+        x = self.dec_norm(x)  # (B, T, d)
+        depth = self.cfg.depth
+        flat = target_codes.reshape(target_codes.shape[0], -1)  # (B, T)
+        if target_mask is None:
+            target_mask = torch.ones(target_codes.shape[:2], dtype=torch.bool, device=x.device)
+        weight = target_mask.flatten().float()  # (B*m',)
+        loss = x.new_zeros((), dtype=torch.float32)
+        for lvl, head in enumerate(self.heads):
+            logits = head(x[:, lvl::depth])  # (B, m', V_lvl)
+            ce = F.cross_entropy(logits.flatten(0, 1).float(), flat[:, lvl::depth].flatten(), reduction="none")
+            loss = loss + (ce * weight).sum() / weight.sum().clamp(min=1.0)
+        return loss / depth, balance / len(self.decoder)
+
+    # ---- incremental decoding -----------------------------------------------------------------
+
+    @torch.no_grad()
+    def prepare_decoding(self, hist_codes: torch.Tensor, hist_mask: torch.Tensor, user: torch.Tensor) -> EncoderState:
+        """Encode once per request and project each decoder layer's cross-attention K/V once."""
+        memory = self.encode(hist_codes, hist_mask, user)
+        ks, vs = [], []
+        for layer in self.decoder:
+            k, v = layer.cross_attn.project_kv(memory)  # (B, H, S+1, dh)
+            ks.append(k)
+            vs.append(v)
+        return EncoderState(ks, vs, self.memory_mask(hist_mask))
+
+    def step_input(self, t: int, prev_codes: torch.Tensor | None, rows: int) -> torch.Tensor:
+        """Decoder input of position t for all rows: (R, d)."""
+        pos = self.dec_pos.weight[t]
+        if t == 0 or prev_codes is None:
+            return (self.dec_start + pos).expand(rows, -1)
+        return self.dec_codes[(t - 1) % self.cfg.depth](prev_codes) + pos
+
+    @torch.no_grad()
+    def decode_step(
+        self, x: torch.Tensor, t: int, state: EncoderState, cache_k: torch.Tensor, cache_v: torch.Tensor
+    ) -> torch.Tensor:
+        """One position for all rows; returns the logits of level t % D.
+
+        x: (R, d) with R = B * beams, rows grouped by request; cache_k, cache_v: (layers, R, H, T, dh),
+        written at position t. Cross-attention puts a request's beams on the query axis, so the
+        request's K/V are read once for all its beams and never repeated per beam.
+        """
+        rows = x.shape[0]
+        b = state.mask.shape[0]
+        beams = rows // b
+        for i, layer in enumerate(self.decoder):
+            sa = layer.self_attn
+            h = layer.n1(x)
+            q = sa.q(h).view(rows, sa.h, 1, sa.dh)  # (R, H, 1, dh)
+            k, v = sa.kv(h).chunk(2, dim=-1)
+            cache_k[i, :, :, t] = k.view(rows, sa.h, sa.dh)
+            cache_v[i, :, :, t] = v.view(rows, sa.h, sa.dh)
+            att = F.scaled_dot_product_attention(q, cache_k[i, :, :, : t + 1], cache_v[i, :, :, : t + 1])
+            x = x + sa.o(att.reshape(rows, -1))
+            ca = layer.cross_attn
+            q = ca.q(layer.n2(x)).view(b, beams, ca.h, ca.dh).transpose(1, 2)  # (B, H, beams, dh)
+            att = F.scaled_dot_product_attention(q, state.cross_k[i], state.cross_v[i], attn_mask=state.mask)
+            x = x + ca.o(att.transpose(1, 2).reshape(rows, -1))  # (R, d)
+            x = x + layer.moe(layer.n3(x))
+        return self.heads[t % self.cfg.depth](self.dec_norm(x))  # (R, V_level)
+
+    def allocate_cache(self, rows: int, positions: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        cfg = self.cfg
+        dh = cfg.d_model // cfg.n_heads
+        return torch.zeros(cfg.n_decoder_layers, rows, cfg.n_heads, positions, dh, device=device, dtype=dtype)
+
+
+def hash_user(user_id: str, buckets: int) -> int:
+    """Stable bucket of a user id (FNV-1a: Python's hash() is salted per process)."""
+    h = 0xCBF29CE484222325
+    for byte in user_id.encode("utf-8"):
+        h = ((h ^ byte) * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
+    return h % buckets

@@ -1,0 +1,381 @@
+"""Semantic-ID tokenizer: collaborative item embeddings and balanced residual k-means.
+
+OneRec (Zhou et al., 2025) gives every item a path of codes, one per level, by residual k-means over item
+embeddings, with *balanced* k-means at each level (Algorithm 1: each cluster takes |V|/K items) because
+unbalanced codebooks waste capacity and skew beam search. On top, this project requires item <-> path to
+be a bijection: where full paths collide, an extra disambiguating level is appended (as TIGER does).
+
+Everything here is numpy only and deterministic for a seed, so a build can be reproduced exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+__all__ = [
+    "SemanticIdReport",
+    "SemanticIds",
+    "balanced_kmeans",
+    "cooccurrence",
+    "item_embeddings",
+    "residual_semantic_ids",
+]
+
+# --------------------------------------------------------------------------------------------------
+# Collaborative item embeddings: windowed co-occurrence -> PPMI -> truncated eigendecomposition
+# --------------------------------------------------------------------------------------------------
+
+
+def cooccurrence(
+    sequences: Sequence[np.ndarray], n_items: int, window: int = 5
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Symmetric co-occurrence of items within `window` positions, weighted 1/distance, as COO arrays.
+
+    Returns (rows, cols, weights) with unique (row, col) pairs sorted by row, then col. Items seen next
+    to each other in a sequence are what a sequential recommender must tell apart, so they should get
+    nearby embeddings (and hence shared code prefixes).
+    """
+    lengths = np.fromiter((len(s) for s in sequences), dtype=np.int64, count=len(sequences))
+    if lengths.sum() == 0:
+        empty = np.zeros(0, dtype=np.int64)
+        return empty, empty, np.zeros(0, dtype=np.float64)
+    flat = np.concatenate([np.asarray(s, dtype=np.int64) for s in sequences])
+    seq_id = np.repeat(np.arange(len(sequences)), lengths)
+    keys: list[np.ndarray] = []
+    weights: list[np.ndarray] = []
+    for dist in range(1, window + 1):
+        same = seq_id[dist:] == seq_id[:-dist]
+        a, b = flat[:-dist][same], flat[dist:][same]
+        distinct = a != b
+        a, b = a[distinct], b[distinct]
+        keys += [a * n_items + b, b * n_items + a]
+        weights += [np.full(2 * len(a), 1.0 / dist)]
+    all_keys = np.concatenate(keys)
+    unique, inverse = np.unique(all_keys, return_inverse=True)
+    summed = np.bincount(inverse, weights=np.concatenate(weights), minlength=len(unique))
+    return unique // n_items, unique % n_items, summed
+
+
+def _ppmi(rows: np.ndarray, cols: np.ndarray, counts: np.ndarray, n_items: int) -> np.ndarray:
+    """Positive PMI of each nonzero, context smoothing 0.75 (Levy et al., 2015) against popularity bias."""
+    row_sum = np.bincount(rows, weights=counts, minlength=n_items)
+    col_sum = np.bincount(cols, weights=counts, minlength=n_items) ** 0.75
+    pmi = np.log(counts * col_sum.sum() / (row_sum[rows] * col_sum[cols]))
+    return np.maximum(pmi, 0.0)
+
+
+class _SparseSymmetric:
+    """A sparse (n, n) matrix for repeated products with dense blocks (torch's CSR kernel, ~20x numpy's).
+
+    torch is imported lazily: it is a project dependency anyway, but importing the tokenizer stays cheap.
+    """
+
+    def __init__(self, rows: np.ndarray, cols: np.ndarray, vals: np.ndarray, n: int) -> None:
+        import warnings
+
+        import torch
+
+        indptr = np.zeros(n + 1, dtype=np.int64)
+        indptr[1:] = np.cumsum(np.bincount(rows, minlength=n))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
+            self._matrix = torch.sparse_csr_tensor(
+                torch.from_numpy(indptr), torch.from_numpy(np.ascontiguousarray(cols)),
+                torch.from_numpy(np.ascontiguousarray(vals, dtype=np.float64)), size=(n, n),
+                check_invariants=True,
+            )
+        self._torch = torch
+
+    def __matmul__(self, dense: np.ndarray) -> np.ndarray:
+        return (self._matrix @ self._torch.from_numpy(np.ascontiguousarray(dense, dtype=np.float64))).numpy()
+
+
+def _top_eigvecs(
+    rows: np.ndarray, cols: np.ndarray, vals: np.ndarray, n: int, rank: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """Leading eigenpairs (by value) of the symmetric sparse matrix: exact when small, randomized else."""
+    if n <= 1500:
+        dense = np.zeros((n, n))
+        dense[rows, cols] = vals
+        values, vectors = np.linalg.eigh(dense)
+        order = np.argsort(-values, kind="stable")[:rank]
+        return values[order], vectors[:, order]
+    matrix = _SparseSymmetric(rows, cols, vals, n)
+    sketch = min(n, rank + 16)
+    basis, _ = np.linalg.qr(matrix @ rng.standard_normal((n, sketch)))
+    for _ in range(3):  # power iterations sharpen the spectrum's tail
+        basis, _ = np.linalg.qr(matrix @ basis)
+    projected = basis.T @ (matrix @ basis)
+    values, small = np.linalg.eigh((projected + projected.T) / 2)
+    order = np.argsort(-values, kind="stable")[:rank]
+    return values[order], basis @ small[:, order]
+
+
+def item_embeddings(train_sequences: Sequence[np.ndarray], n_items: int, dim: int, seed: int = 0,
+                    window: int = 5) -> np.ndarray:
+    """Collaborative item embeddings (n_items, dim), float32, from training interactions only.
+
+    Windowed co-occurrence -> PPMI -> leading eigenvectors scaled by sqrt(eigenvalue), rows L2
+    normalised (cosine geometry suits k-means on co-occurrence spectra). Columns beyond the available
+    rank are zero. Deterministic for `seed`. Items without any training co-occurrence get random *unit*
+    directions (they still take a code) rather than near-zero vectors: near-zero vectors all fall into
+    the same cluster at every level and form one big colliding group, inflating the extra level.
+    """
+    if n_items < 1 or dim < 1:
+        raise ValueError("need n_items >= 1 and dim >= 1")
+    rng = np.random.default_rng(seed)
+    rows, cols, counts = cooccurrence(train_sequences, n_items, window)
+    emb = np.zeros((n_items, dim), dtype=np.float64)
+    if len(rows):
+        rank = min(dim, n_items)
+        values, vectors = _top_eigvecs(rows, cols, _ppmi(rows, cols, counts, n_items), n_items, rank, rng)
+        vectors *= np.where(np.abs(vectors).max(axis=0) == vectors.max(axis=0), 1.0, -1.0)  # fixed signs
+        emb[:, : len(values)] = vectors * np.sqrt(np.maximum(values, 0.0))
+    norms = np.linalg.norm(emb, axis=1, keepdims=True)
+    warm = norms[:, 0] > 1e-12
+    emb[warm] /= norms[warm]
+    cold = ~warm
+    noise = rng.standard_normal((int(cold.sum()), dim))
+    emb[cold] = noise / np.maximum(np.linalg.norm(noise, axis=1, keepdims=True), 1e-12)
+    return emb.astype(np.float32)
+
+
+# --------------------------------------------------------------------------------------------------
+# Balanced k-means (OneRec Algorithm 1)
+# --------------------------------------------------------------------------------------------------
+
+
+def _sq_distances(x: np.ndarray, centroids: np.ndarray) -> np.ndarray:
+    """Squared Euclidean distances (n, k) via the dot-product expansion (one GEMM)."""
+    d = (x * x).sum(axis=1)[:, None] - 2.0 * (x @ centroids.T) + (centroids * centroids).sum(axis=1)[None, :]
+    return np.maximum(d, 0.0)
+
+
+def _kmeans_pp(x: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    """k-means++ seeding: spread initial centroids so no cluster starts inside another."""
+    n = len(x)
+    norms = (x * x).sum(axis=1)
+    chosen = [int(rng.integers(n))]
+    closest = np.maximum(norms - 2.0 * (x @ x[chosen[0]]) + norms[chosen[0]], 0.0)
+    for _ in range(1, k):
+        total = closest.sum()
+        if total <= 0:  # all remaining points coincide with a centroid: pick any unchosen point
+            pick = int(rng.choice(np.setdiff1d(np.arange(n), chosen)))
+        else:
+            pick = int(rng.choice(n, p=closest / total))
+        chosen.append(pick)
+        closest = np.minimum(closest, np.maximum(norms - 2.0 * (x @ x[pick]) + norms[pick], 0.0))
+    return x[chosen].copy()
+
+
+def _balanced_assign(dist: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+    """Algorithm 1's assignment: cluster by cluster, take the `sizes[k]` nearest still-unassigned items."""
+    n, k = dist.shape
+    labels = np.full(n, -1, dtype=np.int64)
+    remaining = np.arange(n)
+    for cluster in range(k):
+        take = int(sizes[cluster])
+        if take >= len(remaining):
+            labels[remaining] = cluster
+            remaining = remaining[:0]
+            break
+        column = dist[remaining, cluster]
+        nearest = np.argpartition(column, take - 1)[:take] if take > 0 else np.zeros(0, dtype=np.int64)
+        labels[remaining[nearest]] = cluster
+        keep = np.ones(len(remaining), dtype=bool)
+        keep[nearest] = False
+        remaining = remaining[keep]
+    return labels
+
+
+def _greedy_assign(dist: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+    """Balanced assignment by rounds of proposals: every unassigned item proposes to its nearest cluster
+    with room left, each cluster keeps its closest proposers up to its capacity, the rest try again.
+
+    Same balance guarantee as Algorithm 1, but no cluster is stuck with the leftovers of all the others
+    (in the sequential loop the last clusters get the outliers, at every level, so outliers collide).
+    """
+    n, k = dist.shape
+    room = sizes.astype(np.int64).copy()
+    labels = np.full(n, -1, dtype=np.int64)
+    pending = np.arange(n)
+    while len(pending):
+        sub = dist[pending]
+        sub[:, room == 0] = np.inf
+        choice = np.argmin(sub, axis=1)
+        chosen_dist = sub[np.arange(len(pending)), choice]
+        order = np.lexsort((chosen_dist, choice))
+        ranked = choice[order]
+        rank = np.empty(len(pending), dtype=np.int64)
+        rank[order] = np.arange(len(pending)) - np.searchsorted(ranked, ranked, side="left")
+        accepted = rank < room[choice]
+        labels[pending[accepted]] = choice[accepted]
+        room -= np.bincount(choice[accepted], minlength=k)
+        pending = pending[~accepted]
+    return labels
+
+
+def _cluster_means(x: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
+    """Centroid of each cluster (clusters are never empty under balanced assignment with k <= n)."""
+    order = np.argsort(labels, kind="stable")
+    counts = np.bincount(labels, minlength=k)
+    starts = np.cumsum(counts) - counts
+    sums = np.add.reduceat(x[order], starts, axis=0)
+    return sums / counts[:, None]
+
+
+_ASSIGNERS = {"sequential": _balanced_assign, "greedy": _greedy_assign}
+
+
+def balanced_kmeans_fit(x: np.ndarray, k: int, iters: int = 20, seed: int = 0,
+                        method: str = "sequential") -> tuple[np.ndarray, np.ndarray]:
+    """Balanced k-means returning (labels (n,), centroids (k, d)); see `balanced_kmeans`."""
+    if method not in _ASSIGNERS:
+        raise ValueError(f"unknown assignment method {method!r}: want one of {sorted(_ASSIGNERS)}")
+    assign = _ASSIGNERS[method]
+    x = np.asarray(x, dtype=np.float64)
+    if x.ndim != 2 or len(x) == 0:
+        raise ValueError(f"need a non-empty (n, d) array, got shape {x.shape}")
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    n = len(x)
+    k = min(k, n)
+    rng = np.random.default_rng(seed)
+    base, extra = divmod(n, k)
+    sizes = np.full(k, base, dtype=np.int64)
+    sizes[:extra] += 1  # the first `extra` clusters in processing order take ceil(n/k)
+    centroids = _kmeans_pp(x, k, rng)
+    labels = np.full(n, -1, dtype=np.int64)
+    for _ in range(max(1, iters)):
+        new_labels = assign(_sq_distances(x, centroids), sizes)
+        centroids = _cluster_means(x, new_labels, k)
+        if np.array_equal(new_labels, labels):
+            break
+        labels = new_labels
+    return labels, centroids
+
+
+def balanced_kmeans(
+    x: np.ndarray, k: int, iters: int = 20, seed: int = 0, method: str = "sequential"
+) -> np.ndarray:
+    """OneRec's balanced k-means (Algorithm 1): labels (n,) int64 with cluster sizes ceil(n/k) or floor(n/k).
+
+    Each iteration processes clusters in turn; cluster k takes the w_k nearest items not yet assigned to
+    its (previous) centroid, then moves its centroid to their mean. That is exactly the paper's loop,
+    with the distance matrix computed once per iteration by one GEMM. `k` is clamped to n.
+    Deterministic for `seed` (k-means++ seeding). `method="greedy"` swaps the sequential assignment for
+    rounds of proposals (`_greedy_assign`), same balance guarantee, fewer outlier pile-ups.
+    """
+    labels, _ = balanced_kmeans_fit(x, k, iters, seed, method)
+    return labels
+
+
+# --------------------------------------------------------------------------------------------------
+# Residual semantic IDs with a disambiguating level
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SemanticIdReport:
+    """What the tokenizer did, for logs and the manifest."""
+
+    n_items: int
+    levels: int
+    level_sizes: list[int]
+    codes_used: list[int]
+    utilisation: list[float]
+    colliding_items: int
+    colliding_groups: int
+    max_group_size: int
+    extra_level_size: int
+    reconstruction_mse: float
+
+    def as_dict(self) -> dict[str, object]:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+@dataclass
+class SemanticIds:
+    """Every item's code path: `codes[i]` (depth D) with `codes[i, l] < level_sizes[l]`; paths are unique.
+
+    D = levels when the k-means paths are already unique, else levels + 1 with the last level numbering
+    the items that share a k-means path (0, 1, 2, ... in item order; items with a unique path get 0).
+    """
+
+    codes: np.ndarray
+    level_sizes: list[int]
+    report: SemanticIdReport = field(repr=False)
+
+    @property
+    def depth(self) -> int:
+        return int(self.codes.shape[1])
+
+    @property
+    def n_items(self) -> int:
+        return int(self.codes.shape[0])
+
+    def path_to_item(self) -> dict[tuple[int, ...], int]:
+        """Code path -> internal item index (a bijection by construction)."""
+        return {tuple(int(c) for c in row): i for i, row in enumerate(self.codes)}
+
+
+def _disambiguate(paths: np.ndarray) -> tuple[np.ndarray, int, int, int]:
+    """Rank of each item within its group of identical paths; plus (colliding items, groups, max size)."""
+    _, inverse, group_sizes = np.unique(paths, axis=0, return_inverse=True, return_counts=True)
+    inverse = inverse.reshape(-1)
+    order = np.argsort(inverse, kind="stable")  # items grouped by path, item order kept inside groups
+    starts = np.cumsum(group_sizes) - group_sizes
+    rank = np.empty(len(paths), dtype=np.int64)
+    rank[order] = np.arange(len(paths)) - np.repeat(starts, group_sizes)
+    colliding = group_sizes > 1
+    return rank, int(group_sizes[colliding].sum()), int(colliding.sum()), int(group_sizes.max())
+
+
+def residual_semantic_ids(emb: np.ndarray, levels: int, codes_per_level: int | Sequence[int], seed: int = 0,
+                          iters: int = 20, method: str = "sequential") -> SemanticIds:
+    """Semantic IDs by balanced residual k-means: level l clusters the residual left by levels < l.
+
+    `codes_per_level` is one K for all levels or one per level; each is clamped to the item count.
+    Where full paths collide an extra level disambiguates them, so item <-> path is a bijection.
+    """
+    emb = np.asarray(emb, dtype=np.float64)
+    if emb.ndim != 2 or len(emb) == 0:
+        raise ValueError(f"need a non-empty (n_items, dim) array, got shape {emb.shape}")
+    if levels < 1:
+        raise ValueError(f"levels must be >= 1, got {levels}")
+    if isinstance(codes_per_level, int):
+        ks = [int(codes_per_level)] * levels
+    else:
+        ks = [int(k) for k in codes_per_level]
+    if len(ks) != levels:
+        raise ValueError(f"got {len(ks)} codebook sizes for {levels} levels")
+    n = len(emb)
+    residual = emb.copy()
+    columns: list[np.ndarray] = []
+    sizes: list[int] = []
+    for level, k in enumerate(ks):
+        labels, centroids = balanced_kmeans_fit(residual, min(k, n), iters, seed + level, method)
+        residual -= centroids[labels]
+        columns.append(labels)
+        sizes.append(min(k, n))
+    paths = np.stack(columns, axis=1)
+    rank, colliding_items, colliding_groups, max_group = _disambiguate(paths)
+    if max_group > 1:
+        paths = np.concatenate([paths, rank[:, None]], axis=1)
+    used = [int(len(np.unique(c))) for c in columns]
+    report = SemanticIdReport(
+        n_items=n,
+        levels=levels,
+        level_sizes=sizes + ([max_group] if max_group > 1 else []),
+        codes_used=used,
+        utilisation=[u / s for u, s in zip(used, sizes, strict=True)],
+        colliding_items=colliding_items,
+        colliding_groups=colliding_groups,
+        max_group_size=max_group,
+        extra_level_size=max_group if max_group > 1 else 0,
+        reconstruction_mse=float((residual ** 2).sum(axis=1).mean()),
+    )
+    return SemanticIds(codes=paths.astype(np.int64), level_sizes=report.level_sizes, report=report)
