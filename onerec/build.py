@@ -45,9 +45,48 @@ class BuildConfig:
 def demo_config() -> BuildConfig:
     """The small synthetic demo model: trains in well under a minute on 2 cores."""
     return BuildConfig(
-        model=ModelConfig(session_items=5, max_history=20, d_model=64, n_heads=4, n_encoder_layers=2,
-                          n_decoder_layers=2, d_ff=128, n_experts=4, experts_top_k=2, dropout=0.1),
+        model=ModelConfig(
+            session_items=5,
+            max_history=20,
+            d_model=64,
+            n_heads=4,
+            n_encoder_layers=2,
+            n_decoder_layers=2,
+            d_ff=128,
+            n_experts=4,
+            experts_top_k=2,
+            dropout=0.1,
+        ),
         train=TrainConfig(epochs=6, batch_size=128, lr=3e-3),
+    )
+
+
+def sequence_file_config(path: str) -> BuildConfig:
+    """A catalogue-scale model for a real sequence file (e.g. Amazon Beauty, 12k items).
+
+    Sized after TIGER's Beauty setup (3 levels of 256 codes, history 20) with OneRec's MoE decoder;
+    on 2 CPU cores an epoch takes minutes, so use ``--device cuda`` where there is one.
+    """
+    return BuildConfig(
+        dataset=path,
+        name=Path(path).stem or "model",
+        embedding_dim=64,
+        levels=3,
+        codes_per_level=256,
+        model=ModelConfig(
+            session_items=3,
+            max_history=20,
+            d_model=128,
+            n_heads=4,
+            n_encoder_layers=4,
+            n_decoder_layers=4,
+            d_ff=256,
+            n_experts=8,
+            experts_top_k=2,
+            dropout=0.2,
+        ),
+        train=TrainConfig(epochs=30, batch_size=256, lr=1e-3, warmup_steps=200),
+        eval_beam=20,
     )
 
 
@@ -81,8 +120,10 @@ def build(cfg: BuildConfig, store: Path, progress: bool = True) -> tuple[Publish
     emb = item_embeddings(split.train, data.n_items, cfg.embedding_dim, seed=cfg.seed)
     sids = residual_semantic_ids(emb, cfg.levels, cfg.codes_per_level, seed=cfg.seed)
     timings["tokenizer"] = time.perf_counter() - t
-    log(f"semantic ids: levels {sids.level_sizes}, utilisation {sids.report.utilisation}, "
-        f"{sids.report.colliding_items} colliding items")
+    log(
+        f"semantic ids: levels {sids.level_sizes}, utilisation {sids.report.utilisation}, "
+        f"{sids.report.colliding_items} colliding items"
+    )
 
     popularity = split.train_popularity()
     catalog = Catalog.from_codes(data.item_ids, sids.codes, sids.level_sizes, popularity_ranking(popularity, 200))
@@ -110,14 +151,24 @@ def build(cfg: BuildConfig, store: Path, progress: bool = True) -> tuple[Publish
     }
     published = save_bundle(store, cfg.name, model, catalog, meta)
     timings["total"] = time.perf_counter() - t_start
-    summary = {"name": published.name, "version": published.version, "path": str(published.path),
-               "metrics": metrics, "timings_seconds": {k: round(v, 2) for k, v in timings.items()}}
+    summary = {
+        "name": published.name,
+        "version": published.version,
+        "path": str(published.path),
+        "metrics": metrics,
+        "timings_seconds": {k: round(v, 2) for k, v in timings.items()},
+    }
     return published, summary
 
 
 def evaluate_all(
-    model: OneRecModel, catalog: Catalog, data: InteractionData, split: Any, cfg: BuildConfig,
-    popularity: np.ndarray, progress: bool,
+    model: OneRecModel,
+    catalog: Catalog,
+    data: InteractionData,
+    split: Any,
+    cfg: BuildConfig,
+    popularity: np.ndarray,
+    progress: bool,
 ) -> dict[str, Any]:
     generator = Generator(model, catalog.trie, device=cfg.train.device)
     out: dict[str, Any] = {}
@@ -147,8 +198,11 @@ def build_demo(store: Path, name: str = "demo", progress: bool = False) -> Publi
 
 def print_summary(summary: dict[str, Any]) -> None:
     """Human-readable table on stderr; the JSON goes to stdout."""
-    lines = [f"published {summary['name']} v{summary['version']} at {summary['path']}", "",
-             f"{'split':<20} {'R@5':>8} {'N@5':>8} {'R@10':>8} {'N@10':>8}"]
+    lines = [
+        f"published {summary['name']} v{summary['version']} at {summary['path']}",
+        "",
+        f"{'split':<20} {'R@5':>8} {'N@5':>8} {'R@10':>8} {'N@10':>8}",
+    ]
     metrics = summary["metrics"]
     for key in ("valid", "valid_most_popular", "test", "test_most_popular"):
         m = metrics[key]

@@ -128,8 +128,10 @@ class ModelBundle:
         """Run both modes once so the first real request pays no lazy-initialisation cost."""
         history = self.popular[:3]
         self.generator.generate(
-            [RecRequest(history=history, mode="items", beam_width=beam_width, num_items=min(5, beam_width)),
-             RecRequest(history=history, mode="session", beam_width=beam_width, num_items=5)]
+            [
+                RecRequest(history=history, mode="items", beam_width=beam_width, num_items=min(5, beam_width)),
+                RecRequest(history=history, mode="session", beam_width=beam_width, num_items=5),
+            ]
         )
 
 
@@ -173,7 +175,10 @@ def _build(verified: VerifiedVersion, device: str) -> ModelBundle:
     model.load_state_dict(load(read_verified_file(verified, WEIGHTS)), strict=True)
     catalog = Catalog.from_json(read_verified_file(verified, CATALOG))
     if catalog.level_sizes != config.level_sizes:
-        raise ValueError(f"{verified.path}: catalogue level sizes {catalog.level_sizes} != model's {config.level_sizes}")
+        raise ValueError(
+            f"{verified.path}: catalogue level sizes {catalog.level_sizes} != model's {config.level_sizes}"
+        )
     generator = Generator(model, catalog.trie, device=device)
-    return ModelBundle(verified.name, verified.version, verified.path, manifest, time.time(), config, model, catalog,
-                       generator)
+    return ModelBundle(
+        verified.name, verified.version, verified.path, manifest, time.time(), config, model, catalog, generator
+    )

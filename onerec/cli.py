@@ -31,7 +31,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def make_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="onerec", description="OneRec generative recommender: build, evaluate, serve.")
+    parser = argparse.ArgumentParser(
+        prog="onerec", description="OneRec generative recommender: build, evaluate, serve."
+    )
     sub = parser.add_subparsers(dest="command")
     _add_build(sub)
     _add_eval(sub)
@@ -61,13 +63,15 @@ def _add_build(sub: Any) -> None:
 
 
 def _run_build(args: argparse.Namespace) -> int:
-    from onerec.build import build, demo_config, print_summary
+    from onerec.build import build, demo_config, print_summary, sequence_file_config
 
-    cfg = demo_config()
-    cfg.dataset = args.dataset
-    cfg.name = args.name or ("demo" if args.dataset == "synthetic" else Path(args.dataset).stem or "model")
-    if args.dataset != "synthetic" and not Path(args.dataset).is_file():
+    if args.dataset == "synthetic":
+        cfg = demo_config()
+    elif Path(args.dataset).is_file():
+        cfg = sequence_file_config(args.dataset)
+    else:
         raise FileNotFoundError(f"--dataset {args.dataset}: no such file (or use 'synthetic')")
+    cfg.name = args.name or cfg.name
     if args.epochs is not None:
         cfg.train.epochs = args.epochs
     cfg.train.device = args.device
@@ -111,13 +115,20 @@ def _run_eval(args: argparse.Namespace) -> int:
     hist_known = [[i for i in h if i is not None] for h in hist]
     targets = [bundle.item_index(data.item_ids[t]) for t in rows.targets[:take]]
     users = [data.user_ids[u] for u in rows.users[:take]]
-    metrics = evaluate_generator(bundle.generator, hist_known, [-1 if t is None else t for t in targets], users,
-                                 ks=args.k, beam_width=args.beam)
+    metrics = evaluate_generator(
+        bundle.generator, hist_known, [-1 if t is None else t for t in targets], users, ks=args.k, beam_width=args.beam
+    )
     pop_data = popularity_ranking(split.train_popularity(), max(args.k))
     pop = [bundle.item_index(data.item_ids[i]) for i in pop_data]
     baseline = ranking_metrics([pop] * take, [-1 if t is None else t for t in targets], args.k)
-    out = {"model": {"name": bundle.name, "version": bundle.version}, "split": args.split, "users": take,
-           "beam": args.beam, "metrics": metrics, "most_popular": baseline}
+    out = {
+        "model": {"name": bundle.name, "version": bundle.version},
+        "split": args.split,
+        "users": take,
+        "beam": args.beam,
+        "metrics": metrics,
+        "most_popular": baseline,
+    }
     print(json.dumps(out, indent=2))
     return 0
 
@@ -147,8 +158,14 @@ def _run_recommend(args: argparse.Namespace) -> int:
     ids = [s for s in args.history.split(",") if s.strip()]
     known = [bundle.item_index(s.strip()) for s in ids]
     excl = [bundle.item_index(s.strip()) for s in args.exclude.split(",") if s.strip()]
-    req = RecRequest(history=[i for i in known if i is not None], num_items=args.num_items, mode=args.mode,
-                     beam_width=args.beam_width, exclude=[i for i in excl if i is not None], user_id=args.user_id)
+    req = RecRequest(
+        history=[i for i in known if i is not None],
+        num_items=args.num_items,
+        mode=args.mode,
+        beam_width=args.beam_width,
+        exclude=[i for i in excl if i is not None],
+        user_id=args.user_id,
+    )
     bundle.warmup()
     latencies = []
     for _ in range(max(1, args.repeat)):
@@ -158,14 +175,19 @@ def _run_recommend(args: argparse.Namespace) -> int:
     out: dict[str, Any] = {
         "request_id": str(uuid.uuid4()),
         "model": {"name": bundle.name, "version": str(bundle.version)},
-        "items": [{"item_id": bundle.item_id(it.item), "score": round(it.score, 4), "semantic_id": list(it.semantic_id)}
-                  for it in results[0].items],
+        "items": [
+            {"item_id": bundle.item_id(it.item), "score": round(it.score, 4), "semantic_id": list(it.semantic_id)}
+            for it in results[0].items
+        ],
         "degraded": False,
     }
     if args.repeat > 1:
         lat = sorted(latencies)
-        out["latency_ms"] = {"p50": round(lat[len(lat) // 2], 2), "p99": round(lat[min(len(lat) - 1, int(len(lat) * 0.99))], 2),
-                             "runs": len(lat)}
+        out["latency_ms"] = {
+            "p50": round(lat[len(lat) // 2], 2),
+            "p99": round(lat[min(len(lat) - 1, int(len(lat) * 0.99))], 2),
+            "runs": len(lat),
+        }
     ignored = sum(1 for i in known if i is None)
     if ignored:
         print(f"onerec recommend: ignored {ignored} unknown history item ids", file=sys.stderr)

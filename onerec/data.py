@@ -219,10 +219,12 @@ def leave_one_out(data: InteractionData) -> Split:
             train.append(seq)
     users = np.asarray(eval_users, dtype=np.int64)
     seqs = [np.asarray(data.sequences[u], dtype=np.int64) for u in eval_users]
-    valid = EvalSet(users=users, histories=[s[:-2] for s in seqs],
-                    targets=np.asarray([s[-2] for s in seqs], dtype=np.int64))
-    test = EvalSet(users=users.copy(), histories=[s[:-1] for s in seqs],
-                   targets=np.asarray([s[-1] for s in seqs], dtype=np.int64))
+    valid = EvalSet(
+        users=users, histories=[s[:-2] for s in seqs], targets=np.asarray([s[-2] for s in seqs], dtype=np.int64)
+    )
+    test = EvalSet(
+        users=users.copy(), histories=[s[:-1] for s in seqs], targets=np.asarray([s[-1] for s in seqs], dtype=np.int64)
+    )
     return Split(train=train, valid=valid, test=test, n_items=data.n_items)
 
 
@@ -341,9 +343,7 @@ def _transition_graph(
     return successors, probs
 
 
-def _draw_sequence(
-    rng: np.random.Generator, world: SyntheticWorld, user: int, length: int
-) -> np.ndarray:
+def _draw_sequence(rng: np.random.Generator, world: SyntheticWorld, user: int, length: int) -> np.ndarray:
     """One user's chronological sequence: topic sessions walking the transition graph, no repeats."""
     cfg = world.config
     switch_prob = 1.0 / cfg.mean_session_length

@@ -75,15 +75,24 @@ def evaluate_generator(
 
 @torch.no_grad()
 def legality(
-    generator: Generator, histories: Sequence[np.ndarray], user_ids: Sequence[str], beam_width: int = 10, batch_size: int = 64
+    generator: Generator,
+    histories: Sequence[np.ndarray],
+    user_ids: Sequence[str],
+    beam_width: int = 10,
+    batch_size: int = 64,
 ) -> float:
     """Share of unconstrained beam-search paths (one item) that are live catalogue items."""
     snap = generator.trie.tensors
     valid = total = 0
     for start in range(0, len(histories), batch_size):
         reqs = [
-            RecRequest(history=[int(i) for i in histories[j]], num_items=1, mode="items", beam_width=beam_width,
-                       user_id=user_ids[j])
+            RecRequest(
+                history=[int(i) for i in histories[j]],
+                num_items=1,
+                mode="items",
+                beam_width=beam_width,
+                user_id=user_ids[j],
+            )
             for j in range(start, min(start + batch_size, len(histories)))
         ]
         beams = generator.search(reqs, snap, slots=1, constrained=False)

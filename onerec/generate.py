@@ -105,8 +105,11 @@ class Generator:
         self, requests: list[RecRequest], results: list[RecResult | None], snap: TrieTensors, stats: BatchStats
     ) -> None:
         """Sessions that overlap can leave fewer than num_items distinct items: fill with the best single items."""
-        short = [i for i, r in enumerate(results) if r is not None and requests[i].mode == "session"
-                 and len(r.items) < requests[i].num_items]
+        short = [
+            i
+            for i, r in enumerate(results)
+            if r is not None and requests[i].mode == "session" and len(r.items) < requests[i].num_items
+        ]
         if not short:
             return
         extra = []
@@ -115,9 +118,17 @@ class Generator:
             assert have is not None
             need = req.num_items - len(have.items)
             taken = [it.item for it in have.items]
-            extra.append(RecRequest(history=req.history, num_items=need, mode="items", beam_width=max(req.beam_width, need),
-                                    exclude=list(req.exclude) + taken, exclude_history=req.exclude_history,
-                                    user_id=req.user_id))
+            extra.append(
+                RecRequest(
+                    history=req.history,
+                    num_items=need,
+                    mode="items",
+                    beam_width=max(req.beam_width, need),
+                    exclude=list(req.exclude) + taken,
+                    exclude_history=req.exclude_history,
+                    user_id=req.user_id,
+                )
+            )
         beams = self.search(extra, snap, slots=1, stats=stats)
         for q, (i, req) in enumerate(zip(short, extra)):
             have = results[i]
@@ -149,7 +160,9 @@ class Generator:
         static_keys = torch.cat([snap.dead_nodes.to(dev), req_keys[req_counts >= 0]])
         banned = torch.sort(static_keys).values
         q_of_row = torch.arange(q_n, device=dev).repeat_interleave(w)  # (R,)
-        row_groups = torch.stack([torch.zeros_like(q_of_row), 1 + q_of_row, 1 + q_n + torch.arange(rows, device=dev)], 1)
+        row_groups = torch.stack(
+            [torch.zeros_like(q_of_row), 1 + q_of_row, 1 + q_n + torch.arange(rows, device=dev)], 1
+        )
 
         scores = torch.full((q_n, w), float("-inf"), device=dev)
         scores[:, 0] = 0.0
@@ -168,7 +181,9 @@ class Generator:
             logits = self.model.decode_step(x, t, state, ck, cv)  # (R, V_level)
             if constrained:
                 if slot > 0:  # rows were reordered since the last step: rebuild the per-row session bans
-                    banned = self._with_session_bans(static_keys, items[:, :slot], q_of_row, req_keys, req_counts, snap, q_n)
+                    banned = self._with_session_bans(
+                        static_keys, items[:, :slot], q_of_row, req_keys, req_counts, snap, q_n
+                    )
                 top = trie_topk(logits, node, offsets, child_codes, child_nodes, w, banned, row_groups, n_nodes)
                 values, codes, nodes = top.values, top.codes, top.nodes
             else:

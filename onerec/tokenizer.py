@@ -83,8 +83,10 @@ class _SparseSymmetric:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
             self._matrix = torch.sparse_csr_tensor(
-                torch.from_numpy(indptr), torch.from_numpy(np.ascontiguousarray(cols)),
-                torch.from_numpy(np.ascontiguousarray(vals, dtype=np.float64)), size=(n, n),
+                torch.from_numpy(indptr),
+                torch.from_numpy(np.ascontiguousarray(cols)),
+                torch.from_numpy(np.ascontiguousarray(vals, dtype=np.float64)),
+                size=(n, n),
                 check_invariants=True,
             )
         self._torch = torch
@@ -114,8 +116,9 @@ def _top_eigvecs(
     return values[order], basis @ small[:, order]
 
 
-def item_embeddings(train_sequences: Sequence[np.ndarray], n_items: int, dim: int, seed: int = 0,
-                    window: int = 5) -> np.ndarray:
+def item_embeddings(
+    train_sequences: Sequence[np.ndarray], n_items: int, dim: int, seed: int = 0, window: int = 5
+) -> np.ndarray:
     """Collaborative item embeddings (n_items, dim), float32, from training interactions only.
 
     Windowed co-occurrence -> PPMI -> leading eigenvectors scaled by sqrt(eigenvalue), rows L2
@@ -230,8 +233,9 @@ def _cluster_means(x: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
 _ASSIGNERS = {"sequential": _balanced_assign, "greedy": _greedy_assign}
 
 
-def balanced_kmeans_fit(x: np.ndarray, k: int, iters: int = 20, seed: int = 0,
-                        method: str = "sequential") -> tuple[np.ndarray, np.ndarray]:
+def balanced_kmeans_fit(
+    x: np.ndarray, k: int, iters: int = 20, seed: int = 0, method: str = "sequential"
+) -> tuple[np.ndarray, np.ndarray]:
     """Balanced k-means returning (labels (n,), centroids (k, d)); see `balanced_kmeans`."""
     if method not in _ASSIGNERS:
         raise ValueError(f"unknown assignment method {method!r}: want one of {sorted(_ASSIGNERS)}")
@@ -258,9 +262,7 @@ def balanced_kmeans_fit(x: np.ndarray, k: int, iters: int = 20, seed: int = 0,
     return labels, centroids
 
 
-def balanced_kmeans(
-    x: np.ndarray, k: int, iters: int = 20, seed: int = 0, method: str = "sequential"
-) -> np.ndarray:
+def balanced_kmeans(x: np.ndarray, k: int, iters: int = 20, seed: int = 0, method: str = "sequential") -> np.ndarray:
     """OneRec's balanced k-means (Algorithm 1): labels (n,) int64 with cluster sizes ceil(n/k) or floor(n/k).
 
     Each iteration processes clusters in turn; cluster k takes the w_k nearest items not yet assigned to
@@ -334,8 +336,14 @@ def _disambiguate(paths: np.ndarray) -> tuple[np.ndarray, int, int, int]:
     return rank, int(group_sizes[colliding].sum()), int(colliding.sum()), int(group_sizes.max())
 
 
-def residual_semantic_ids(emb: np.ndarray, levels: int, codes_per_level: int | Sequence[int], seed: int = 0,
-                          iters: int = 20, method: str = "sequential") -> SemanticIds:
+def residual_semantic_ids(
+    emb: np.ndarray,
+    levels: int,
+    codes_per_level: int | Sequence[int],
+    seed: int = 0,
+    iters: int = 20,
+    method: str = "sequential",
+) -> SemanticIds:
     """Semantic IDs by balanced residual k-means: level l clusters the residual left by levels < l.
 
     `codes_per_level` is one K for all levels or one per level; each is clamped to the item count.
@@ -376,6 +384,6 @@ def residual_semantic_ids(emb: np.ndarray, levels: int, codes_per_level: int | S
         colliding_groups=colliding_groups,
         max_group_size=max_group,
         extra_level_size=max_group if max_group > 1 else 0,
-        reconstruction_mse=float((residual ** 2).sum(axis=1).mean()),
+        reconstruction_mse=float((residual**2).sum(axis=1).mean()),
     )
     return SemanticIds(codes=paths.astype(np.int64), level_sizes=report.level_sizes, report=report)

@@ -148,7 +148,9 @@ def train_model(
 
 
 @torch.no_grad()
-def holdout_loss(model: OneRecModel, samples: SessionSamples, idx: np.ndarray, batch_size: int, device: torch.device) -> float:
+def holdout_loss(
+    model: OneRecModel, samples: SessionSamples, idx: np.ndarray, batch_size: int, device: torch.device
+) -> float:
     model.eval()
     total, n = 0.0, 0
     for start in range(0, len(idx), batch_size):

@@ -20,8 +20,19 @@ def tiny_world(n_items: int = 9, session_items: int = 2, seed: int = 0) -> tuple
     space = np.array(list(itertools.product(*[range(s) for s in SIZES])))
     paths = space[rng.choice(len(space), n_items, replace=False)]
     torch.manual_seed(seed)
-    cfg = ModelConfig(level_sizes=SIZES, session_items=session_items, max_history=6, d_model=32, n_heads=4,
-                      n_encoder_layers=1, n_decoder_layers=2, d_ff=32, n_experts=4, experts_top_k=2, user_buckets=16)
+    cfg = ModelConfig(
+        level_sizes=SIZES,
+        session_items=session_items,
+        max_history=6,
+        d_model=32,
+        n_heads=4,
+        n_encoder_layers=1,
+        n_decoder_layers=2,
+        d_ff=32,
+        n_experts=4,
+        experts_top_k=2,
+        user_buckets=16,
+    )
     model = OneRecModel(cfg).eval()
     with torch.no_grad():
         for p in model.parameters():
@@ -30,8 +41,9 @@ def tiny_world(n_items: int = 9, session_items: int = 2, seed: int = 0) -> tuple
 
 
 @torch.no_grad()
-def teacher_forced_logprobs(model: OneRecModel, history: list[int], user: str, trie: TrieIndex,
-                            session: list[int]) -> list[torch.Tensor]:
+def teacher_forced_logprobs(
+    model: OneRecModel, history: list[int], user: str, trie: TrieIndex, session: list[int]
+) -> list[torch.Tensor]:
     """Per-position log-softmax over the full level vocabulary, by the training (full-sequence) path."""
     snap = trie.tensors
     hist = torch.tensor(history[::-1] or [0])
@@ -49,8 +61,9 @@ def teacher_forced_logprobs(model: OneRecModel, history: list[int], user: str, t
     return [torch.log_softmax(model.heads[t % depth](x[0, t]), -1) for t in range(x.shape[1])]
 
 
-def brute_force(model: OneRecModel, trie: TrieIndex, history: list[int], user: str, slots: int,
-                banned: set[int]) -> list[tuple[float, tuple[int, ...]]]:
+def brute_force(
+    model: OneRecModel, trie: TrieIndex, history: list[int], user: str, slots: int, banned: set[int]
+) -> list[tuple[float, tuple[int, ...]]]:
     """Score every sequence of distinct allowed items by renormalising over allowed children at each step."""
     allowed = [i for i in range(trie.num_items) if trie.is_live(i) and i not in banned]
     scored = []
@@ -88,8 +101,11 @@ def test_session_mode_equals_brute_force_over_ordered_pairs() -> None:
     # 5 allowed items -> 20 ordered pairs; a beam of 20 keeps every partial sequence
     req = RecRequest(history=history, num_items=2, mode="session", beam_width=20, user_id="u2")
     beams = gen.search([req], trie.tensors, slots=2)
-    got = [(float(s), tuple(int(i) for i in items)) for s, items in zip(beams.scores[0], beams.items[0])
-           if torch.isfinite(s)]
+    got = [
+        (float(s), tuple(int(i) for i in items))
+        for s, items in zip(beams.scores[0], beams.items[0])
+        if torch.isfinite(s)
+    ]
     expected = brute_force(model, trie, history, "u2", 2, banned=set(history))
     assert [s for _, s in got] == [s for _, s in expected]
     np.testing.assert_allclose([v for v, _ in got], [v for v, _ in expected], rtol=1e-4, atol=1e-4)

@@ -59,8 +59,11 @@ def test_one_expert_takes_every_token_and_others_get_none() -> None:
 def test_torch_moe_is_differentiable() -> None:
     x = torch.randn(6, 8, requires_grad=True)
     router = torch.randn(3, 8, requires_grad=True)
-    w = [torch.randn(3, 8, 4, requires_grad=True), torch.randn(3, 8, 4, requires_grad=True),
-         torch.randn(3, 4, 8, requires_grad=True)]
+    w = [
+        torch.randn(3, 8, 4, requires_grad=True),
+        torch.randn(3, 8, 4, requires_grad=True),
+        torch.randn(3, 4, 8, requires_grad=True),
+    ]
     moe(x, router, *w, 2).sum().backward()
     assert x.grad is not None and router.grad is not None and all(t.grad is not None for t in w)
     assert float(router.grad.abs().sum()) > 0  # the gate weights carry gradient to the router

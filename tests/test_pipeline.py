@@ -35,8 +35,24 @@ def test_demo_build_beats_most_popular_by_a_clear_margin(demo_build) -> None:
 
 def test_eval_cli_regenerates_the_synthetic_world(demo_build) -> None:
     store, summary = demo_build
-    out = subprocess.run([*ONEREC, "eval", "--model", str(store / "demo" / "1"), "--dataset", "synthetic",
-                          "--k", "5", "10", "--beam", "20"], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [
+            *ONEREC,
+            "eval",
+            "--model",
+            str(store / "demo" / "1"),
+            "--dataset",
+            "synthetic",
+            "--k",
+            "5",
+            "10",
+            "--beam",
+            "20",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     report = json.loads(out.stdout)
     np.testing.assert_allclose(report["metrics"]["recall@10"], summary["metrics"]["test"]["recall@10"], atol=1e-9)
     assert report["most_popular"]["recall@10"] == most_popular_recall_at_10()
@@ -45,9 +61,25 @@ def test_eval_cli_regenerates_the_synthetic_world(demo_build) -> None:
 def test_recommend_cli_prints_the_http_response_shape(demo_bundle, demo_store: Path) -> None:
     history = [demo_bundle.item_id(i) for i in (3, 17, 5)]
     for mode, n in (("items", 7), ("session", 8)):
-        out = subprocess.run([*ONEREC, "recommend", "--store", str(demo_store), "--history", ",".join(history),
-                              "--mode", mode, "--beam-width", "16", "--num-items", str(n)],
-                             capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            [
+                *ONEREC,
+                "recommend",
+                "--store",
+                str(demo_store),
+                "--history",
+                ",".join(history),
+                "--mode",
+                mode,
+                "--beam-width",
+                "16",
+                "--num-items",
+                str(n),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         doc = json.loads(out.stdout)
         assert doc["model"] == {"name": "demo", "version": "1"}
         ids = [it["item_id"] for it in doc["items"]]
@@ -58,8 +90,25 @@ def test_recommend_cli_prints_the_http_response_shape(demo_bundle, demo_store: P
 
 
 def test_build_cli_publishes_a_new_version(tmp_path: Path) -> None:
-    out = subprocess.run([*ONEREC, "build", "--dataset", "synthetic", "--out", str(tmp_path), "--name", "tiny",
-                          "--epochs", "1", "--eval-users", "40", "--quiet"], capture_output=True, text=True)
+    out = subprocess.run(
+        [
+            *ONEREC,
+            "build",
+            "--dataset",
+            "synthetic",
+            "--out",
+            str(tmp_path),
+            "--name",
+            "tiny",
+            "--epochs",
+            "1",
+            "--eval-users",
+            "40",
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     summary = json.loads(out.stdout)
     assert summary["version"] == 1 and (tmp_path / "tiny" / "1" / "model.safetensors").is_file()
@@ -67,6 +116,9 @@ def test_build_cli_publishes_a_new_version(tmp_path: Path) -> None:
 
 
 def test_build_cli_rejects_a_missing_dataset(tmp_path: Path) -> None:
-    out = subprocess.run([*ONEREC, "build", "--dataset", str(tmp_path / "nope.txt"), "--out", str(tmp_path)],
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [*ONEREC, "build", "--dataset", str(tmp_path / "nope.txt"), "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 2 and "nope.txt" in out.stderr

@@ -20,7 +20,7 @@ def walk_all_paths(trie: TrieIndex) -> set[tuple[int, ...]]:
         if len(prefix) == trie.depth:
             out.add(prefix)
             continue
-        (codes, kids), = trie.children(np.array([node]))
+        ((codes, kids),) = trie.children(np.array([node]))
         frontier.extend((int(k), prefix + (int(c),)) for c, k in zip(codes, kids))
     return out
 
@@ -83,7 +83,7 @@ def test_child_of_matches_children() -> None:
     trie = TrieIndex(paths, [3, 3])
     snap = trie.tensors
     for node in range(snap.num_nodes):
-        (codes, kids), = trie.children(np.array([node]))
+        ((codes, kids),) = trie.children(np.array([node]))
         for code in range(3):
             got = int(snap.child_of(torch.tensor([node]), torch.tensor([code]))[0])
             want = int(kids[list(codes).index(code)]) if code in codes else -1

@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 
 
-
 def small_demo_config(name: str = "demo"):
     """The demo model with fewer epochs: enough to beat most-popular by far, fast enough for CI."""
     from onerec.build import demo_config
