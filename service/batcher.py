@@ -1,0 +1,232 @@
+"""Dynamic batcher: a bounded queue in front of ONE inference worker thread.
+
+Why one thread: the generator is thread-compatible, not thread-safe, and a single worker keeps the
+model's intra-op threads busy while the asyncio event loop stays free to parse, validate, answer
+health checks and shed load. Requests from both front ends meet in the same queue.
+
+A batch closes when it holds `max_batch_size` requests, when one more request would exceed the
+beam budget (sum of beam widths, i.e. decoder rows), or `max_wait_s` after its oldest request
+arrived. A full queue refuses at once (Overloaded -> 429 / RESOURCE_EXHAUSTED). A request whose
+deadline has passed, or whose caller stopped waiting, is dropped before compute. Each job carries
+the model bundle it was planned against (its ids were mapped with that bundle's catalogue), and a
+batch only holds jobs of one bundle, so a hot swap lets queued requests finish on the old model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from service.errors import DeadlineExceeded, NotReady, Overloaded, ServiceError
+from service.logs import get_logger
+from service.metrics import ServiceMetrics
+
+log = get_logger("batcher")
+
+
+class _Generator(Protocol):
+    def generate(self, requests: list[Any]) -> tuple[list[Any], Any]: ...
+
+
+class _Bundle(Protocol):
+    @property
+    def generator(self) -> _Generator: ...
+
+
+@dataclass
+class Job:
+    """One request waiting for (or in) a batch."""
+
+    bundle: _Bundle
+    request: Any  # onerec.generate.RecRequest
+    deadline: float  # time.monotonic() seconds
+    future: asyncio.Future[Any]
+    loop: asyncio.AbstractEventLoop
+    enqueued_at: float = field(default_factory=time.monotonic)
+    abandoned: bool = False  # set by the caller when it stops waiting (deadline passed)
+
+    @property
+    def beams(self) -> int:
+        return int(getattr(self.request, "beam_width", 1))
+
+
+class InferenceError(ServiceError):
+    """The generator raised: the batch's requests fail with 500 / INTERNAL (never expected)."""
+
+    code = "inference_error"
+    reason = "inference_error"
+
+
+def _resolve(job: Job, value: Any, error: BaseException | None) -> None:
+    """Runs on the event loop: complete the caller's future unless the caller gave up already."""
+    if job.abandoned or job.future.done():
+        return
+    if error is not None:
+        job.future.set_exception(error)
+    else:
+        job.future.set_result(value)
+
+
+class Batcher:
+    """Bounded queue + one worker thread calling `bundle.generator.generate(list[RecRequest])`."""
+
+    def __init__(
+        self,
+        *,
+        max_batch_size: int,
+        max_beam_budget: int,
+        max_wait_s: float,
+        max_queue: int,
+        metrics: ServiceMetrics,
+        thread_init: Callable[[], None] | None = None,
+    ) -> None:
+        self.max_batch_size = max_batch_size
+        self.max_beam_budget = max_beam_budget
+        self.max_wait_s = max_wait_s
+        self.max_queue = max_queue
+        self.metrics = metrics
+        self.thread_init = thread_init  # runs first on the worker thread (e.g. torch thread settings)
+        self._queue: collections.deque[Job] = collections.deque()
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._busy = False
+        self._thread = threading.Thread(target=self._worker, name="onerec-inference", daemon=True)
+
+    # ---- event-loop side -------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    @property
+    def depth(self) -> int:
+        """Requests waiting (not counting the batch being computed)."""
+        return len(self._queue)
+
+    def submit(self, bundle: _Bundle, request: Any, deadline: float) -> Job:
+        """Enqueue without blocking; raises Overloaded when the queue is full, NotReady when draining."""
+        loop = asyncio.get_running_loop()
+        job = Job(bundle=bundle, request=request, deadline=deadline, future=loop.create_future(), loop=loop)
+        with self._cond:
+            if self._stopping:
+                raise NotReady("the service is shutting down")
+            if len(self._queue) >= self.max_queue:
+                raise Overloaded(f"queue full ({self.max_queue} requests waiting); retry later")
+            self._queue.append(job)
+            self.metrics.queue_depth.set(len(self._queue))
+            self._cond.notify()
+        return job
+
+    async def run(self, bundle: _Bundle, request: Any, deadline: float) -> tuple[Any, Any]:
+        """Submit and wait for (RecResult, BatchStats); DeadlineExceeded when the deadline passes."""
+        job = self.submit(bundle, request, deadline)
+        remaining = deadline - time.monotonic()
+        try:
+            return await asyncio.wait_for(asyncio.shield(job.future), timeout=max(remaining, 0.0))
+        except asyncio.TimeoutError:
+            job.abandoned = True
+            raise DeadlineExceeded("deadline passed before the answer was ready") from None
+        except asyncio.CancelledError:
+            job.abandoned = True  # the client went away (gRPC cancel): skip the compute if not started
+            raise
+
+    def stop(self, timeout: float | None = None) -> bool:
+        """Stop taking requests, let the worker finish everything queued, join it; True if it ended."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    # ---- worker side -----------------------------------------------------------------------------
+    def _worker(self) -> None:
+        if self.thread_init is not None:
+            self.thread_init()
+        while True:
+            batch = self._next_batch()
+            if batch is None:
+                return
+            if batch:
+                self._compute(batch)
+
+    def _next_batch(self) -> list[Job] | None:
+        """Block for a first request, then fill the batch until a closing rule fires."""
+        with self._cond:
+            while not self._queue:
+                if self._stopping:
+                    return None
+                self._cond.wait()
+            first = self._queue[0]
+            close_at = first.enqueued_at + self.max_wait_s
+            batch: list[Job] = []
+            beams = 0
+            while True:
+                beams = self._take_ready(batch, beams)
+                if len(batch) >= self.max_batch_size or self._closed_by_head(batch, beams):
+                    break
+                wait = close_at - time.monotonic()
+                if wait <= 0 or self._stopping:
+                    break
+                self._cond.wait(wait)
+            self.metrics.queue_depth.set(len(self._queue))
+            return batch
+
+    def _take_ready(self, batch: list[Job], beams: int) -> int:
+        """Move compatible queued jobs into the batch (lock held); drop expired ones on the way."""
+        now = time.monotonic()
+        while self._queue and len(batch) < self.max_batch_size:
+            job = self._queue[0]
+            if job.abandoned or job.deadline <= now:
+                self._queue.popleft()
+                self._expire(job)
+                continue
+            if batch and (job.bundle is not batch[0].bundle or beams + job.beams > self.max_beam_budget):
+                break
+            self._queue.popleft()
+            batch.append(job)
+            beams += job.beams
+        return beams
+
+    def _closed_by_head(self, batch: list[Job], beams: int) -> bool:
+        """True when the next queued job cannot join (other bundle or beam budget): close now."""
+        if not batch or not self._queue:
+            return False
+        head = self._queue[0]
+        return head.bundle is not batch[0].bundle or beams + head.beams > self.max_beam_budget
+
+    def _expire(self, job: Job) -> None:
+        self.metrics.rejections.labels("deadline").inc()
+        job.loop.call_soon_threadsafe(
+            _resolve, job, None, DeadlineExceeded("deadline passed while queued; dropped before compute")
+        )
+
+    def _compute(self, batch: list[Job]) -> None:
+        started = time.monotonic()
+        for job in batch:
+            self.metrics.queue_wait.observe(started - job.enqueued_at)
+        generator = batch[0].bundle.generator
+        try:
+            results, stats = generator.generate([job.request for job in batch])
+        except Exception as exc:  # a bug in the model must fail these requests, not the worker
+            log.exception("inference failed", extra={"batch_size": len(batch)})
+            error = InferenceError(f"inference failed: {type(exc).__name__}")
+            for job in batch:
+                job.loop.call_soon_threadsafe(_resolve, job, None, error)
+            return
+        self._observe(batch, stats)
+        for job, result in zip(batch, results, strict=True):
+            job.loop.call_soon_threadsafe(_resolve, job, (result, stats), None)
+
+    def _observe(self, batch: list[Job], stats: Any) -> None:
+        m = self.metrics
+        m.batch_size.observe(len(batch))
+        m.batch_rows.observe(int(getattr(stats, "rows", sum(j.beams for j in batch))))
+        m.encode_seconds.observe(float(getattr(stats, "encode_seconds", 0.0)))
+        m.decode_seconds.observe(float(getattr(stats, "decode_seconds", 0.0)))
+        invalid = int(getattr(stats, "invalid_paths", 0))
+        if invalid:
+            m.invalid_beam_paths.inc(invalid)

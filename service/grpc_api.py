@@ -1,0 +1,175 @@
+"""gRPC front end (grpc.aio, on the same event loop as uvicorn): DESIGN.md 4.3.
+
+Requests are converted to the HTTP body models and validated by the same code, so both front ends
+accept and refuse exactly the same inputs and give the same answers. The client's deadline is
+honoured (the earlier of it and timeout_ms). The standard grpc.health.v1.Health service reports
+SERVING once a model is warm (and NOT_SERVING while draining), and server reflection lists the
+services. The request id comes from the `x-request-id` metadata when given and is returned both in
+the response and as trailing metadata.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from pydantic import ValidationError
+
+from service.errors import FeatureStoreUnavailable, InvalidArgument, NotReady, ServiceError
+from service.features import FeatureStoreError
+from service.http_api import AppState, outcome_for_status
+from service.logs import get_logger, request_id_var
+from service.proto import pb2, pb2_grpc
+from service.recommend import new_request_id
+from service.schemas import EventsBody, RecommendBody, format_validation_errors
+
+log = get_logger("grpc")
+SERVICE_NAME = pb2.DESCRIPTOR.services_by_name["Recommender"].full_name
+
+_OPTIONAL_FIELDS = ("num_items", "mode", "beam_width", "timeout_ms", "exclude_history")
+
+
+def recommend_body_from_proto(message: Any) -> RecommendBody:
+    """The HTTP body model from a RecommendRequest (unset optional fields = absent JSON fields)."""
+    data: dict[str, Any] = {"user_id": message.user_id, "exclude": list(message.exclude)}
+    if message.history:
+        data["history"] = list(message.history)
+    for name in _OPTIONAL_FIELDS:
+        if message.HasField(name):
+            data[name] = getattr(message, name)
+    return _validate(RecommendBody, data)
+
+
+def _validate(model: Any, data: dict[str, Any]) -> Any:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        message, field = format_validation_errors(list(exc.errors()))  # type: ignore[arg-type]
+        raise InvalidArgument(message, field=field) from None
+
+
+def recommend_response_to_proto(result: dict[str, Any]) -> Any:
+    return pb2.RecommendResponse(
+        request_id=result["request_id"],
+        model=pb2.ModelRef(name=result["model"]["name"], version=result["model"]["version"]),
+        items=[
+            pb2.Item(item_id=it["item_id"], score=it["score"], semantic_id=it["semantic_id"]) for it in result["items"]
+        ],
+        degraded=result["degraded"],
+    )
+
+
+class RecommenderServicer(pb2_grpc.RecommenderServicer):  # type: ignore[misc]
+    """onerec.v1.Recommender."""
+
+    def __init__(self, state: AppState) -> None:
+        self.state = state
+
+    async def Recommend(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
+        return await self._call("Recommend", context, self._recommend, request)
+
+    async def RecordEvents(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
+        return await self._call("RecordEvents", context, self._record_events, request)
+
+    async def _recommend(self, request: Any, context: grpc.aio.ServicerContext, request_id: str) -> Any:
+        if self.state.draining:
+            raise NotReady("the service is shutting down")
+        body = recommend_body_from_proto(request)
+        service = self.state.service
+        deadline = service.deadline_for(body.timeout_ms, context.time_remaining())
+        gauge = self.state.metrics.inflight.labels("grpc")
+        gauge.inc()
+        try:
+            result = await service.recommend(body, request_id, deadline)
+        finally:
+            gauge.dec()
+        return recommend_response_to_proto(result)
+
+    async def _record_events(self, request: Any, context: grpc.aio.ServicerContext, request_id: str) -> Any:
+        body = _validate(EventsBody, {"user_id": request.user_id, "items": list(request.items)})
+        try:
+            history = await self.state.service.record_events(body)
+        except FeatureStoreError as exc:
+            raise FeatureStoreUnavailable(f"feature store unavailable ({exc.kind}); events not stored") from None
+        return pb2.RecordEventsResponse(request_id=request_id, user_id=body.user_id, history=history)
+
+    async def _call(self, endpoint: str, context: grpc.aio.ServicerContext, handler: Any, request: Any) -> Any:
+        """Request id, metrics, access log and error-to-status mapping around one RPC."""
+        started = time.perf_counter()
+        metadata = dict(context.invocation_metadata() or ())
+        request_id = new_request_id(str(metadata.get("x-request-id", "")))
+        token = request_id_var.set(request_id)
+        context.set_trailing_metadata((("x-request-id", request_id),))
+        status = 200
+        try:
+            return await handler(request, context, request_id)
+        except ServiceError as exc:
+            status = exc.http_status
+            self.state.metrics.rejections.labels(exc.reason).inc()
+            await context.abort(exc.grpc_code, exc.message)
+        except Exception:
+            if context.cancelled():
+                status = 499
+                raise
+            status = 500
+            log.exception("unhandled error", extra={"endpoint": endpoint})
+            await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+        finally:
+            self._record(endpoint, status, time.perf_counter() - started)
+            request_id_var.reset(token)
+
+    def _record(self, endpoint: str, status: int, seconds: float) -> None:
+        outcome = "cancelled" if status == 499 else outcome_for_status(status)
+        metrics = self.state.metrics
+        metrics.requests.labels("grpc", endpoint, outcome).inc()
+        metrics.request_duration.labels("grpc", endpoint, outcome).observe(seconds)
+        log.info(
+            "request",
+            extra={
+                "api": "grpc",
+                "method": endpoint,
+                "status": status,
+                "outcome": outcome,
+                "duration_ms": round(seconds * 1000, 3),
+            },
+        )
+
+
+class GrpcFrontEnd:
+    """The grpc.aio server with the Recommender, health and reflection services."""
+
+    def __init__(self, state: AppState) -> None:
+        self.state = state
+        limit = state.settings.max_body_bytes
+        self.server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", limit),
+                ("grpc.so_reuseport", 0),
+            ]
+        )
+        pb2_grpc.add_RecommenderServicer_to_server(RecommenderServicer(state), self.server)
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
+        self.port = 0
+
+    async def start(self, host: str, port: int) -> int:
+        self.port = self.server.add_insecure_port(f"{host}:{port}")
+        if self.port == 0:
+            raise OSError(f"cannot bind gRPC to {host}:{port}")
+        await self.set_serving(False)
+        await self.server.start()
+        return self.port
+
+    async def set_serving(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        await self.health.set("", status)
+        await self.health.set(SERVICE_NAME, status)
+
+    async def stop(self, grace: float) -> None:
+        """Refuse new RPCs now, let in-flight ones finish within `grace` seconds."""
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)

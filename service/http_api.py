@@ -1,0 +1,348 @@
+"""HTTP front end (FastAPI under uvicorn): DESIGN.md 4.2.
+
+A pure-ASGI middleware (`FrontDoor`) wraps every request: it takes the request id from X-Request-ID
+(or makes one) and puts it in the log context and the response headers, refuses bodies over
+max_body_bytes with 413 before anything parses them, and records the request count, latency and one
+JSON access-log line. Errors are always JSON: {"error": {"code", "message", "field", "request_id"}}.
+"""
+
+from __future__ import annotations
+
+import hmac
+import time
+from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from service.errors import (
+    BodyTooLarge,
+    FeatureStoreUnavailable,
+    InvalidArgument,
+    NotFound,
+    NotReady,
+    ServiceError,
+    Unauthorized,
+)
+from service.features import FeatureStore, FeatureStoreError
+from service.logs import get_logger, request_id_var
+from service.metrics import ServiceMetrics
+from service.models import ModelManager
+from service.recommend import RecommendService, new_request_id
+from service.schemas import (
+    ErrorResponse,
+    EventsBody,
+    EventsResponse,
+    RecommendBody,
+    RecommendResponse,
+    ReloadBody,
+    format_validation_errors,
+)
+from service.settings import Settings
+
+log = get_logger("http")
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+ENDPOINTS = frozenset(
+    {
+        "/v1/recommend",
+        "/v1/events",
+        "/v1/models",
+        "/v1/models/reload",
+        "/healthz",
+        "/readyz",
+        "/metrics",
+        "/openapi.json",
+        "/docs",
+    }
+)
+QUIET_ENDPOINTS = frozenset({"/healthz", "/readyz", "/metrics"})  # probes: access-logged at debug only
+_OUTCOMES = {
+    400: "bad_request",
+    401: "unauthorized",
+    404: "not_found",
+    405: "method_not_allowed",
+    409: "conflict",
+    413: "body_too_large",
+    422: "invalid",
+    429: "overloaded",
+    503: "unavailable",
+    504: "deadline_exceeded",
+}
+
+
+def outcome_for_status(status: int) -> str:
+    """Closed set of outcome labels shared by both front ends."""
+    if 200 <= status < 400:
+        return "ok"
+    return _OUTCOMES.get(status, "internal" if status >= 500 else "client_error")
+
+
+@dataclass
+class AppState:
+    """What the routes need; one per process."""
+
+    settings: Settings
+    metrics: ServiceMetrics
+    models: ModelManager
+    service: RecommendService
+    features: FeatureStore
+    draining: bool = False
+
+    @property
+    def ready(self) -> bool:
+        return self.models.current is not None and not self.draining
+
+
+def error_body(error: ServiceError) -> dict[str, Any]:
+    return {
+        "error": {
+            "code": error.code,
+            "message": error.message,
+            "field": error.field,
+            "request_id": request_id_var.get(),
+        }
+    }
+
+
+class FrontDoor:
+    """ASGI middleware: request id, body limit (413), metrics and access log."""
+
+    def __init__(self, app: ASGIApp, state: AppState) -> None:
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        headers = dict(scope.get("headers") or [])
+        request_id = new_request_id(headers.get(b"x-request-id", b"").decode("latin-1"))
+        token = request_id_var.set(request_id)
+        status = [500]
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+                message["headers"] = [
+                    *message.get("headers", []),
+                    (b"x-request-id", request_id.encode("latin-1")),
+                ]
+            await send(message)
+
+        try:
+            replay = await self._read_body(scope, receive, headers)
+            if replay is None:
+                await self._send_error(send_with_id, BodyTooLarge(self._too_large_message(), field="body"))
+            else:
+                await self.app(scope, replay, send_with_id)
+        finally:
+            self._record(scope, status[0], time.perf_counter() - started)
+            request_id_var.reset(token)
+
+    def _too_large_message(self) -> str:
+        return f"request body larger than {self.state.settings.max_body_bytes} bytes"
+
+    async def _read_body(self, scope: Scope, receive: Receive, headers: dict[bytes, bytes]) -> Receive | None:
+        """Buffer the body up to the limit; None when it is over (no parser ever sees it)."""
+        limit = self.state.settings.max_body_bytes
+        declared = headers.get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            return None
+        if scope.get("method") not in ("POST", "PUT", "PATCH"):
+            return receive
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                break  # disconnect: let the app see an empty body
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                return None
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        delivered = False
+
+        async def replay() -> Message:
+            nonlocal delivered
+            if not delivered:
+                delivered = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        return replay
+
+    async def _send_error(self, send: Send, error: ServiceError) -> None:
+        self.state.metrics.rejections.labels(error.reason).inc()
+        response = JSONResponse(error_body(error), status_code=error.http_status, headers={"connection": "close"})
+        await response({"type": "http"}, _no_receive, send)
+
+    def _record(self, scope: Scope, status: int, seconds: float) -> None:
+        path = scope.get("path", "")
+        endpoint = path if path in ENDPOINTS else "other"
+        outcome = outcome_for_status(status)
+        metrics = self.state.metrics
+        metrics.requests.labels("http", endpoint, outcome).inc()
+        metrics.request_duration.labels("http", endpoint, outcome).observe(seconds)
+        fields = {
+            "api": "http",
+            "method": scope.get("method"),
+            "path": path,
+            "status": status,
+            "outcome": outcome,
+            "duration_ms": round(seconds * 1000, 3),
+        }
+        if endpoint in QUIET_ENDPOINTS and status < 400:
+            log.debug("request", extra=fields)
+        else:
+            log.info("request", extra=fields)
+
+
+async def _no_receive() -> Message:
+    return {"type": "http.disconnect"}
+
+
+def _check_admin(state: AppState, authorization: str | None) -> None:
+    token = state.settings.admin_token
+    if not token:
+        raise NotFound("admin endpoints are off: set ONEREC_ADMIN_TOKEN to enable them")
+    scheme, _, given = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+        raise Unauthorized("missing or wrong bearer token")
+
+
+def create_app(state: AppState) -> Any:
+    """The FastAPI application wrapped in the FrontDoor middleware (an ASGI callable)."""
+    app = FastAPI(
+        title="OneRec recommender",
+        version="1",
+        description="Generative recommendations (OneRec) over HTTP; the same API is served over gRPC.",
+        responses={
+            422: {"model": ErrorResponse, "description": "invalid input"},
+            413: {"model": ErrorResponse, "description": "body too large"},
+        },
+    )
+    _add_error_handlers(app, state)
+    _add_routes(app, state)
+    return FrontDoor(app, state)
+
+
+def _add_error_handlers(app: FastAPI, state: AppState) -> None:
+    @app.exception_handler(ServiceError)
+    async def service_error(_: Request, exc: ServiceError) -> JSONResponse:
+        state.metrics.rejections.labels(exc.reason).inc()
+        if exc.http_status >= 500 and not isinstance(exc, (NotReady, FeatureStoreUnavailable)):
+            log.error("request failed", extra={"code": exc.code, "error": exc.message})
+        headers = {"retry-after": "1"} if exc.http_status in (429, 503) else None
+        return JSONResponse(error_body(exc), status_code=exc.http_status, headers=headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        message, field = format_validation_errors(list(exc.errors()))
+        error = InvalidArgument(message, field=field)
+        state.metrics.rejections.labels(error.reason).inc()
+        return JSONResponse(error_body(error), status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = outcome_for_status(exc.status_code)
+        body = {
+            "error": {
+                "code": code,
+                "message": str(exc.detail),
+                "field": None,
+                "request_id": request_id_var.get(),
+            }
+        }
+        return JSONResponse(body, status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error")
+        body = {
+            "error": {
+                "code": "internal",
+                "message": "internal error",
+                "field": None,
+                "request_id": request_id_var.get(),
+            }
+        }
+        return JSONResponse(body, status_code=500)
+
+
+def _add_routes(app: FastAPI, state: AppState) -> None:
+    service = state.service
+
+    @app.post("/v1/recommend", response_model=RecommendResponse, tags=["recommend"])
+    async def recommend(body: RecommendBody) -> Response:
+        """Ranked items for a user (DESIGN.md 4.2)."""
+        if state.draining:
+            raise NotReady("the service is shutting down")
+        gauge = state.metrics.inflight.labels("http")
+        gauge.inc()
+        try:
+            deadline = service.deadline_for(body.timeout_ms, None)
+            result = await service.recommend(body, request_id_var.get() or new_request_id(), deadline)
+        finally:
+            gauge.dec()
+        return JSONResponse(result)
+
+    @app.post("/v1/events", response_model=EventsResponse, tags=["recommend"])
+    async def events(body: EventsBody) -> Response:
+        """Append behaviours to the user's stored history (newest last, trimmed)."""
+        try:
+            history = await service.record_events(body)
+        except FeatureStoreError as exc:
+            raise FeatureStoreUnavailable(f"feature store unavailable ({exc.kind}); events not stored") from None
+        return JSONResponse({"request_id": request_id_var.get(), "user_id": body.user_id, "history": history})
+
+    @app.get("/v1/models", tags=["models"])
+    async def models() -> dict[str, Any]:
+        """The loaded model, version, catalogue size, semantic-ID shape and load time."""
+        return state.models.describe()
+
+    @app.post("/v1/models/reload", tags=["models"])
+    async def reload(request: Request, body: ReloadBody | None = None) -> dict[str, Any]:
+        """Admin: reload the newest valid version, or pin one ({"version": N}). Bearer token required."""
+        _check_admin(state, request.headers.get("authorization"))
+        outcome = await state.models.admin_reload(body.version if body is not None else None)
+        return {**outcome.to_dict(), "model": state.models.describe()}
+
+    @app.get("/healthz", tags=["ops"])
+    async def healthz() -> dict[str, str]:
+        """Liveness: the process and its event loop answer."""
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["ops"])
+    async def readyz() -> Response:
+        """Readiness: a warmed model serves and the process is not draining; feature-store state reported."""
+        store_ok = await state.features.ping()
+        body = {
+            "ready": state.ready,
+            "draining": state.draining,
+            "model": state.models.describe(),
+            "feature_store": {**state.features.describe(), "ok": store_ok},
+        }
+        return JSONResponse(body, status_code=200 if state.ready else 503)
+
+    @app.get("/metrics", tags=["ops"])
+    async def metrics() -> Response:
+        """Prometheus text exposition."""
+        state.metrics.ready.set(1 if state.ready else 0)
+        state.metrics.queue_depth.set(service.batcher.depth)
+        return Response(state.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)

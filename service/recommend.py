@@ -1,0 +1,198 @@
+"""The recommend and events use cases, shared by the HTTP and gRPC front ends.
+
+Per request: pick the serving bundle once; resolve the history (the request's own, else the feature
+store's; if the store fails, the popularity fallback, marked degraded); map external ids to the
+bundle's internal indices (unknown ones are dropped and counted); queue the request in the batcher
+under its deadline; map the answer back to external ids; and check DESIGN.md 4.2's guarantees one last
+time (live catalogue, no duplicates, no excluded item, no own-history item). The generator enforces
+them by construction, so that check is a safety net whose metric must stay at zero.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from service.batcher import Batcher
+from service.capture import CaptureWriter
+from service.features import FeatureStore, FeatureStoreError
+from service.logs import get_logger
+from service.metrics import ServiceMetrics
+from service.models import ModelManager
+from service.schemas import EventsBody, RecommendBody, check_event_limits, check_limits
+from service.settings import Settings
+
+log = get_logger("recommend")
+
+
+def new_request_id(candidate: str | None = None) -> str:
+    """Honour a caller's id when it is sane (printable, <= 128 chars), else make one."""
+    if candidate and len(candidate) <= 128 and candidate.isprintable():
+        return candidate
+    return uuid.uuid4().hex
+
+
+@dataclass
+class ResolvedHistory:
+    items: list[str] | None  # external ids, newest last; None = unavailable (store failed)
+    degraded: bool
+
+
+class RecommendService:
+    """Everything between a validated request body and its answer."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        models: ModelManager,
+        batcher: Batcher,
+        features: FeatureStore,
+        metrics: ServiceMetrics,
+        capture: CaptureWriter | None = None,
+    ) -> None:
+        self.settings = settings
+        self.models = models
+        self.batcher = batcher
+        self.features = features
+        self.metrics = metrics
+        self.capture = capture
+
+    def deadline_for(self, body_timeout_ms: int | None, transport_remaining_s: float | None) -> float:
+        """Monotonic deadline: the earliest of timeout_ms, the transport's deadline and the default."""
+        budget = (body_timeout_ms if body_timeout_ms is not None else self.settings.request_timeout_ms) / 1000.0
+        if transport_remaining_s is not None:
+            budget = min(budget, transport_remaining_s)
+        return time.monotonic() + budget
+
+    async def recommend(self, body: RecommendBody, request_id: str, deadline: float) -> dict[str, Any]:
+        """Answer one request as the HTTP JSON dict (the gRPC front end converts it)."""
+        check_limits(body, self.settings)
+        bundle = self.models.serving()
+        num_items = body.num_items or self.settings.default_num_items
+        beam_width = body.beam_width or self.settings.default_beam_width
+        self._capture(body, num_items, beam_width)
+        resolved = await self._resolve_history(body, bundle.max_history)
+        if resolved.items is None:
+            items = self._fallback(bundle, body, num_items)
+        else:
+            items = await self._generate(bundle, body, resolved.items, num_items, beam_width, deadline)
+        if resolved.degraded:
+            self.metrics.degraded.labels("feature_store").inc()
+        return {
+            "request_id": request_id,
+            "model": {"name": bundle.name, "version": str(bundle.version)},
+            "items": items,
+            "degraded": resolved.degraded,
+        }
+
+    async def record_events(self, body: EventsBody) -> list[str]:
+        """Append to the stored history; FeatureStoreError (-> 503) when the store is unreachable."""
+        check_event_limits(body, self.settings)
+        bundle = self.models.current
+        limit = bundle.max_history if bundle is not None else self.settings.max_history
+        return await self.features.append_events(body.user_id, list(body.items), limit)
+
+    # ---- steps -----------------------------------------------------------------------------------
+    def _capture(self, body: RecommendBody, num_items: int, beam_width: int) -> None:
+        if self.capture is None:
+            return
+        record: dict[str, Any] = {"user_id": body.user_id}
+        if body.history:
+            record["history"] = list(body.history)
+        record.update({"num_items": num_items, "mode": body.mode, "beam_width": beam_width})
+        if body.exclude:
+            record["exclude"] = list(body.exclude)
+        if body.timeout_ms is not None:
+            record["timeout_ms"] = body.timeout_ms
+        if not body.exclude_history:
+            record["exclude_history"] = False
+        self.capture.offer(record)
+
+    async def _resolve_history(self, body: RecommendBody, limit: int) -> ResolvedHistory:
+        if body.history:
+            return ResolvedHistory(list(body.history), degraded=False)
+        try:
+            stored = await self.features.get_history(body.user_id, limit)
+        except FeatureStoreError:
+            return ResolvedHistory(None, degraded=True)
+        return ResolvedHistory(stored or [], degraded=False)
+
+    async def _generate(
+        self,
+        bundle: Any,
+        body: RecommendBody,
+        history: list[str],
+        num_items: int,
+        beam_width: int,
+        deadline: float,
+    ) -> list[dict[str, Any]]:
+        from onerec.generate import RecRequest
+
+        known = [bundle.item_index(item) for item in history[-bundle.max_history :]]
+        internal_history = [i for i in known if i is not None]
+        unknown = len(known) - len(internal_history)
+        if unknown:
+            self.metrics.unknown_history_items.inc(unknown)
+        exclude = [i for i in (bundle.item_index(item) for item in body.exclude) if i is not None]
+        request = RecRequest(
+            history=internal_history,
+            num_items=num_items,
+            mode=body.mode,
+            beam_width=beam_width,
+            exclude=exclude,
+            exclude_history=body.exclude_history,
+            user_id=body.user_id,
+        )
+        result, _stats = await self.batcher.run(bundle, request, deadline)
+        banned = set(exclude) | (set(internal_history) if body.exclude_history else set())
+        return self._checked_items(bundle, result.items, banned)
+
+    def _checked_items(self, bundle: Any, rec_items: list[Any], banned: set[int]) -> list[dict[str, Any]]:
+        live = _live_flags(bundle, [it.item for it in rec_items])
+        out: list[dict[str, Any]] = []
+        seen: set[int] = set()
+        for rec, is_live in zip(rec_items, live, strict=True):
+            kind = (
+                "unknown"
+                if not is_live
+                else "duplicate"
+                if rec.item in seen
+                else "banned"
+                if rec.item in banned
+                else None
+            )
+            if kind is not None:
+                self.metrics.guarantee_violations.labels(kind).inc()
+                continue
+            seen.add(rec.item)
+            out.append(
+                {
+                    "item_id": bundle.item_id(rec.item),
+                    "score": float(rec.score),
+                    "semantic_id": list(rec.semantic_id),
+                }
+            )
+        return out
+
+    def _fallback(self, bundle: Any, body: RecommendBody, num_items: int) -> list[dict[str, Any]]:
+        """Most popular live items not excluded (score = -rank), for answers without history."""
+        excluded = {i for i in (bundle.item_index(item) for item in body.exclude) if i is not None}
+        candidates = [i for i in bundle.popular if i not in excluded][: num_items * 2 + len(excluded)]
+        codes = bundle.catalog.trie.tensors.item_codes
+        out = []
+        for rank, (item, is_live) in enumerate(zip(candidates, _live_flags(bundle, candidates), strict=True)):
+            if is_live:
+                sid = [int(c) for c in codes[item].tolist()]
+                out.append({"item_id": bundle.item_id(item), "score": -float(rank), "semantic_id": sid})
+            if len(out) == num_items:
+                break
+        return out
+
+
+def _live_flags(bundle: Any, items: list[int]) -> list[bool]:
+    """Whether each internal index is a live catalogue item now (withdrawn items are not)."""
+    live = bundle.catalog.trie.tensors.item_live
+    size = len(live)
+    return [0 <= i < size and bool(live[i]) for i in items]

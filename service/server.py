@@ -1,0 +1,185 @@
+"""One process, one event loop: uvicorn (HTTP) and grpc.aio (gRPC) side by side, plus the batcher.
+
+Start order: bind both front ends first (liveness answers at once, readiness says 503), preload the
+embedded feature store if asked, then load and warm the newest valid model in a thread; readiness
+turns true when it is swapped in. A background task then polls the store for newer versions.
+
+SIGTERM / SIGINT: readiness goes false (gRPC health NOT_SERVING), both front ends stop accepting and
+let in-flight requests finish (bounded by drain_timeout_s), the batcher completes what is queued,
+the feature store and the capture writer are closed, and the process exits 0. A second signal
+forces the exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+from collections.abc import Iterator
+from typing import Any
+
+import uvicorn
+
+from service.batcher import Batcher
+from service.capture import CaptureWriter
+from service.features import make_feature_store, read_sequence_file
+from service.grpc_api import GrpcFrontEnd
+from service.http_api import AppState, create_app
+from service.logs import configure_logging, get_logger
+from service.metrics import ServiceMetrics
+from service.models import ModelManager
+from service.recommend import RecommendService
+from service.settings import Settings, effective_torch_threads
+
+log = get_logger("server")
+
+
+class _UvicornServer(uvicorn.Server):
+    """uvicorn without its own signal handling: this process decides when to stop."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def build_state(settings: Settings) -> tuple[AppState, Batcher, CaptureWriter | None]:
+    """Wire the components of one service process (no I/O, no model loaded yet)."""
+    metrics = ServiceMetrics()
+    features = make_feature_store(settings.redis_url, settings.redis_timeout_ms, settings.redis_retry_after_ms, metrics)
+    capture = None
+    if settings.capture_path is not None:
+        capture = CaptureWriter(settings.capture_path, settings.capture_rate, settings.capture_max_bytes, metrics)
+    batcher = Batcher(
+        max_batch_size=settings.max_batch_size,
+        max_beam_budget=settings.max_beam_budget,
+        max_wait_s=settings.max_wait_ms / 1000.0,
+        max_queue=settings.max_queue,
+        metrics=metrics,
+        thread_init=lambda: _init_torch_threads(settings.torch_threads),
+    )
+    models = ModelManager(settings, metrics)
+    service = RecommendService(settings, models, batcher, features, metrics, capture)
+    return AppState(settings, metrics, models, service, features), batcher, capture
+
+
+def _init_torch_threads(threads: int | None) -> None:
+    """Set torch's intra-op threads on the worker itself (OpenMP settings can be per thread)."""
+    import torch
+
+    torch.set_num_threads(effective_torch_threads(threads))
+
+
+class ServiceProcess:
+    """Runs until told to stop; `run()` returns the exit code."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.state, self.batcher, self.capture = build_state(settings)
+        self.grpc = GrpcFrontEnd(self.state)
+        self.stop_requested = asyncio.Event()
+        self._signals = 0
+
+    def _on_signal(self, signum: int) -> None:
+        self._signals += 1
+        log.info("signal received; draining", extra={"signal": signal.Signals(signum).name})
+        if self._signals > 1:
+            log.warning("second signal: exiting without draining")
+            os._exit(1)
+        self.stop_requested.set()
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_signal, sig)
+        s = self.settings
+        self.batcher.start()
+        grpc_port = await self.grpc.start(s.grpc_host, s.grpc_port)
+        http = _UvicornServer(
+            uvicorn.Config(
+                create_app(self.state),
+                host=s.http_host,
+                port=s.http_port,
+                lifespan="off",
+                log_config=None,
+                access_log=False,
+                timeout_graceful_shutdown=int(max(1, s.drain_timeout_s)),
+                timeout_keep_alive=5,
+            )
+        )
+        http_task = asyncio.create_task(http.serve(), name="http")
+        while not http.started:
+            if http_task.done():
+                await http_task  # surfaces the bind error
+                log.error("HTTP server exited during start")
+                return 1
+            await asyncio.sleep(0.01)
+        log.info(
+            "listening",
+            extra={
+                "http_port": _bound_port(http) or s.http_port,
+                "grpc_port": grpc_port,
+                "feature_store": self.state.features.describe(),
+            },
+        )
+        await self._preload_features()
+        lifecycle = asyncio.create_task(self._lifecycle(), name="models")
+        stop_wait = asyncio.create_task(self.stop_requested.wait())
+        await asyncio.wait({stop_wait, http_task}, return_when=asyncio.FIRST_COMPLETED)
+        await self._shutdown(http, http_task, lifecycle)
+        return 0
+
+    async def _preload_features(self) -> None:
+        path = self.settings.features_preload
+        if path is None:
+            return
+        histories = await asyncio.to_thread(read_sequence_file, path)
+        written = await self.state.features.load_histories(histories, self.settings.max_history)
+        log.info("feature store preloaded", extra={"users": written, "path": str(path)})
+
+    async def _lifecycle(self) -> None:
+        """First load + warm-up (then ready), then polling for new versions."""
+        models = self.state.models
+        first = asyncio.create_task(models.poll_forever())
+        while models.current is None and not first.done():
+            await asyncio.sleep(0.02)
+        if models.current is not None:
+            self.state.metrics.ready.set(1)
+            await self.grpc.set_serving(True)
+            log.info("ready", extra={"model": models.describe()})
+        await first
+
+    async def _shutdown(self, http: _UvicornServer, http_task: asyncio.Task[Any], lifecycle: asyncio.Task[Any]) -> None:
+        s = self.settings
+        self.state.draining = True
+        self.state.metrics.ready.set(0)
+        lifecycle.cancel()
+        log.info("draining", extra={"queued": self.batcher.depth, "timeout_s": s.drain_timeout_s})
+        http.should_exit = True
+        await asyncio.gather(self.grpc.stop(s.drain_timeout_s), http_task, return_exceptions=True)
+        drained = await asyncio.to_thread(self.batcher.stop, s.drain_timeout_s)
+        await self.state.features.close()
+        if self.capture is not None:
+            await asyncio.to_thread(self.capture.close)
+        log.info("stopped", extra={"batcher_drained": drained})
+
+
+def _bound_port(http: uvicorn.Server) -> int | None:
+    for server in getattr(http, "servers", []):
+        for sock in server.sockets:
+            if sock.family in (socket.AF_INET, socket.AF_INET6):
+                return int(sock.getsockname()[1])
+    return None
+
+
+def serve(settings: Settings) -> int:
+    """Entry point of `onerec serve` / `python -m service`."""
+    configure_logging(settings.log_level)
+    log.info("starting", extra={"settings": settings.model_dump(mode="json", exclude={"admin_token"})})
+    return asyncio.run(_run(settings))
+
+
+async def _run(settings: Settings) -> int:
+    # built inside the running loop: grpc.aio binds its server to the loop current at creation
+    return await ServiceProcess(settings).run()
