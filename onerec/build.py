@@ -1,7 +1,10 @@
 """``onerec build``: data -> item embeddings -> semantic IDs -> training -> evaluation -> model store.
 
-Every stage reports progress on stderr, and the run ends with a summary table. The reward model and
-IPA stages of DESIGN.md section 7 are not part of this pipeline yet (``--ipa-iterations`` must be 0).
+Every stage reports progress on stderr, and the run ends with a summary table. With
+``ipa_iterations > 0`` the reward model is trained on the training sequences after the generator, IPA
+(``onerec.ipa``) fine-tunes the generator, and evaluation and export use the aligned model; the
+manifest's ``ipa`` section records each iteration and, on the synthetic world, the true affinity of
+the model's top session before and after alignment.
 """
 
 from __future__ import annotations
@@ -18,10 +21,19 @@ import torch
 
 from model_store import PublishedVersion
 from onerec.bundle import Catalog, save_bundle
-from onerec.data import InteractionData, SyntheticConfig, leave_one_out, load_sequence_file, make_synthetic
+from onerec.data import (
+    InteractionData,
+    SyntheticConfig,
+    SyntheticWorld,
+    leave_one_out,
+    load_sequence_file,
+    make_synthetic,
+)
 from onerec.evaluate import evaluate_generator, legality, popularity_ranking, ranking_metrics
 from onerec.generate import Generator
+from onerec.ipa import IpaConfig, run_ipa, true_session_affinity
 from onerec.model import ModelConfig, OneRecModel
+from onerec.reward import RewardConfig, train_reward
 from onerec.tokenizer import item_embeddings, residual_semantic_ids
 from onerec.train import TrainConfig, train_model
 
@@ -39,6 +51,9 @@ class BuildConfig:
     eval_beam: int = 20
     eval_users: int | None = None  # evaluate on at most this many users (None = all)
     ipa_iterations: int = 0
+    ipa: IpaConfig = field(default_factory=IpaConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)  # session/history sizes follow the model
+    ipa_eval_users: int = 128  # fixed users whose top session's true affinity is compared (synthetic)
     seed: int = 0
 
 
@@ -94,24 +109,23 @@ def log(msg: str) -> None:
     print(f"[build] {msg}", file=sys.stderr, flush=True)
 
 
-def load_dataset(cfg: BuildConfig) -> tuple[InteractionData, dict[str, Any]]:
+def load_dataset(cfg: BuildConfig) -> tuple[InteractionData, dict[str, Any], SyntheticWorld | None]:
+    """The interactions, their manifest description, and the world behind them when synthetic."""
     if cfg.dataset == "synthetic":
         world = make_synthetic(cfg.synthetic)
-        return world.data, {"kind": "synthetic", "synthetic_config": cfg.synthetic.as_dict()}
+        return world.data, {"kind": "synthetic", "synthetic_config": cfg.synthetic.as_dict()}, world
     path = Path(cfg.dataset)
-    return load_sequence_file(path), {"kind": "sequence_file", "path": str(path.resolve())}
+    return load_sequence_file(path), {"kind": "sequence_file", "path": str(path.resolve())}, None
 
 
 def build(cfg: BuildConfig, store: Path, progress: bool = True) -> tuple[PublishedVersion, dict[str, Any]]:
     """Run the offline pipeline and publish a version; returns it with the build summary."""
-    if cfg.ipa_iterations:
-        raise NotImplementedError("IPA (reward model + DPO) is not implemented yet; use --ipa-iterations 0")
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
     torch.manual_seed(cfg.seed)
 
     t = time.perf_counter()
-    data, dataset_meta = load_dataset(cfg)
+    data, dataset_meta, world = load_dataset(cfg)
     split = leave_one_out(data)
     timings["data"] = time.perf_counter() - t
     log(f"data: {data.n_users} users, {data.n_items} items, {sum(len(s) for s in data.sequences)} interactions")
@@ -136,6 +150,12 @@ def build(cfg: BuildConfig, store: Path, progress: bool = True) -> tuple[Publish
     timings["train"] = time.perf_counter() - t
     log(f"train: {train_report.steps} steps in {train_report.seconds:.1f}s, best epoch {train_report.best_epoch}")
 
+    ipa_meta: dict[str, Any] | None = None
+    if cfg.ipa_iterations > 0:
+        t = time.perf_counter()
+        model, ipa_meta = align(model, catalog, data, split, sids.codes, list(sids.level_sizes), world, cfg, progress)
+        timings["ipa"] = time.perf_counter() - t
+
     t = time.perf_counter()
     metrics = evaluate_all(model, catalog, data, split, cfg, popularity, progress)
     timings["evaluate"] = time.perf_counter() - t
@@ -149,6 +169,8 @@ def build(cfg: BuildConfig, store: Path, progress: bool = True) -> tuple[Publish
         "metrics": metrics,
         "build_seconds": time.perf_counter() - t_start,
     }
+    if ipa_meta is not None:
+        meta["ipa"] = ipa_meta
     published = save_bundle(store, cfg.name, model, catalog, meta)
     timings["total"] = time.perf_counter() - t_start
     summary = {
@@ -159,6 +181,50 @@ def build(cfg: BuildConfig, store: Path, progress: bool = True) -> tuple[Publish
         "timings_seconds": {k: round(v, 2) for k, v in timings.items()},
     }
     return published, summary
+
+
+def align(
+    model: OneRecModel,
+    catalog: Catalog,
+    data: InteractionData,
+    split: Any,
+    codes: np.ndarray,
+    level_sizes: list[int],
+    world: SyntheticWorld | None,
+    cfg: BuildConfig,
+    progress: bool,
+) -> tuple[OneRecModel, dict[str, Any]]:
+    """Reward model on the training sequences, then IPA; returns the aligned model and its manifest section."""
+    model.to("cpu")  # IPA runs on the CPU in float32 (its batches are small); evaluation moves it back
+    rcfg = replace(cfg.reward, session_items=model.cfg.session_items, max_history=model.cfg.max_history, seed=cfg.seed)
+    reward, reward_report = train_reward(split.train, codes, level_sizes, rcfg, progress=progress)
+    log(f"reward: {reward_report.samples} sessions, loss {reward_report.train_loss[-1]:.4f}")
+    eval_users = np.arange(min(cfg.ipa_eval_users, data.n_users))
+    histories = [split.train[u] for u in eval_users]
+    eval_ids = [data.user_ids[u] for u in eval_users]
+    affinity = world.true_affinity(eval_users) if world is not None else None
+    before = true_session_affinity(model, catalog.trie, affinity, histories, eval_ids) if affinity is not None else None
+    aligned, report = run_ipa(
+        model, reward, catalog.trie, split.train, data.user_ids, codes, cfg.ipa_iterations, cfg.ipa, progress
+    )
+    after = (
+        true_session_affinity(aligned, catalog.trie, affinity, histories, eval_ids) if affinity is not None else None
+    )
+    for i, it in enumerate(report.iterations, 1):
+        log(
+            f"ipa {i}: dpo {it.dpo_loss[0]:.4f} -> {it.dpo_loss[-1]:.4f}, "
+            f"reward chosen {it.reward_chosen:.3f} rejected {it.reward_rejected:.3f}"
+        )
+    if before is not None:
+        log(f"ipa: true affinity of the top session {before:.4f} -> {after:.4f}")
+    return aligned, {
+        "config": {k: getattr(cfg.ipa, k) for k in cfg.ipa.__dataclass_fields__},
+        "reward": reward_report.as_dict(),
+        "iterations": report.as_dict(),
+        "true_affinity": None
+        if before is None
+        else {"users": len(eval_users), "before": before, "after": after, "gain": after - before},
+    }
 
 
 def evaluate_all(

@@ -1,0 +1,198 @@
+"""The reward model R(u, S) of IPA (DESIGN.md section 2), small enough to train in seconds.
+
+Each session item attends over the user's history (target-aware attention; a learned "null" key
+is always present so an empty history still has something to attend to), the session's items then
+attend to each other, and two sigmoid towers read the result:
+
+* ``click`` (per item): the item appears in the user's later actual sequence;
+* ``session`` (pooled): the session is the user's real next session rather than a sampled one.
+
+Why these two: they are the only engagement signals the observed sequences support (no watch time,
+likes, ...). Training uses OBSERVED data only (training sequences): positives are the real next
+``m`` items after a history prefix, negatives are sampled sessions (half uniformly random items,
+half another user's real session, so the model must read the history). The synthetic world's true
+affinity is never seen here; it is what IPA is judged against.
+
+Items are embedded from their semantic-ID codes (sum of per-level code embeddings), like the
+generator's encoder, so the reward needs no item table.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+TOWERS = ("click", "session")
+
+
+@dataclass
+class RewardConfig:
+    d_model: int = 32
+    n_heads: int = 2
+    max_history: int = 20
+    session_items: int = 5
+    epochs: int = 4
+    batch_size: int = 256
+    lr: float = 3e-3
+    seed: int = 0
+
+
+@dataclass
+class RewardReport:
+    samples: int
+    epochs: int
+    seconds: float
+    train_loss: list[float] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, object]:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+class RewardModel(nn.Module):
+    def __init__(self, level_sizes: Sequence[int], cfg: RewardConfig):
+        super().__init__()
+        d = cfg.d_model
+        self.cfg = cfg
+        self.codes = nn.ModuleList(nn.Embedding(v, d) for v in level_sizes)
+        self.hist_pos = nn.Embedding(cfg.max_history, d)  # recency, 0 = newest
+        self.null_key = nn.Parameter(torch.zeros(1, 1, d))
+        self.target_attn = nn.MultiheadAttention(d, cfg.n_heads, batch_first=True)
+        self.session_attn = nn.MultiheadAttention(d, cfg.n_heads, batch_first=True)
+        self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.click_tower = nn.Sequential(nn.Linear(2 * d, d), nn.ReLU(), nn.Linear(d, 1))
+        self.session_tower = nn.Sequential(nn.Linear(2 * d, d), nn.ReLU(), nn.Linear(d, 1))
+
+    def embed(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes (..., D) -> (..., d): sum of per-level code embeddings."""
+        return sum(emb(codes[..., lvl]) for lvl, emb in enumerate(self.codes))  # type: ignore[return-value]
+
+    def forward(
+        self, hist_codes: torch.Tensor, hist_mask: torch.Tensor, session_codes: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """hist_codes (B,S,D) newest first, hist_mask (B,S), session_codes (B,m,D) -> logits (B,m), (B,)."""
+        b, s, _ = hist_codes.shape
+        hist = self.embed(hist_codes) + self.hist_pos(torch.arange(s, device=hist_codes.device))[None]
+        keys = torch.cat([self.null_key.expand(b, 1, -1), hist], dim=1)  # (B, S+1, d)
+        pad = torch.cat([torch.zeros_like(hist_mask[:, :1]), ~hist_mask], dim=1)  # True = ignore
+        items = self.embed(session_codes)  # (B, m, d)
+        interest, _ = self.target_attn(items, keys, keys, key_padding_mask=pad, need_weights=False)
+        x = self.norm1(items + interest)
+        ctx, _ = self.session_attn(x, x, x, need_weights=False)
+        x = self.norm2(x + ctx)
+        per_item = torch.cat([x, interest], dim=-1)  # (B, m, 2d)
+        click = self.click_tower(per_item).squeeze(-1)  # (B, m)
+        session = self.session_tower(per_item.mean(1)).squeeze(-1)  # (B,)
+        return click, session
+
+    @torch.no_grad()
+    def score(self, hist_codes: torch.Tensor, hist_mask: torch.Tensor, session_codes: torch.Tensor) -> torch.Tensor:
+        """R(u, S) in [0, 1]: the mean of the towers' session-level probabilities, (B,)."""
+        was_training = self.training
+        self.eval()
+        click, session = self(hist_codes, hist_mask, session_codes)
+        self.train(was_training)
+        return 0.5 * (torch.sigmoid(click).mean(1) + torch.sigmoid(session))
+
+
+class RewardSamples:
+    """(history prefix, real next session) pairs of the training sequences, plus sampled negatives."""
+
+    def __init__(self, sequences: Sequence[np.ndarray], codes: np.ndarray, cfg: RewardConfig):
+        self.sequences = [np.asarray(s, dtype=np.int64) for s in sequences]
+        self.codes = torch.from_numpy(np.asarray(codes, dtype=np.int64))  # (I, D)
+        self.cfg = cfg
+        m = cfg.session_items
+        pairs = [(u, p) for u, seq in enumerate(self.sequences) for p in range(1, len(seq) - m + 1)]
+        self.pairs = np.array(pairs, dtype=np.int64).reshape(-1, 2)
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def history(self, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        hists = [self.sequences[u][max(0, p - self.cfg.max_history) : p][::-1] for u, p in self.pairs[idx]]
+        return history_tensors(hists, self.codes, self.cfg.max_history)
+
+    def batch(self, idx: np.ndarray, rng: np.random.Generator) -> tuple[torch.Tensor, ...]:
+        """Positives then negatives: hist (2B,S,D), mask, sessions (2B,m,D), click labels (2B,m), session labels."""
+        m, n_items = self.cfg.session_items, len(self.codes)
+        pos = np.stack([self.sequences[u][p : p + m] for u, p in self.pairs[idx]])  # (B, m)
+        other = rng.integers(0, len(self.pairs), size=len(idx))
+        swapped = np.stack([self.sequences[u][p : p + m] for u, p in self.pairs[other]])
+        random = rng.integers(0, n_items, size=(len(idx), m))
+        use_random = rng.random(len(idx)) < 0.5
+        neg = np.where(use_random[:, None], random, swapped)
+        futures = [set(self.sequences[u][p:].tolist()) for u, p in self.pairs[idx]]
+        neg_click = np.array([[i in fut for i in row] for row, fut in zip(neg, futures)], dtype=np.float32)
+        hist_codes, hist_mask = self.history(idx)
+        sessions = self.codes[torch.from_numpy(np.concatenate([pos, neg]))]
+        click = torch.from_numpy(np.concatenate([np.ones_like(neg_click), neg_click]))
+        session = torch.cat([torch.ones(len(idx)), torch.zeros(len(idx))])
+        return hist_codes.repeat(2, 1, 1), hist_mask.repeat(2, 1), sessions, click, session
+
+
+def history_tensors(
+    hists: Sequence[np.ndarray], codes: torch.Tensor, max_history: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Histories already newest first -> (codes (B,S,D), mask (B,S)), S = the longest (at least 1)."""
+    hists = [np.asarray(h, dtype=np.int64)[:max_history] for h in hists]
+    width = max(1, max(len(h) for h in hists))
+    idx = np.zeros((len(hists), width), dtype=np.int64)
+    mask = np.zeros((len(hists), width), dtype=bool)
+    for j, h in enumerate(hists):
+        idx[j, : len(h)], mask[j, : len(h)] = h, True
+    return codes[torch.from_numpy(idx)], torch.from_numpy(mask)
+
+
+def train_reward(
+    sequences: Sequence[np.ndarray],
+    codes: np.ndarray,
+    level_sizes: Sequence[int],
+    cfg: RewardConfig,
+    progress: bool = True,
+) -> tuple[RewardModel, RewardReport]:
+    """Fit R with BCE on both towers over observed sessions and sampled negatives."""
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    samples = RewardSamples(sequences, codes, cfg)
+    if len(samples) == 0:
+        raise ValueError(f"no reward samples: no training sequence has more than {cfg.session_items} items")
+    model = RewardModel(level_sizes, cfg)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    steps = math.ceil(len(samples) / cfg.batch_size)
+    report = RewardReport(samples=len(samples), epochs=cfg.epochs, seconds=0.0)
+    t0 = time.perf_counter()
+    bar = tqdm(total=steps * cfg.epochs, desc="reward", unit="step", disable=not progress, leave=False)
+    model.train()
+    for _ in range(cfg.epochs):
+        perm = rng.permutation(len(samples))
+        running = 0.0
+        for start in range(0, len(perm), cfg.batch_size):
+            hist, mask, sessions, click_y, session_y = samples.batch(perm[start : start + cfg.batch_size], rng)
+            click, session = model(hist, mask, sessions)
+            loss = F.binary_cross_entropy_with_logits(click, click_y) + F.binary_cross_entropy_with_logits(
+                session, session_y
+            )
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            running += loss.item()
+            bar.update(1)
+        report.train_loss.append(running / steps)
+    bar.close()
+    model.eval()
+    report.seconds = time.perf_counter() - t0
+    return model, report
+
+
+def auc(positive: np.ndarray, negative: np.ndarray) -> float:
+    """P(a random positive scores above a random negative), ties counting half."""
+    pos, neg = np.asarray(positive)[:, None], np.asarray(negative)[None, :]
+    return float(((pos > neg).sum() + 0.5 * (pos == neg).sum()) / max(pos.size * neg.size, 1))
