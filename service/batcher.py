@@ -6,7 +6,10 @@ health checks and shed load. Requests from both front ends meet in the same queu
 
 A batch closes when it holds `max_batch_size` requests, when one more request would exceed the
 beam budget (sum of beam widths, i.e. decoder rows), or `max_wait_s` after its oldest request
-arrived. A full queue refuses at once (Overloaded -> 429 / RESOURCE_EXHAUSTED). A request whose
+arrived. A full queue refuses at once (Overloaded -> 429 / RESOURCE_EXHAUSTED), and so does a queue
+whose expected wait (its length times the measured compute time per request, plus the batch in
+progress) would outlast the request's deadline or `max_queue_wait_s`: under overload the service
+sheds with 429 up front instead of admitting work that can only end in a 504. A request whose
 deadline has passed, or whose caller stopped waiting, is dropped before compute. Each job carries
 the model bundle it was planned against (its ids were mapped with that bundle's catalogue), and a
 batch only holds jobs of one bundle, so a hot swap lets queued requests finish on the old model.
@@ -84,6 +87,7 @@ class Batcher:
         max_queue: int,
         metrics: ServiceMetrics,
         thread_init: Callable[[], None] | None = None,
+        max_queue_wait_s: float = 0.0,
     ) -> None:
         self.max_batch_size = max_batch_size
         self.max_beam_budget = max_beam_budget
@@ -94,7 +98,10 @@ class Batcher:
         self._queue: collections.deque[Job] = collections.deque()
         self._cond = threading.Condition()
         self._stopping = False
-        self._busy = False
+        self.max_queue_wait_s = max_queue_wait_s  # 0 = admit whatever the deadline allows
+        self._busy_until = 0.0  # monotonic time the batch in progress is expected to end
+        self._job_seconds: float | None = None  # EWMA of compute seconds per request (amortised)
+        self._batch_seconds: float | None = None  # EWMA of compute seconds per batch
         self._thread = threading.Thread(target=self._worker, name="onerec-inference", daemon=True)
 
     # ---- event-loop side -------------------------------------------------------------------------
@@ -115,10 +122,23 @@ class Batcher:
                 raise NotReady("the service is shutting down")
             if len(self._queue) >= self.max_queue:
                 raise Overloaded(f"queue full ({self.max_queue} requests waiting); retry later")
+            wait = self._expected_wait(job.enqueued_at)
+            limit = deadline - job.enqueued_at
+            if self.max_queue_wait_s > 0:
+                limit = min(limit, self.max_queue_wait_s)
+            if wait is not None and wait > limit:
+                raise Overloaded(f"expected queue wait {wait * 1000:.0f} ms exceeds {limit * 1000:.0f} ms; retry later")
             self._queue.append(job)
             self.metrics.queue_depth.set(len(self._queue))
             self._cond.notify()
         return job
+
+    def _expected_wait(self, now: float) -> float | None:
+        """Seconds until a request queued now starts computing; None until a batch has been timed."""
+        if self._job_seconds is None:
+            return None
+        in_progress = max(0.0, self._busy_until - now)
+        return in_progress + len(self._queue) * self._job_seconds
 
     async def run(self, bundle: _Bundle, request: Any, deadline: float) -> tuple[Any, Any]:
         """Submit and wait for (RecResult, BatchStats); DeadlineExceeded when the deadline passes."""
@@ -209,8 +229,11 @@ class Batcher:
         for job in batch:
             self.metrics.queue_wait.observe(started - job.enqueued_at)
         generator = batch[0].bundle.generator
+        if self._batch_seconds is not None:
+            self._busy_until = started + self._batch_seconds
         try:
             results, stats = generator.generate([job.request for job in batch])
+            self._time_batch(len(batch), time.monotonic() - started)
         except Exception as exc:  # a bug in the model must fail these requests, not the worker
             log.exception("inference failed", extra={"batch_size": len(batch)})
             error = InferenceError(f"inference failed: {type(exc).__name__}")
@@ -220,6 +243,16 @@ class Batcher:
         self._observe(batch, stats)
         for job, result in zip(batch, results, strict=True):
             job.loop.call_soon_threadsafe(_resolve, job, (result, stats), None)
+
+    def _time_batch(self, size: int, seconds: float, alpha: float = 0.2) -> None:
+        """Track compute time per batch and per request (a bigger batch amortises it) for admission."""
+        per_job = seconds / size
+        if self._job_seconds is None or self._batch_seconds is None:
+            self._job_seconds, self._batch_seconds = per_job, seconds
+        else:
+            self._job_seconds += alpha * (per_job - self._job_seconds)
+            self._batch_seconds += alpha * (seconds - self._batch_seconds)
+        self._busy_until = 0.0
 
     def _observe(self, batch: list[Job], stats: Any) -> None:
         m = self.metrics

@@ -56,6 +56,7 @@ def build_state(settings: Settings) -> tuple[AppState, Batcher, CaptureWriter | 
         max_beam_budget=settings.max_beam_budget,
         max_wait_s=settings.max_wait_ms / 1000.0,
         max_queue=settings.max_queue,
+        max_queue_wait_s=settings.max_queue_wait_ms / 1000.0,
         metrics=metrics,
         thread_init=lambda: _init_torch_threads(settings.torch_threads),
     )

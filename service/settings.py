@@ -59,6 +59,12 @@ class Settings(BaseSettings):
     max_beam_budget: int = Field(default=2048, ge=1, description="sum of beam widths per batch")
     max_wait_ms: float = Field(default=2.0, ge=0, description="how long a batch waits to fill after its first request")
     max_queue: int = Field(default=256, ge=1, description="requests waiting for the worker before 429")
+    max_queue_wait_ms: float = Field(
+        default=0.0,
+        ge=0,
+        description="429 at once when the expected queue wait (queue length x measured time per request) "
+        "exceeds this or the request's deadline (0 = the deadline alone); set it to the latency budget",
+    )
     request_timeout_ms: float = Field(
         default=2000.0,
         gt=0,

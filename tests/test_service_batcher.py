@@ -255,3 +255,38 @@ def test_single_requests_are_not_delayed_beyond_max_wait(max_wait_s: float) -> N
     elapsed = asyncio.run(scenario())
     batcher.stop(5)
     assert elapsed < max_wait_s + 0.5
+
+
+def test_expected_wait_beyond_the_budget_or_deadline_is_refused_up_front() -> None:
+    """Once a batch has been timed, a request that could only start after its budget gets 429 at once."""
+    gen = FakeGenerator(delay=0.05)  # 50 ms per batch of one
+    batcher = make_batcher(max_batch_size=1, max_queue=100, max_queue_wait_s=0.12)
+    bundle = FakeBundle(gen)
+
+    async def scenario() -> tuple[list[int], int, int]:
+        await batcher.run(bundle, FakeRequest(0), far())  # times one batch: about 50 ms per request
+        gen.gate.clear()
+        running = asyncio.ensure_future(batcher.run(bundle, FakeRequest(1), far()))
+        await asyncio.to_thread(gen.entered.wait, 5)
+        admitted, refused = [], 0
+        for i in range(2, 10):
+            try:
+                admitted.append(batcher.submit(bundle, FakeRequest(i), far()))
+            except Overloaded:
+                refused += 1
+        # a tight deadline is refused even with room in the budget's queue
+        tight = 0
+        try:
+            batcher.submit(bundle, FakeRequest(99), time.monotonic() + 0.001)
+        except Overloaded:
+            tight = 1
+        gen.gate.set()
+        await running
+        await asyncio.gather(*(job.future for job in admitted))
+        return [job.request.tag for job in admitted], refused, tight
+
+    admitted, refused, tight = asyncio.run(scenario())
+    batcher.stop(5)
+    # 0.12 s budget / 0.05 s per request: one batch in progress plus one or two queued fit; the rest do not
+    assert 1 <= len(admitted) <= 3 and refused == 8 - len(admitted), (admitted, refused)
+    assert tight == 1
