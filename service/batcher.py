@@ -7,8 +7,8 @@ health checks and shed load. Requests from both front ends meet in the same queu
 A batch closes when it holds `max_batch_size` requests, when one more request would exceed the
 beam budget (sum of beam widths, i.e. decoder rows), or `max_wait_s` after its oldest request
 arrived. A full queue refuses at once (Overloaded -> 429 / RESOURCE_EXHAUSTED), and so does a queue
-whose expected wait (its length times the measured compute time per request, plus the batch in
-progress) would outlast the request's deadline or `max_queue_wait_s`: under overload the service
+whose expected wait (the batch in progress, then the batches the queue will form, at the measured
+time per batch) would outlast the request's deadline or `max_queue_wait_s`: under overload the service
 sheds with 429 up front instead of admitting work that can only end in a 504. A request whose
 deadline has passed, or whose caller stopped waiting, is dropped before compute. Each job carries
 the model bundle it was planned against (its ids were mapped with that bundle's catalogue), and a
@@ -100,7 +100,6 @@ class Batcher:
         self._stopping = False
         self.max_queue_wait_s = max_queue_wait_s  # 0 = admit whatever the deadline allows
         self._busy_until = 0.0  # monotonic time the batch in progress is expected to end
-        self._job_seconds: float | None = None  # EWMA of compute seconds per request (amortised)
         self._batch_seconds: float | None = None  # EWMA of compute seconds per batch
         self._thread = threading.Thread(target=self._worker, name="onerec-inference", daemon=True)
 
@@ -127,18 +126,24 @@ class Batcher:
             if self.max_queue_wait_s > 0:
                 limit = min(limit, self.max_queue_wait_s)
             if wait is not None and wait > limit:
-                raise Overloaded(f"expected queue wait {wait * 1000:.0f} ms exceeds {limit * 1000:.0f} ms; retry later")
+                raise Overloaded(f"expected wait {wait * 1000:.0f} ms exceeds {limit * 1000:.0f} ms; retry later")
             self._queue.append(job)
             self.metrics.queue_depth.set(len(self._queue))
             self._cond.notify()
         return job
 
     def _expected_wait(self, now: float) -> float | None:
-        """Seconds until a request queued now starts computing; None until a batch has been timed."""
-        if self._job_seconds is None:
-            return None
+        """Seconds until a request queued now is answered; None when it would start at once.
+
+        The rest of the batch in progress, then the batches the queue ahead will form, the request's
+        own included, each at the measured time per batch. An idle worker with an empty queue always
+        admits, so a slow batch in the past can never lock the service out.
+        """
         in_progress = max(0.0, self._busy_until - now)
-        return in_progress + len(self._queue) * self._job_seconds
+        if self._batch_seconds is None or (in_progress == 0.0 and not self._queue):
+            return None
+        batches = -(-(len(self._queue) + 1) // self.max_batch_size)
+        return in_progress + batches * self._batch_seconds
 
     async def run(self, bundle: _Bundle, request: Any, deadline: float) -> tuple[Any, Any]:
         """Submit and wait for (RecResult, BatchStats); DeadlineExceeded when the deadline passes."""
@@ -233,7 +238,7 @@ class Batcher:
             self._busy_until = started + self._batch_seconds
         try:
             results, stats = generator.generate([job.request for job in batch])
-            self._time_batch(len(batch), time.monotonic() - started)
+            self._time_batch(time.monotonic() - started)
         except Exception as exc:  # a bug in the model must fail these requests, not the worker
             log.exception("inference failed", extra={"batch_size": len(batch)})
             error = InferenceError(f"inference failed: {type(exc).__name__}")
@@ -244,13 +249,11 @@ class Batcher:
         for job, result in zip(batch, results, strict=True):
             job.loop.call_soon_threadsafe(_resolve, job, (result, stats), None)
 
-    def _time_batch(self, size: int, seconds: float, alpha: float = 0.2) -> None:
-        """Track compute time per batch and per request (a bigger batch amortises it) for admission."""
-        per_job = seconds / size
-        if self._job_seconds is None or self._batch_seconds is None:
-            self._job_seconds, self._batch_seconds = per_job, seconds
+    def _time_batch(self, seconds: float, alpha: float = 0.2) -> None:  # worker thread
+        """Track compute time per batch (an EWMA, so it follows the batch sizes load brings) for admission."""
+        if self._batch_seconds is None:
+            self._batch_seconds = seconds
         else:
-            self._job_seconds += alpha * (per_job - self._job_seconds)
             self._batch_seconds += alpha * (seconds - self._batch_seconds)
         self._busy_until = 0.0
 

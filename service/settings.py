@@ -62,7 +62,7 @@ class Settings(BaseSettings):
     max_queue_wait_ms: float = Field(
         default=0.0,
         ge=0,
-        description="429 at once when the expected queue wait (queue length x measured time per request) "
+        description="429 at once when the expected time to answer (batches ahead x measured time per batch) "
         "exceeds this or the request's deadline (0 = the deadline alone); set it to the latency budget",
     )
     request_timeout_ms: float = Field(
