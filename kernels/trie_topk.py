@@ -7,6 +7,7 @@ the top-k of the log-softmax renormalised over the allowed children only.
 
 from __future__ import annotations
 
+import os
 from typing import NamedTuple
 
 import torch
@@ -32,6 +33,7 @@ def trie_topk(
     row_groups: torch.Tensor,
     num_nodes: int,
     backend: str | None = None,
+    at_root: bool = False,
 ) -> TrieTopK:
     """Top-k allowed children of each row's trie node, with log-probs renormalised over them.
 
@@ -43,14 +45,30 @@ def trie_topk(
     row_groups: (R, G) int64: child c of row r is banned if ``row_groups[r, g] * num_nodes + c``
         is in banned_keys for some g (requests share a group; a beam's own session is another).
     Rows with fewer than k allowed children are filled with -inf / -1; a row with none dies.
+    at_root: the caller knows every row sits at the root (the dense first level); only used to pick
+        the faster backend, since telling root rows from deep ones here would need a host sync.
     """
     chosen = choose_backend(logits, backend)
+    if chosen == "triton" and backend is None and _twin_is_faster(logits, at_root):
+        chosen = "torch"
     if chosen == "triton":
         from kernels.triton.triton_trie_topk import triton_trie_topk
 
-        out = triton_trie_topk(
-            logits, node, offsets, child_codes, child_nodes, k, banned_keys, row_groups, num_nodes
-        )
+        out = triton_trie_topk(logits, node, offsets, child_codes, child_nodes, k, banned_keys, row_groups, num_nodes)
     else:
         out = pt_trie_topk(logits, node, offsets, child_codes, child_nodes, k, banned_keys, row_groups, num_nodes)
     return TrieTopK(*out)
+
+
+def _twin_is_faster(logits: torch.Tensor, at_root: bool) -> bool:
+    """Shapes where the PyTorch twin beat the kernel on the H100 (benchmarks/results/kernels-h100.json).
+
+    At 65,536 rows on deep nodes (about 96 children) of an 8,192-code level, the twin took 2.64 ms and
+    the kernel 3.66 ms: the kernel's launch is sized for the widest (root) rows, wasting warps on narrow
+    ones. At the root the kernel is 5x faster than the twin, so only deep steps of wide levels switch.
+    Forcing ONEREC_KERNELS=triton overrides this.
+    """
+    if at_root or os.environ.get("ONEREC_KERNELS", "").strip().lower() == "triton":
+        return False
+    rows, vocab = logits.shape
+    return rows >= 32768 and vocab >= 8192

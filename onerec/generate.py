@@ -184,7 +184,9 @@ class Generator:
                     banned = self._with_session_bans(
                         static_keys, items[:, :slot], q_of_row, req_keys, req_counts, snap, q_n
                     )
-                top = trie_topk(logits, node, offsets, child_codes, child_nodes, w, banned, row_groups, n_nodes)
+                top = trie_topk(
+                    logits, node, offsets, child_codes, child_nodes, w, banned, row_groups, n_nodes, at_root=level == 0
+                )
                 values, codes, nodes = top.values, top.codes, top.nodes
             else:
                 values, codes = torch.log_softmax(logits.float(), dim=-1).topk(min(w, logits.shape[1]), dim=1)
