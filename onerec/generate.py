@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 import numpy as np
 import torch
@@ -80,6 +80,18 @@ class Generator:
         self.dtype = dtype or (torch.float16 if self.device.type == "cuda" else torch.float32)
         self.model.to(self.device, self.dtype)
         self.cfg = model.cfg
+        self._device_snap: tuple[TrieTensors, TrieTensors] | None = None  # (host snapshot, its device copy)
+
+    def _on_device(self, snap: TrieTensors) -> TrieTensors:
+        """The snapshot's tensors on the generator's device, copied once per snapshot, not per step."""
+        if self.device.type == "cpu":
+            return snap
+        cached = self._device_snap
+        if cached is None or cached[0] is not snap:
+            moved = {f.name: getattr(snap, f.name).to(self.device) for f in fields(snap) if f.name != "max_code"}
+            cached = (snap, replace(snap, **moved))
+            self._device_snap = cached
+        return cached[1]
 
     # ---- public -------------------------------------------------------------------------------
 
@@ -157,7 +169,8 @@ class Generator:
         dev, depth, n_nodes = self.device, self.cfg.depth, snap.num_nodes
         width_mask = torch.arange(w, device=dev)[None, :] < torch.tensor(widths, device=dev)[:, None]  # (Q, W)
         req_keys, req_counts = self._request_bans(requests, snap)
-        static_keys = torch.cat([snap.dead_nodes.to(dev), req_keys[req_counts >= 0]])
+        dsnap = self._on_device(snap)
+        static_keys = torch.cat([dsnap.dead_nodes, req_keys[req_counts >= 0]])
         banned = torch.sort(static_keys).values
         q_of_row = torch.arange(q_n, device=dev).repeat_interleave(w)  # (R,)
         row_groups = torch.stack(
@@ -174,7 +187,7 @@ class Generator:
         caches = [self.model.allocate_cache(rows, steps, dev, self.dtype) for _ in range(4)]
         ck, cv, ck_spare, cv_spare = caches
         prev_codes: torch.Tensor | None = None
-        offsets, child_codes, child_nodes = (t.to(dev) for t in (snap.offsets, snap.child_codes, snap.child_nodes))
+        offsets, child_codes, child_nodes = dsnap.offsets, dsnap.child_codes, dsnap.child_nodes
         for t in range(steps):
             level, slot = t % depth, t // depth
             x = self.model.step_input(t, prev_codes, rows)
@@ -182,7 +195,7 @@ class Generator:
             if constrained:
                 if slot > 0:  # rows were reordered since the last step: rebuild the per-row session bans
                     banned = self._with_session_bans(
-                        static_keys, items[:, :slot], q_of_row, req_keys, req_counts, snap, q_n
+                        static_keys, items[:, :slot], q_of_row, req_keys, req_counts, dsnap, q_n
                     )
                 top = trie_topk(
                     logits, node, offsets, child_codes, child_nodes, w, banned, row_groups, n_nodes, at_root=level == 0
@@ -190,7 +203,7 @@ class Generator:
                 values, codes, nodes = top.values, top.codes, top.nodes
             else:
                 values, codes = torch.log_softmax(logits.float(), dim=-1).topk(min(w, logits.shape[1]), dim=1)
-                nodes = snap.child_of(node[:, None].expand_as(codes), codes)  # -1 off the trie
+                nodes = dsnap.child_of(node[:, None].expand_as(codes), codes)  # -1 off the trie
             k = values.shape[1]
             cand = (scores.reshape(rows, 1) + values).reshape(q_n, w * k)  # (Q, W*k)
             best, pick = cand.topk(w, dim=1)  # (Q, W), sorted
@@ -208,7 +221,7 @@ class Generator:
             ck, ck_spare, cv, cv_spare = ck_spare, ck, cv_spare, cv
             scores, prev_codes = best, new_code
             if level == depth - 1:
-                items[:, slot] = torch.where(valid, snap.node_item.to(dev)[node.clamp(min=0)], -1)
+                items[:, slot] = torch.where(valid, dsnap.node_item[node.clamp(min=0)], -1)
                 node = torch.where(valid, 0, -1)
         stats.decode_seconds += time.perf_counter() - t1
         stats.rows += rows
@@ -287,7 +300,7 @@ class Generator:
         rows, j = session.shape
         n_nodes = snap.num_nodes
         ok = session >= 0  # (R, j)
-        anc = snap.path_nodes.to(self.device)[session.clamp(min=0)]  # (R, j, D)
+        anc = snap.path_nodes[session.clamp(min=0)]  # (R, j, D)
         same = (anc[:, :, None, :] == anc[:, None, :, :]) & ok[:, None, :, None]  # (R, j, j, D)
         sess_cnt = same.sum(2)  # (R, j, D)
         req_cnt = torch.zeros_like(sess_cnt)
@@ -297,7 +310,7 @@ class Generator:
             hit = req_keys[pos] == keys
             cnt = req_counts[pos]
             req_cnt = torch.where(hit, torch.where(cnt >= 0, cnt, -cnt - 1), 0)
-        remaining = snap.live_count.to(self.device)[anc] - req_cnt - sess_cnt
+        remaining = snap.live_count[anc] - req_cnt - sess_cnt
         blocked = (remaining <= 0) & ok[:, :, None]
         row_ids = torch.arange(rows, device=self.device)[:, None, None].expand_as(anc)
         keys = (1 + q_n + row_ids[blocked]) * n_nodes + anc[blocked]

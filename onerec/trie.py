@@ -80,7 +80,6 @@ class TrieIndex:
         n_items, depth = paths.shape
         parent = [np.array([-1], dtype=np.int64)]
         code = [np.array([-1], dtype=np.int64)]
-        depth_of = [np.array([0], dtype=np.int64)]
         prev_ids = np.zeros(n_items, dtype=np.int64)  # node of each item's prefix at the previous depth
         path_nodes = np.zeros((n_items, depth), dtype=np.int64)
         next_id = 1
@@ -90,13 +89,11 @@ class TrieIndex:
             ids = next_id + inverse
             parent.append(uniq // self.max_code)
             code.append(uniq % self.max_code)
-            depth_of.append(np.full(len(uniq), d + 1, dtype=np.int64))
             path_nodes[:, d] = ids
             prev_ids = ids
             next_id += len(uniq)
         self._parent = np.concatenate(parent)
         self._code = np.concatenate(code)
-        self._depth = np.concatenate(depth_of)
         self._path_nodes = path_nodes
         self._node_item = np.full(next_id, -1, dtype=np.int64)
         self._node_item[path_nodes[:, -1]] = np.arange(n_items)
@@ -167,11 +164,6 @@ class TrieIndex:
             out.append((codes[keep], kids[keep]))
         return out
 
-    def live_paths(self) -> np.ndarray:
-        """(live items, D) array of every live path, for tests and the HF baseline's trie."""
-        items = np.flatnonzero(self._live)
-        return np.array([self.path_of_item(int(i)) for i in items], dtype=np.int64).reshape(-1, self.depth)
-
     # ---- live changes -------------------------------------------------------------------------
 
     def withdraw(self, items: list[int]) -> None:
@@ -210,7 +202,6 @@ class TrieIndex:
             else:
                 self._parent = np.append(self._parent, node)
                 self._code = np.append(self._code, c)
-                self._depth = np.append(self._depth, self._depth[node] + 1)
                 self._node_item = np.append(self._node_item, -1)
                 node = len(self._parent) - 1
             nodes.append(node)
