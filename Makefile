@@ -35,6 +35,7 @@ test: install
 
 lint: install
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy service model_store kernels
 
 bench-kernels: install

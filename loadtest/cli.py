@@ -30,9 +30,7 @@ def _add_replay(subparsers: Any) -> None:
         "from the scheduled time, throughput, errors by status and the share of late sends.",
     )
     parser.add_argument("trace", type=Path, help="JSON Lines trace (onerec traffic synth or a capture)")
-    parser.add_argument(
-        "--target", required=True, help="http://HOST:PORT or grpc://HOST:PORT (loopback only)"
-    )
+    parser.add_argument("--target", required=True, help="http://HOST:PORT or grpc://HOST:PORT (loopback only)")
     timing = parser.add_mutually_exclusive_group()
     timing.add_argument("--speed", type=float, help="rescale trace time (2 = twice as fast)")
     timing.add_argument(
@@ -125,9 +123,7 @@ def run_replay(args: argparse.Namespace) -> int:
     else:
         print(text)
     if args.plot:
-        plot_latency(
-            result.samples, args.plot, title=f"replay of {args.trace.name} against {report['target']}"
-        )
+        plot_latency(result.samples, args.plot, title=f"replay of {args.trace.name} against {report['target']}")
     print(format_summary(report), file=sys.stderr)
     return 0
 

@@ -128,9 +128,7 @@ async def replay_async(
     start = loop.time() + START_LEAD_S
     printer = None
     if config.progress:
-        printer = asyncio.create_task(
-            _print_progress(progress, len(schedule), start, config, stream or sys.stderr)
-        )
+        printer = asyncio.create_task(_print_progress(progress, len(schedule), start, config, stream or sys.stderr))
     wall_start = time.perf_counter()
     try:
         for index, (offset, record) in enumerate(schedule):
@@ -145,9 +143,7 @@ async def replay_async(
                 samples[index] = Sample(index, offset, loop.time() - due, math.nan, "dropped_client", False)
                 continue
             progress.inflight += 1
-            task = asyncio.create_task(
-                _one_request(target, record, index, offset, due, config, progress, samples)
-            )
+            task = asyncio.create_task(_one_request(target, record, index, offset, due, config, progress, samples))
             tasks.add(task)
             task.add_done_callback(tasks.discard)
         if tasks:
@@ -230,9 +226,7 @@ async def _one_request(
                 progress.errors += 1
 
 
-async def _print_progress(
-    progress: _Progress, total: int, start: float, config: ReplayConfig, stream: TextIO
-) -> None:
+async def _print_progress(progress: _Progress, total: int, start: float, config: ReplayConfig, stream: TextIO) -> None:
     loop = asyncio.get_running_loop()
     while True:
         await asyncio.sleep(config.progress_interval_s)
@@ -247,9 +241,7 @@ async def _print_progress(
         stream.flush()
 
 
-def replay(
-    records: Sequence[TraceRecord], config: ReplayConfig, stream: TextIO | None = None
-) -> ReplayResult:
+def replay(records: Sequence[TraceRecord], config: ReplayConfig, stream: TextIO | None = None) -> ReplayResult:
     """Synchronous wrapper: runs the replay on a fresh event loop (uvloop is not required)."""
     return asyncio.run(replay_async(records, config, stream=stream))
 

@@ -156,18 +156,14 @@ def format_summary(report: dict[str, Any]) -> str:
         f"target {report['target']}  scheduled {req['scheduled']}  sent {req['sent']}  ok {req['ok']}  "
         f"errors {req['errors']}  dropped by client {req['dropped_client']}"
     )
-    lines.append(
-        f"throughput: offered {thr['offered']} rps, achieved {thr['achieved_ok']} rps (ok responses)"
-    )
+    lines.append(f"throughput: offered {thr['offered']} rps, achieved {thr['achieved_ok']} rps (ok responses)")
     lines.append(
         "latency ms (from scheduled time, ok only): "
         + "  ".join(f"{name} {lat[name]}" for name in ("p50", "p90", "p99", "p99.9", "max"))
     )
     lines.append(f"late sends: {late['share']:.2%} (> {late['threshold_ms']:.0f} ms)")
     if report["errors_by_status"]:
-        lines.append(
-            "errors by status: " + ", ".join(f"{k}={v}" for k, v in report["errors_by_status"].items())
-        )
+        lines.append("errors by status: " + ", ".join(f"{k}={v}" for k, v in report["errors_by_status"].items()))
     return "\n".join(lines)
 
 

@@ -105,13 +105,9 @@ def parse_record(obj: Any) -> TraceRecord:
         history=_id_list(obj["history"], "history") if obj.get("history") is not None else None,
         num_items=_positive_int(obj["num_items"], "num_items") if obj.get("num_items") is not None else None,
         mode=mode,
-        beam_width=_positive_int(obj["beam_width"], "beam_width")
-        if obj.get("beam_width") is not None
-        else None,
+        beam_width=_positive_int(obj["beam_width"], "beam_width") if obj.get("beam_width") is not None else None,
         exclude=_id_list(obj["exclude"], "exclude") if obj.get("exclude") is not None else None,
-        timeout_ms=_positive_int(obj["timeout_ms"], "timeout_ms")
-        if obj.get("timeout_ms") is not None
-        else None,
+        timeout_ms=_positive_int(obj["timeout_ms"], "timeout_ms") if obj.get("timeout_ms") is not None else None,
         extra={key: value for key, value in obj.items() if key not in known},
     )
 

@@ -15,10 +15,21 @@ __all__ = ["DTYPE_BYTES", "HeaderError", "parse_header", "read_header", "tensor_
 
 # Bytes per element of the dtypes safetensors defines; unknown (newer) dtypes skip the size check.
 DTYPE_BYTES: dict[str, int] = {
-    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1,
-    "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
-    "I32": 4, "U32": 4, "F32": 4,
-    "I64": 8, "U64": 8, "F64": 8,
+    "BOOL": 1,
+    "U8": 1,
+    "I8": 1,
+    "F8_E5M2": 1,
+    "F8_E4M3": 1,
+    "I16": 2,
+    "U16": 2,
+    "F16": 2,
+    "BF16": 2,
+    "I32": 4,
+    "U32": 4,
+    "F32": 4,
+    "I64": 8,
+    "U64": 8,
+    "F64": 8,
 }
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the reference implementation's own limit
 
@@ -63,7 +74,7 @@ def parse_header(prefix: bytes, file_size: int) -> dict[str, Any]:
     if len(prefix) < 8 + length:
         raise HeaderError("header truncated")
     try:
-        header = json.loads(prefix[8:8 + length].decode("utf-8"))
+        header = json.loads(prefix[8 : 8 + length].decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise HeaderError(f"header is not JSON: {exc}") from None
     if not isinstance(header, dict):

@@ -209,8 +209,9 @@ def list_models(store: Path) -> list[str]:
     store = Path(store)
     if not store.is_dir():
         return []
-    return sorted(e.name for e in store.iterdir()
-                  if e.is_dir() and not e.name.startswith(".") and list_versions(store, e.name))
+    return sorted(
+        e.name for e in store.iterdir() if e.is_dir() and not e.name.startswith(".") and list_versions(store, e.name)
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -266,9 +267,7 @@ def _rename_into_place(model_dir: Path, tmp_dir: Path, manifest: dict[str, Any])
             return version
 
 
-def publish_version(
-    store: Path, name: str, files: dict[str, bytes], metadata: dict[str, Any]
-) -> PublishedVersion:
+def publish_version(store: Path, name: str, files: dict[str, bytes], metadata: dict[str, Any]) -> PublishedVersion:
     """Atomically add a new version of model `name` holding `files` (+ a generated manifest.json).
 
     `files` maps plain file names to contents and must include model.safetensors; `metadata` (model
@@ -288,8 +287,7 @@ def publish_version(
         shutil.rmtree(tmp_dir, ignore_errors=True)
         raise
     path = model_dir / str(version)
-    logger.info(json.dumps({"event": "model_version_published", "model": name, "version": version,
-                            "path": str(path)}))
+    logger.info(json.dumps({"event": "model_version_published", "model": name, "version": version, "path": str(path)}))
     return PublishedVersion(name=name, version=version, path=path)
 
 
@@ -314,8 +312,7 @@ def _load_manifest(path: Path) -> dict[str, Any]:
 def _check_schema(path: Path, manifest: dict[str, Any]) -> None:
     """Schema version, identity (name/version match the directory) and the files/tensors tables."""
     if manifest.get("schema_version") != SCHEMA_VERSION:
-        raise CorruptVersionError(path, f"schema_version {manifest.get('schema_version')!r}, "
-                                        f"expected {SCHEMA_VERSION}")
+        raise CorruptVersionError(path, f"schema_version {manifest.get('schema_version')!r}, expected {SCHEMA_VERSION}")
     if manifest.get("name") != path.parent.name:
         raise CorruptVersionError(path, f"manifest name {manifest.get('name')!r} != dir {path.parent.name!r}")
     version = manifest.get("version")
@@ -329,8 +326,12 @@ def _check_schema(path: Path, manifest: dict[str, Any]) -> None:
     for fname, entry in files.items():
         if not isinstance(fname, str) or not _NAME_RE.match(fname) or fname == MANIFEST:
             raise CorruptVersionError(path, f"manifest lists an invalid file name {fname!r}")
-        if (not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str)
-                or not _SHA256_RE.match(entry["sha256"]) or not isinstance(entry.get("bytes"), int)):
+        if (
+            not isinstance(entry, dict)
+            or not isinstance(entry.get("sha256"), str)
+            or not _SHA256_RE.match(entry["sha256"])
+            or not isinstance(entry.get("bytes"), int)
+        ):
             raise CorruptVersionError(path, f"manifest entry {fname!r} needs sha256 (hex) and bytes (int)")
     if not isinstance(manifest.get("tensors"), dict):
         raise CorruptVersionError(path, "manifest 'tensors' missing")
@@ -350,8 +351,9 @@ def _check_files(path: Path, files: dict[str, Any]) -> None:
         if size != entry["bytes"]:
             raise CorruptVersionError(path, f"{fname} is {size} bytes, manifest says {entry['bytes']}")
         if digest != entry["sha256"]:
-            raise CorruptVersionError(path, f"{fname} sha256 mismatch (file {digest[:12]}…, "
-                                            f"manifest {entry['sha256'][:12]}…)")
+            raise CorruptVersionError(
+                path, f"{fname} sha256 mismatch (file {digest[:12]}…, manifest {entry['sha256'][:12]}…)"
+            )
 
 
 def _check_tensors(path: Path, recorded: dict[str, Any]) -> None:
@@ -367,8 +369,9 @@ def _check_tensors(path: Path, recorded: dict[str, Any]) -> None:
         want = recorded[tensor]
         recorded_spec = (want.get("dtype"), want.get("shape")) if isinstance(want, dict) else None
         if recorded_spec != (spec["dtype"], spec["shape"]):
-            raise CorruptVersionError(path, f"tensor {tensor!r}: header {spec['dtype']}{spec['shape']}, "
-                                            f"manifest {want!r}")
+            raise CorruptVersionError(
+                path, f"tensor {tensor!r}: header {spec['dtype']}{spec['shape']}, manifest {want!r}"
+            )
 
 
 def verify_version(path: Path) -> VerifiedVersion:
@@ -407,15 +410,20 @@ def read_verified_file(version: VerifiedVersion, filename: str) -> bytes:
 
 
 def _log_rejection(rejection: Rejection) -> None:
-    fields = {"event": "model_version_rejected", "model": rejection.name, "version": rejection.version,
-              "path": str(rejection.path), "reason": rejection.reason}
-    logger.warning(json.dumps(fields), extra={"event": fields["event"], "model_version": rejection.version,
-                                              "reason": rejection.reason})
+    fields = {
+        "event": "model_version_rejected",
+        "model": rejection.name,
+        "version": rejection.version,
+        "path": str(rejection.path),
+        "reason": rejection.reason,
+    }
+    logger.warning(
+        json.dumps(fields),
+        extra={"event": fields["event"], "model_version": rejection.version, "reason": rejection.reason},
+    )
 
 
-def load_newest_valid(
-    store: Path, name: str, pin: int | None = None
-) -> tuple[VerifiedVersion, list[Rejection]]:
+def load_newest_valid(store: Path, name: str, pin: int | None = None) -> tuple[VerifiedVersion, list[Rejection]]:
     """The newest version of `name` that verifies, plus the newer versions rejected on the way.
 
     With `pin`, only that version is considered (an operator who pins a version wants exactly that one,

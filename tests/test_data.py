@@ -18,8 +18,9 @@ from onerec.data import (
 )
 
 BEAUTY = Path(__file__).resolve().parents[2] / "shared" / "data" / "amazon-beauty" / "sequences.txt"
-SMALL_WORLD = SyntheticConfig(n_users=120, n_items=80, n_topics=8, min_sequence_length=4,
-                              max_sequence_length=12, seed=7)
+SMALL_WORLD = SyntheticConfig(
+    n_users=120, n_items=80, n_topics=8, min_sequence_length=4, max_sequence_length=12, seed=7
+)
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -86,6 +87,7 @@ def test_synthetic_is_deterministic_for_a_seed() -> None:
     first, again = make_synthetic(SMALL_WORLD), make_synthetic(SMALL_WORLD)
     other = make_synthetic(dataclasses.replace(SMALL_WORLD, seed=8))
     assert len(first.data.sequences) == SMALL_WORLD.n_users
+
     def same(a: list[np.ndarray], b: list[np.ndarray]) -> bool:
         return all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
 

@@ -179,9 +179,7 @@ def test_timeouts_errors_and_reconnects_are_counted() -> None:
         lambda i: 2.0 if i == 7 else 0.001, status=lambda i: statuses.get(i, 200), serial=False, close_every=2
     ) as server:
         started = time.perf_counter()
-        result = replay(
-            records_at([i * 0.02 for i in range(12)]), ReplayConfig(target=server.url, timeout_s=0.3)
-        )
+        result = replay(records_at([i * 0.02 for i in range(12)]), ReplayConfig(target=server.url, timeout_s=0.3))
         elapsed = time.perf_counter() - started
     counts = result.report["status_counts"]
     assert counts == {"200": 9, "429": 1, "503": 1, "timeout": 1}
@@ -230,9 +228,7 @@ def test_loopback_hosts_are_recognised() -> None:
         assert not is_loopback_host(host), host
 
 
-def test_cli_refuses_remote_and_writes_report_and_plot(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_cli_refuses_remote_and_writes_report_and_plot(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     trace = tmp_path / "trace.jsonl"
     write_trace(trace, records_at([i * 0.01 for i in range(20)]))
     assert loadtest_main(["replay", str(trace), "--target", "http://10.9.8.7:80", "--quiet"]) == 2

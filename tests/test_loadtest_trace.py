@@ -44,9 +44,7 @@ def test_round_trip_keeps_every_field(tmp_path: Path) -> None:
 
 def test_read_sorts_by_time_and_ignores_unknown_keys(tmp_path: Path) -> None:
     path = tmp_path / "trace.jsonl"
-    path.write_text(
-        '{"t": 2, "user_id": "b", "request_id": "x"}\n\n{"t": 1, "user_id": "a", "history": [5]}\n'
-    )
+    path.write_text('{"t": 2, "user_id": "b", "request_id": "x"}\n\n{"t": 1, "user_id": "a", "history": [5]}\n')
     records = read_trace(path)
     assert [r.user_id for r in records] == ["a", "b"]
     assert records[0].history == ("5",)  # integer ids are accepted and become strings
@@ -100,9 +98,7 @@ def test_diurnal_shape_moves_traffic_to_the_peak() -> None:
 
 def test_synthesize_mix_zipf_and_determinism() -> None:
     pool = UserPool(user_ids=[f"u{i}" for i in range(100)], histories=[(str(i),) for i in range(100)])
-    kwargs = dict(
-        seed=7, mode_mix={"session": 0.25, "items": 0.75}, beam_widths=[32, 128], num_items=[5, 10], zipf=1.2
-    )
+    kwargs = dict(seed=7, mode_mix={"session": 0.25, "items": 0.75}, beam_widths=[32, 128], num_items=[5, 10], zipf=1.2)
     records = synthesize(pool, 100.0, 30.0, **kwargs)
     again = synthesize(pool, 100.0, 30.0, **kwargs)
     assert records == again

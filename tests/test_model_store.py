@@ -24,14 +24,17 @@ from model_store import (
 
 
 def weights(scale: float = 1.0) -> bytes:
-    return save({"encoder.weight": np.full((4, 3), scale, dtype=np.float32),
-                 "codes": np.arange(6, dtype=np.int64).reshape(2, 3)})
+    return save(
+        {
+            "encoder.weight": np.full((4, 3), scale, dtype=np.float32),
+            "codes": np.arange(6, dtype=np.int64).reshape(2, 3),
+        }
+    )
 
 
 def publish(store: Path, scale: float = 1.0, name: str = "demo") -> Path:
     files = {"model.safetensors": weights(scale), "catalog.json": json.dumps({"items": ["a", "b"]}).encode()}
-    meta = {"model_config": {"d_model": 8}, "catalog_size": 2, "metrics": {"recall@10": 0.5 * scale},
-            "seed": 1}
+    meta = {"model_config": {"d_model": 8}, "catalog_size": 2, "metrics": {"recall@10": 0.5 * scale}, "seed": 1}
     return publish_version(store, name, files, meta).path
 
 
@@ -42,15 +45,21 @@ def flip_byte(path: Path, offset: int = -1) -> None:
 
 
 def test_round_trip(tmp_path: Path) -> None:
-    published = publish_version(tmp_path, "demo", {"model.safetensors": weights(), "catalog.json": b"[]"},
-                                {"model_config": {"d_model": 8}, "catalog_size": 2})
+    published = publish_version(
+        tmp_path,
+        "demo",
+        {"model.safetensors": weights(), "catalog.json": b"[]"},
+        {"model_config": {"d_model": 8}, "catalog_size": 2},
+    )
     assert (published.name, published.version, published.path) == ("demo", 1, tmp_path / "demo" / "1")
     verified = verify_version(published.path)
     manifest = verified.manifest
     assert (verified.name, verified.version) == ("demo", 1)
     assert manifest["schema_version"] == 1 and manifest["model_config"] == {"d_model": 8}
-    assert manifest["tensors"] == {"codes": {"dtype": "I64", "shape": [2, 3]},
-                                   "encoder.weight": {"dtype": "F32", "shape": [4, 3]}}
+    assert manifest["tensors"] == {
+        "codes": {"dtype": "I64", "shape": [2, 3]},
+        "encoder.weight": {"dtype": "F32", "shape": [4, 3]},
+    }
     assert set(manifest["files"]) == {"model.safetensors", "catalog.json"}
     assert read_verified_file(verified, "model.safetensors") == weights()
     assert list_models(tmp_path) == ["demo"]
@@ -125,10 +134,10 @@ def test_header_inconsistent_with_data_refused(tmp_path: Path) -> None:
     """A header that promises more bytes than the file holds is refused even with matching hashes."""
     good = weights()
     length = int.from_bytes(good[:8], "little")
-    header = json.loads(good[8:8 + length])
+    header = json.loads(good[8 : 8 + length])
     header["encoder.weight"]["shape"] = [40, 3]
     raw = json.dumps(header).encode()
-    bad = len(raw).to_bytes(8, "little") + raw + good[8 + length:]
+    bad = len(raw).to_bytes(8, "little") + raw + good[8 + length :]
     with pytest.raises(ValueError, match="safetensors"):
         publish_version(tmp_path, "demo", {"model.safetensors": bad}, {})
 

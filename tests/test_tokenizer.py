@@ -25,11 +25,14 @@ def assert_bijective(codes: np.ndarray, level_sizes: list[int]) -> None:
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(n=st.integers(1, 120), k=st.integers(1, 40), dim=st.integers(1, 6), seed=st.integers(0, 2**16),
-       method=st.sampled_from(["sequential", "greedy"]))
-def test_balanced_kmeans_sizes_differ_by_at_most_one(
-    n: int, k: int, dim: int, seed: int, method: str
-) -> None:
+@given(
+    n=st.integers(1, 120),
+    k=st.integers(1, 40),
+    dim=st.integers(1, 6),
+    seed=st.integers(0, 2**16),
+    method=st.sampled_from(["sequential", "greedy"]),
+)
+def test_balanced_kmeans_sizes_differ_by_at_most_one(n: int, k: int, dim: int, seed: int, method: str) -> None:
     x = np.random.default_rng(seed).standard_normal((n, dim))
     labels = balanced_kmeans(x, k, iters=5, seed=seed, method=method)
     k_eff = min(k, n)

@@ -1,0 +1,57 @@
+"""`benchmarks/quality.py`: the report carries the model's own recorded metrics and judges the goal right."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = REPO_ROOT / "benchmarks" / "quality.py"
+
+
+def load_script() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("onerec_benchmark_quality", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_reuse_reports_the_manifest_metrics_without_beauty_references(demo_store: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--store", str(demo_store), "--reuse"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout)
+    manifest = json.loads((demo_store / "demo" / "1" / "manifest.json").read_text())
+    for key in ("recall@10", "ndcg@10"):
+        assert report["test"]["ours"][key] == manifest["metrics"]["test"][key]
+        assert report["test"]["most popular (same run)"][key] == manifest["metrics"]["test_most_popular"][key]
+    assert set(report["test"]) == {"ours", "most popular (same run)"}  # TIGER's figures are for Beauty only
+    assert report["goal"] is None and report["meets_goal"] is None
+    assert "ours" in proc.stderr  # the human-readable table
+
+
+def beauty_manifest(recall10: float, ndcg10: float) -> dict:
+    ours = {"recall@5": 0.05, "ndcg@5": 0.03, "recall@10": recall10, "ndcg@10": ndcg10}
+    return {
+        "name": "beauty",
+        "version": 3,
+        "dataset": {"kind": "sequence_file", "path": "/data/amazon-beauty/sequences.txt"},
+        "metrics": {"test": ours, "valid": ours, "test_most_popular": dict.fromkeys(ours, 0.01)},
+    }
+
+
+def test_goal_needs_both_recall_and_ndcg_and_ratios_are_to_tiger() -> None:
+    quality = load_script()
+    met = quality.report(beauty_manifest(0.0800, 0.0450), seconds=None)
+    assert met["meets_goal"] is True
+    assert met["ratio_to_tiger"]["recall@10"] == round(0.0800 / 0.0648, 3)
+    assert "TIGER (Rajput et al. 2023)" in met["test"]
+    assert quality.report(beauty_manifest(0.0800, 0.0400), seconds=None)["meets_goal"] is False
+    assert quality.report(beauty_manifest(0.0700, 0.0450), seconds=None)["meets_goal"] is False
