@@ -196,13 +196,15 @@ def gpu_ms(fn: Callable[[], Any], quick: bool) -> float:
     )
 
 
-def cpu_ms(fn: Callable[[], Any], reps: int = 5) -> float:
+def cpu_ms(fn: Callable[[], Any], reps: int = 5, inner: int = 1) -> float:
+    """Median over ``reps`` of the mean time of ``inner`` back-to-back calls (sub-ms ops need inner > 1)."""
     fn()
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
+        for _ in range(inner):
+            fn()
+        times.append((time.perf_counter() - t0) * 1e3 / inner)
     return statistics.median(times)
 
 
@@ -330,12 +332,35 @@ def measured_copy_GBps() -> float:
     return 2 * src.numel() * 4 / (ms * 1e-3) / 1e9
 
 
-def cpu_section() -> dict[str, Any]:
+def cpu_moe_rows(quick: bool) -> list[dict[str, Any]]:
+    """The CPU production path (grouped) against dense all-experts, at decode shapes (rows = batch x beam).
+
+    Dense does E/k times the FLOPs but skips the sort, gather and scatter; this says where, if anywhere,
+    that pays on CPU. Shapes: the demo model's decoder FFN (d 64, 4 experts) and the Beauty config's (d 128, 8).
+    """
+    rows = []
+    for dim, experts in ((64, 4), (128, 8)):
+        for tokens in (32, 2048) if quick else (32, 160, 640, 2048):
+            args = make_moe(tokens, dim, experts, torch.float32, device="cpu")
+            inner = max(1, 2048 // tokens) * (1 if quick else 4)
+            grouped = cpu_ms(lambda args=args: pt_moe(*args, 2), inner=inner)
+            dense = cpu_ms(lambda args=args: moe_dense(*args, 2), inner=inner)
+            rows.append(
+                _rounded(
+                    {"tokens": tokens, "dim": dim, "ffn": 2 * dim, "experts": experts, "top_k": 2,
+                     "grouped_ms": grouped, "dense_ms": dense, "grouped_over_dense": grouped / dense}
+                )
+            )  # fmt: skip
+    return rows
+
+
+def cpu_section(quick: bool = False) -> dict[str, Any]:
     step = make_trie_step(256, 256, "root", 32, dtype=torch.float32, device="cpu")
     moe_args = make_moe(256, 128, 8, torch.float32, device="cpu")
     return {
         "pt_trie_topk_rows256_V256_k32_ms": round(cpu_ms(lambda: pt_trie_topk(*step["args"])), 3),
         "pt_moe_T256_d128_E8_top2_ms": round(cpu_ms(lambda: pt_moe(*moe_args, 2)), 3),
+        "moe_grouped_vs_dense": cpu_moe_rows(quick),
         "threads": torch.get_num_threads(),
     }
 
@@ -351,7 +376,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "quick": opts.quick,
-        "cpu": cpu_section(),
+        "cpu": cpu_section(opts.quick),
     }
     if not torch.cuda.is_available():
         report["gpu"] = {"run": False, "reason": "CUDA is not available on this machine"}
