@@ -28,9 +28,15 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def forced_backend() -> str:
+    """The operator's ONEREC_KERNELS override ('' when unset), read from the environment in this one place:
+    kernels import nothing of the project, so the service's settings object cannot reach them."""
+    return os.environ.get("ONEREC_KERNELS", "").strip().lower()
+
+
 def choose_backend(t: torch.Tensor, forced: str | None = None) -> Backend:
     """Pick the backend for a call whose main input is ``t``."""
-    want = (forced or os.environ.get("ONEREC_KERNELS", "")).strip().lower()
+    want = (forced or forced_backend()).strip().lower()
     if want not in ("", "auto", "torch", "triton"):
         raise KernelBackendError(f"ONEREC_KERNELS={want!r}: expected 'torch' or 'triton'")
     if want == "torch":

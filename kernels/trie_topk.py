@@ -7,12 +7,11 @@ the top-k of the log-softmax renormalised over the allowed children only.
 
 from __future__ import annotations
 
-import os
 from typing import NamedTuple
 
 import torch
 
-from kernels.dispatch import choose_backend
+from kernels.dispatch import choose_backend, forced_backend
 from kernels.pytorch.pt_trie_topk import pt_trie_topk
 
 
@@ -68,7 +67,7 @@ def _twin_is_faster(logits: torch.Tensor, at_root: bool) -> bool:
     ones. At the root the kernel is 5x faster than the twin, so only deep steps of wide levels switch.
     Forcing ONEREC_KERNELS=triton overrides this.
     """
-    if at_root or os.environ.get("ONEREC_KERNELS", "").strip().lower() == "triton":
+    if at_root or forced_backend() == "triton":
         return False
     rows, vocab = logits.shape
     return rows >= 32768 and vocab >= 8192
