@@ -10,7 +10,7 @@ TIGER's published figures on the same data and protocol, and DESIGN.md's goal, w
 TIGER and whether the goal is met. ``--reuse`` skips training and reads the metrics that the newest
 published version of ``--store`` recorded in its manifest when it was built.
 
-The training is the slow part: about 4.5 min per epoch on 2 CPU cores for Beauty (488 steps of
+The training is the slow part: about 5 min per epoch on 2 CPU cores for Beauty (488 steps of
 256 samples); use ``--device cuda`` where there is a GPU.
 """
 
