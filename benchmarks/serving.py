@@ -681,9 +681,9 @@ async def sweep(url: str, records: Sequence[TraceRecord], first_rate: float, set
                 best_pass, low = step, mid
             else:
                 high = mid
-    if first_fail is not None:
-        saturation_rate = 1.5 * first_fail["offered_rps"]
-    elif curve:
+    # Above every rate tried (not above the last failure: when nothing passes, the search walked
+    # down, and 1.5x its lowest rate would "saturate" the server at a trickle).
+    if curve:
         saturation_rate = 1.5 * max(s["offered_rps"] for s in curve)
     else:  # no sweep (a lone request misses the budget): 1.5x what one at a time serves
         saturation_rate = 1.5 * settings.single_rate_hint
@@ -787,8 +787,12 @@ def compare(row: Row, ours: dict[str, Any], hf: dict[str, Any], depth: int, sess
     """One report row: both sides and the ratios (rate: ours over theirs; latency: theirs over ours)."""
     ours_rps, hf_rps = ours["sweep"]["sustainable_rps"], hf["sweep"]["sustainable_rps"]
     ours_sat, hf_sat = ours["sweep"]["saturated_throughput_rps"], hf["sweep"]["saturated_throughput_rps"]
+    rps_ratio: float | None
     if hf_rps > 0:
         rps_ratio, basis = ours_rps / hf_rps, "sustainable rate at the p99 budget, ours / alternative"
+    elif ours_rps == 0:
+        rps_ratio = None
+        basis = "neither side met the p99 budget at any rate tried: compare saturated_throughput_ratio"
     else:
         rps_ratio = (ours_rps / hf_sat) if hf_sat else None
         basis = (
