@@ -7,10 +7,12 @@ health checks and shed load. Requests from both front ends meet in the same queu
 A batch closes when it holds `max_batch_size` requests, when one more request would exceed the
 beam budget (sum of beam widths, i.e. decoder rows), or `max_wait_s` after its oldest request
 arrived. A full queue refuses at once (Overloaded -> 429 / RESOURCE_EXHAUSTED), and so does a queue
-whose expected wait (the batch in progress, then the batches the queue will form, at the measured
-time per batch) would outlast the request's deadline or `max_queue_wait_s`: under overload the service
-sheds with 429 up front instead of admitting work that can only end in a 504. A request whose
-deadline has passed, or whose caller stopped waiting, is dropped before compute. Each job carries
+whose expected wait (the batch in progress, then the batches the queue will form, each priced by
+`BatchTimer` at its size, then widened by `AdmissionMargin`, the recent error of those predictions)
+would outlast the request's deadline or `max_queue_wait_s`: under overload the service sheds with 429
+up front instead of admitting work that can only end in a 504. A request whose deadline has passed,
+whose caller stopped waiting, or whose deadline would pass before its batch is done, is dropped
+before compute. Each job carries
 the model bundle it was planned against (its ids were mapped with that bundle's catalogue), and a
 batch only holds jobs of one bundle, so a hot swap lets queued requests finish on the old model.
 """
@@ -52,6 +54,7 @@ class Job:
     loop: asyncio.AbstractEventLoop
     enqueued_at: float = field(default_factory=time.monotonic)
     abandoned: bool = False  # set by the caller when it stops waiting (deadline passed)
+    expected_wait: float | None = None  # admission's predicted seconds to answer (None: worker was idle)
 
     @property
     def beams(self) -> int:
@@ -73,6 +76,76 @@ def _resolve(job: Job, value: Any, error: BaseException | None) -> None:
         job.future.set_exception(error)
     else:
         job.future.set_result(value)
+
+
+class BatchTimer:
+    """Compute seconds of a batch as a function of its size, fitted online as ``t0 + t1 * size``.
+
+    Why a line and not one average: when a burst builds the queue, the batches timed so far are small
+    and fast while the ones the queue will form are full and slow, so an average prices them too low;
+    the requests admitted on that estimate then miss their deadline (504) instead of being refused up
+    front (429). The fit uses exponentially weighted moments, so it follows a model or load change.
+    While every batch seen had the same size there is no slope to fit: the time then scales in
+    proportion to the size, an upper bound (batching only ever amortises), so admission errs towards 429.
+    """
+
+    def __init__(self, alpha: float = 0.1, min_size_variance: float = 0.1) -> None:
+        self.alpha = alpha
+        self.min_size_variance = min_size_variance
+        self._moments: list[float] | None = None  # E[b], E[t], E[b^2], E[b t]
+
+    def observe(self, size: int, seconds: float) -> None:
+        sample = [float(size), seconds, float(size * size), size * seconds]
+        if self._moments is None:
+            self._moments = sample
+            return
+        for i, value in enumerate(sample):
+            self._moments[i] += self.alpha * (value - self._moments[i])
+
+    @property
+    def fitted(self) -> bool:
+        return self._moments is not None
+
+    def seconds(self, size: int) -> float:
+        """Expected compute seconds of a batch of ``size`` requests (0 before the first batch is timed)."""
+        if self._moments is None or size <= 0:
+            return 0.0
+        mean_b, mean_t, mean_bb, mean_bt = self._moments
+        variance = mean_bb - mean_b * mean_b
+        if variance < self.min_size_variance:
+            return mean_t * size / max(mean_b, 1.0)
+        slope = max(0.0, (mean_bt - mean_b * mean_t) / variance)
+        intercept = max(0.0, mean_t - slope * mean_b)
+        return intercept + slope * size
+
+
+class AdmissionMargin:
+    """The factor admission puts on its predicted time to answer: a high quantile of actual / predicted.
+
+    Why: admission lets the queue grow right up to each request's deadline, so a prediction that is
+    right on average still sends about half of the requests admitted near the limit past it (504).
+    Scaling by the 95th percentile of the recent error keeps those to a few percent, and it follows
+    whatever the prediction misses (other work on the cores, the event loop answering). Never below 1.
+    """
+
+    def __init__(self, window: int = 256, quantile: float = 0.95, every: int = 32, ceiling: float = 3.0) -> None:
+        self.quantile = quantile
+        self.every = every
+        self.ceiling = ceiling
+        self.factor = 1.0
+        self._ratios: collections.deque[float] = collections.deque(maxlen=window)
+        self._since = 0
+
+    def observe(self, predicted: float, actual: float) -> None:
+        if predicted < 0.005:  # too short to say anything about the error
+            return
+        self._ratios.append(actual / predicted)
+        self._since += 1
+        if self._since >= self.every:
+            self._since = 0
+            ordered = sorted(self._ratios)
+            high = ordered[min(len(ordered) - 1, int(self.quantile * len(ordered)))]
+            self.factor = min(self.ceiling, max(1.0, high))
 
 
 class Batcher:
@@ -100,7 +173,8 @@ class Batcher:
         self._stopping = False
         self.max_queue_wait_s = max_queue_wait_s  # 0 = admit whatever the deadline allows
         self._busy_until = 0.0  # monotonic time the batch in progress is expected to end
-        self._batch_seconds: float | None = None  # EWMA of compute seconds per batch
+        self._timer = BatchTimer()  # compute seconds per batch by size, for admission
+        self._margin = AdmissionMargin()  # how far actual answers run past the predictions
         self._thread = threading.Thread(target=self._worker, name="onerec-inference", daemon=True)
 
     # ---- event-loop side -------------------------------------------------------------------------
@@ -121,29 +195,33 @@ class Batcher:
                 raise NotReady("the service is shutting down")
             if len(self._queue) >= self.max_queue:
                 raise Overloaded(f"queue full ({self.max_queue} requests waiting); retry later")
-            wait = self._expected_wait(job.enqueued_at)
+            wait = self._expected_wait(job.enqueued_at, job.beams)
             limit = deadline - job.enqueued_at
             if self.max_queue_wait_s > 0:
                 limit = min(limit, self.max_queue_wait_s)
-            if wait is not None and wait > limit:
-                raise Overloaded(f"expected wait {wait * 1000:.0f} ms exceeds {limit * 1000:.0f} ms; retry later")
+            if wait is not None and wait * self._margin.factor > limit:
+                expected_ms = wait * self._margin.factor * 1000
+                raise Overloaded(f"expected wait {expected_ms:.0f} ms exceeds {limit * 1000:.0f} ms; retry later")
+            job.expected_wait = wait
             self._queue.append(job)
             self.metrics.queue_depth.set(len(self._queue))
             self._cond.notify()
         return job
 
-    def _expected_wait(self, now: float) -> float | None:
+    def _expected_wait(self, now: float, beams: int) -> float | None:
         """Seconds until a request queued now is answered; None when it would start at once.
 
         The rest of the batch in progress, then the batches the queue ahead will form, the request's
-        own included, each at the measured time per batch. An idle worker with an empty queue always
+        own included, each priced at its size (batches as large as the size limit and, at this
+        request's beam width, the beam budget allow). An idle worker with an empty queue always
         admits, so a slow batch in the past can never lock the service out.
         """
         in_progress = max(0.0, self._busy_until - now)
-        if self._batch_seconds is None or (in_progress == 0.0 and not self._queue):
+        if not self._timer.fitted or (in_progress == 0.0 and not self._queue):
             return None
-        batches = -(-(len(self._queue) + 1) // self.max_batch_size)
-        return in_progress + batches * self._batch_seconds
+        per_batch = max(1, min(self.max_batch_size, self.max_beam_budget // max(beams, 1)))
+        full, rest = divmod(len(self._queue) + 1, per_batch)
+        return in_progress + full * self._timer.seconds(per_batch) + self._timer.seconds(rest)
 
     async def run(self, bundle: _Bundle, request: Any, deadline: float) -> tuple[Any, Any]:
         """Submit and wait for (RecResult, BatchStats); DeadlineExceeded when the deadline passes."""
@@ -198,7 +276,23 @@ class Batcher:
                     break
                 self._cond.wait(wait)
             self.metrics.queue_depth.set(len(self._queue))
+            return self._without_unfinishable(batch)
+
+    def _without_unfinishable(self, batch: list[Job]) -> list[Job]:
+        """Drop (504 before compute) the jobs this batch cannot answer before their deadline (lock held).
+
+        Computing them would only spend the worker's time on answers nobody waits for any more.
+        """
+        if not self._timer.fitted:
             return batch
+        done_at = time.monotonic() + self._timer.seconds(len(batch))
+        keep = []
+        for job in batch:
+            if job.deadline < done_at:
+                self._expire(job, "deadline would pass before this batch is done; dropped before compute")
+            else:
+                keep.append(job)
+        return keep
 
     def _take_ready(self, batch: list[Job], beams: int) -> int:
         """Move compatible queued jobs into the batch (lock held); drop expired ones on the way."""
@@ -223,22 +317,20 @@ class Batcher:
         head = self._queue[0]
         return head.bundle is not batch[0].bundle or beams + head.beams > self.max_beam_budget
 
-    def _expire(self, job: Job) -> None:
+    def _expire(self, job: Job, why: str = "deadline passed while queued; dropped before compute") -> None:
         self.metrics.rejections.labels("deadline").inc()
-        job.loop.call_soon_threadsafe(
-            _resolve, job, None, DeadlineExceeded("deadline passed while queued; dropped before compute")
-        )
+        job.loop.call_soon_threadsafe(_resolve, job, None, DeadlineExceeded(why))
 
     def _compute(self, batch: list[Job]) -> None:
         started = time.monotonic()
         for job in batch:
             self.metrics.queue_wait.observe(started - job.enqueued_at)
         generator = batch[0].bundle.generator
-        if self._batch_seconds is not None:
-            self._busy_until = started + self._batch_seconds
+        if self._timer.fitted:
+            self._busy_until = started + self._timer.seconds(len(batch))
         try:
             results, stats = generator.generate([job.request for job in batch])
-            self._time_batch(time.monotonic() - started)
+            self._time_batch(len(batch), time.monotonic() - started)
         except Exception as exc:  # a bug in the model must fail these requests, not the worker
             log.exception("inference failed", extra={"batch_size": len(batch)})
             error = InferenceError(f"inference failed: {type(exc).__name__}")
@@ -246,16 +338,17 @@ class Batcher:
                 job.loop.call_soon_threadsafe(_resolve, job, None, error)
             return
         self._observe(batch, stats)
+        done = time.monotonic()
+        for job in batch:
+            if job.expected_wait is not None:
+                self._margin.observe(job.expected_wait, done - job.enqueued_at)
         for job, result in zip(batch, results, strict=True):
             job.loop.call_soon_threadsafe(_resolve, job, (result, stats), None)
 
-    def _time_batch(self, seconds: float, alpha: float = 0.2) -> None:  # worker thread
-        """Track compute time per batch (an EWMA, so it follows the batch sizes load brings) for admission."""
-        if self._batch_seconds is None:
-            self._batch_seconds = seconds
-        else:
-            self._batch_seconds += alpha * (seconds - self._batch_seconds)
-        self._busy_until = 0.0
+    def _time_batch(self, size: int, seconds: float) -> None:  # worker thread
+        with self._cond:  # the event loop reads the fit under the same lock
+            self._timer.observe(size, seconds)
+            self._busy_until = 0.0
 
     def _observe(self, batch: list[Job], stats: Any) -> None:
         m = self.metrics

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from service.batcher import Batcher
+from service.batcher import AdmissionMargin, Batcher, BatchTimer
 from service.errors import DeadlineExceeded, Overloaded
 from service.metrics import ServiceMetrics
 
@@ -37,9 +37,10 @@ class FakeStats:
 class FakeGenerator:
     """Answers request `tag` with `tag * 10`; can hold the worker on a gate to build up a queue."""
 
-    def __init__(self, delay: float = 0.0) -> None:
+    def __init__(self, delay: float = 0.0, delay_per_request: float = 0.0) -> None:
         self.batches: list[list[int]] = []
         self.delay = delay
+        self.delay_per_request = delay_per_request  # a batch takes delay + delay_per_request * size
         self.gate = threading.Event()
         self.gate.set()
         self.entered = threading.Event()
@@ -47,7 +48,7 @@ class FakeGenerator:
     def generate(self, requests: list[FakeRequest]) -> tuple[list[int], FakeStats]:
         self.entered.set()
         self.gate.wait(5)
-        time.sleep(self.delay)
+        time.sleep(self.delay + self.delay_per_request * len(requests))
         self.batches.append([r.tag for r in requests])
         return [r.tag * 10 for r in requests], FakeStats(rows=sum(r.beam_width for r in requests))
 
@@ -290,3 +291,91 @@ def test_expected_wait_beyond_the_budget_or_deadline_is_refused_up_front() -> No
     # 0.12 s budget / 0.05 s per request: one batch in progress plus one or two queued fit; the rest do not
     assert 1 <= len(admitted) <= 3 and refused == 8 - len(admitted), (admitted, refused)
     assert tight == 1
+
+
+def test_batch_timer_fits_time_against_size_and_bounds_an_unseen_slope() -> None:
+    timer = BatchTimer()
+    assert not timer.fitted and timer.seconds(4) == 0.0
+    timer.observe(1, 0.05)
+    timer.observe(1, 0.05)
+    assert timer.seconds(4) == pytest.approx(0.2)  # one size seen: proportional, an upper bound
+    timer = BatchTimer()
+    for size in [1, 2, 3, 4, 5, 6, 7, 8] * 3:
+        timer.observe(size, 0.01 + 0.02 * size)
+    assert timer.seconds(16) == pytest.approx(0.01 + 0.02 * 16, rel=1e-6)
+    assert timer.seconds(1) == pytest.approx(0.03, rel=1e-6)
+
+
+def test_admission_prices_the_full_batches_a_burst_will_form() -> None:
+    """Timed on small and full batches, a burst is admitted only as far as it can be answered in time.
+
+    A batch of b takes 0.04 + 0.2 b seconds (0.24 s alone, 0.84 s full, batches of up to 4). With one
+    request computing, a burst of 12 under a 1.62 s deadline: k admitted requests are answered by
+    0.24 + 0.84 * (k // 4) + time(k % 4), so six make it (1.52 s) and a seventh would not (1.72 s).
+    Pricing every batch at the average batch time seen (about 0.55 s) would admit eight, and the four
+    of the second full batch (done at 1.92 s) would end in 504.
+    """
+    gen = FakeGenerator(delay=0.04, delay_per_request=0.2)
+    batcher = make_batcher(max_batch_size=4, max_wait_s=0.005)
+    bundle = FakeBundle(gen)
+    for _ in range(3):  # time batches of 1 and of 4
+        _held_then_released(batcher, bundle, [FakeRequest(i) for i in range(1, 5)])
+
+    async def scenario() -> tuple[int, int, int]:
+        gen.entered.clear()
+        running = asyncio.ensure_future(batcher.run(bundle, FakeRequest(0), far()))
+        await asyncio.to_thread(gen.entered.wait, 5)
+        deadline = time.monotonic() + 1.62
+        burst = [asyncio.ensure_future(batcher.run(bundle, FakeRequest(i), deadline)) for i in range(1, 13)]
+        outcomes = await asyncio.gather(*burst, return_exceptions=True)
+        await running
+        ok = sum(1 for o in outcomes if not isinstance(o, BaseException))
+        refused = sum(1 for o in outcomes if isinstance(o, Overloaded))
+        late = sum(1 for o in outcomes if isinstance(o, DeadlineExceeded))
+        return ok, refused, late
+
+    ok, refused, late = asyncio.run(scenario())
+    batcher.stop(5)
+    assert late == 0, (ok, refused, late)
+    assert ok >= 5 and refused == 12 - ok, (ok, refused, late)  # not so cautious that it refuses what fits
+
+
+def test_admission_margin_is_a_high_quantile_of_the_prediction_error_never_below_one() -> None:
+    margin = AdmissionMargin(window=100, every=10)
+    for _ in range(100):
+        margin.observe(0.1, 0.08)  # answers faster than predicted
+    assert margin.factor == 1.0
+    for i in range(100):
+        margin.observe(0.1, 0.1 * (1.0 + 0.5 * (i % 10 == 0)))  # one in ten runs 50% late
+    assert margin.factor == pytest.approx(1.5)
+    margin.observe(0.001, 10.0)  # a prediction too short to judge is ignored
+    assert margin.factor == pytest.approx(1.5)
+
+
+def test_a_job_its_batch_cannot_answer_in_time_is_dropped_before_compute() -> None:
+    """Admitted in time, then held up behind a batch that ran long: 504 without spending compute on it."""
+    gen = FakeGenerator(delay=0.2)  # timed at 0.2 s per batch
+    batcher = make_batcher(max_batch_size=1, max_wait_s=0.0)
+    bundle = FakeBundle(gen)
+
+    async def scenario() -> str:
+        await batcher.run(bundle, FakeRequest(0), far())  # times a batch
+        gen.gate.clear()
+        gen.entered.clear()
+        running = asyncio.ensure_future(batcher.run(bundle, FakeRequest(1), far()))
+        await asyncio.to_thread(gen.entered.wait, 5)
+        late = asyncio.ensure_future(batcher.run(bundle, FakeRequest(2), time.monotonic() + 0.7))  # fits: ~0.4 s
+        await asyncio.sleep(0.4)  # the batch in progress overruns its 0.2 s
+        gen.gate.set()  # ...and ends at about 0.6 s: too late to answer request 2 by 0.7 s
+        try:
+            await late
+            outcome = "answered"
+        except DeadlineExceeded:
+            outcome = "deadline"
+        await running
+        return outcome
+
+    outcome = asyncio.run(scenario())
+    batcher.stop(5)  # joins the worker: every batch it computed is recorded
+    assert outcome == "deadline"
+    assert [2] not in gen.batches  # never computed
