@@ -531,6 +531,7 @@ class SweepSettings:
     down_steps: int = 3
     min_rate: float = 0.2
     single_rate_hint: float = 1.0  # 1 / single-request latency, set per row
+    saturation_doublings: int = 5  # extra saturation steps, each offering twice the last, while it keeps up
     confirm_failures: bool = True
     server_pid: int | None = None
 
@@ -618,8 +619,9 @@ async def sweep(url: str, records: Sequence[TraceRecord], first_rate: float, set
     """Find the highest rate that passes, then measure the saturated throughput.
 
     Rates rise geometrically from ``first_rate`` until a step fails (or fall from it until one passes),
-    then bisect between the last pass and the first fail. A last step offers 1.5x the first failing
-    rate: what the server completes there is its throughput when saturated (budget ignored).
+    then bisect between the last pass and the first fail. A last step offers 1.5x the highest rate
+    tried (doubled while the server keeps up with the offer): what the server completes there is its
+    throughput when saturated (budget ignored).
     """
     started = time.perf_counter()
     curve: list[dict[str, Any]] = []
@@ -687,7 +689,13 @@ async def sweep(url: str, records: Sequence[TraceRecord], first_rate: float, set
         saturation_rate = 1.5 * max(s["offered_rps"] for s in curve)
     else:  # no sweep (a lone request misses the budget): 1.5x what one at a time serves
         saturation_rate = 1.5 * settings.single_rate_hint
-    saturation = await step_at(max(settings.min_rate, saturation_rate), confirm=False, timeout_s=30.0)
+    # A batching server completes what it is offered far above its one-at-a-time rate: double the
+    # offer until the server falls behind it, so the figure is its capacity, not the offer.
+    for _ in range(1 + settings.saturation_doublings):
+        saturation = await step_at(max(settings.min_rate, saturation_rate), confirm=False, timeout_s=30.0)
+        if (saturation["achieved_rps"] or 0.0) < 0.9 * saturation["offered_rps"] or out_of_time():
+            break
+        saturation_rate = 2 * saturation["offered_rps"]
     saturation["saturation_step"] = True
     if saturation["pass"] and (best_pass is None or saturation["offered_rps"] > best_pass["offered_rps"]):
         best_pass = saturation  # an earlier failure was noise: the higher rate also met the budget

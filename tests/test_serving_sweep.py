@@ -71,6 +71,16 @@ def test_a_server_that_never_meets_the_budget_is_still_saturated_above_every_rat
     assert result["saturated_throughput_rps"] == pytest.approx(6.0)
 
 
+def test_without_a_sweep_the_saturation_offer_rises_until_a_batching_server_falls_behind(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A lone request misses the budget (no sweep), yet batching serves 40x its one-at-a-time rate."""
+    bench = load_script()
+    result = run_sweep(bench, monkeypatch, capacity=40.0, floor_ms=150.0, first=0.0)
+    assert result["sustainable_rps"] == 0.0
+    assert result["saturated_throughput_rps"] == pytest.approx(40.0)
+
+
 def test_ratio_is_none_when_neither_side_meets_the_budget() -> None:
     bench = load_script()
 
