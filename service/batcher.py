@@ -12,9 +12,9 @@ whose expected wait (the batch in progress, then the batches the queue will form
 would outlast the request's deadline or `max_queue_wait_s`: under overload the service sheds with 429
 up front instead of admitting work that can only end in a 504. A request whose deadline has passed,
 whose caller stopped waiting, or whose deadline would pass before its batch is done, is dropped
-before compute. Each job carries
-the model bundle it was planned against (its ids were mapped with that bundle's catalogue), and a
-batch only holds jobs of one bundle, so a hot swap lets queued requests finish on the old model.
+before compute. Each job carries the model bundle it was planned against (its ids were mapped with
+that bundle's catalogue), and a batch only holds jobs of one bundle, so a hot swap lets queued
+requests finish on the old model.
 """
 
 from __future__ import annotations
@@ -330,7 +330,8 @@ class Batcher:
             self._busy_until = started + self._timer.seconds(len(batch))
         try:
             results, stats = generator.generate([job.request for job in batch])
-            self._time_batch(len(batch), time.monotonic() - started)
+            done = time.monotonic()
+            self._time_batch(len(batch), done - started)
         except Exception as exc:  # a bug in the model must fail these requests, not the worker
             log.exception("inference failed", extra={"batch_size": len(batch)})
             error = InferenceError(f"inference failed: {type(exc).__name__}")
@@ -338,7 +339,6 @@ class Batcher:
                 job.loop.call_soon_threadsafe(_resolve, job, None, error)
             return
         self._observe(batch, stats)
-        done = time.monotonic()
         for job in batch:
             if job.expected_wait is not None:
                 self._margin.observe(job.expected_wait, done - job.enqueued_at)
