@@ -4,6 +4,7 @@ Layout: STORE/NAME/VERSION/{manifest.json, model.safetensors, catalog.*}. No tor
 imports, so the service can verify a version before any framework touches its bytes.
 """
 
+from model_store.overlay import OVERLAY, CatalogOverlay, OverlayError, overlay_path, read_overlay, write_overlay
 from model_store.safetensors_header import HeaderError, parse_header, read_header, tensor_specs
 from model_store.store import (
     MANIFEST,
@@ -23,6 +24,12 @@ from model_store.store import (
 )
 
 __all__ = [
+    "OVERLAY",
+    "CatalogOverlay",
+    "OverlayError",
+    "overlay_path",
+    "read_overlay",
+    "write_overlay",
     "MANIFEST",
     "SCHEMA_VERSION",
     "WEIGHTS",

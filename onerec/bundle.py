@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load, save
 
 from model_store import (
+    CatalogOverlay,
     NoValidVersionError,
     PublishedVersion,
     Rejection,
@@ -59,10 +60,41 @@ class Catalog:
         return self._index.get(item_id)
 
     def withdraw(self, item_ids: list[str]) -> None:
+        if item_ids:
+            self.trie.withdraw(self._known(item_ids))
+
+    def restore(self, item_ids: list[str]) -> None:
+        """Make withdrawn items live again under the path they always had."""
+        for index in self._known(item_ids):
+            self.trie.add(self.trie.path_of_item(index))
+
+    def _known(self, item_ids: list[str]) -> list[int]:
         unknown = [i for i in item_ids if i not in self._index]
         if unknown:
             raise KeyError(f"unknown item ids: {unknown[:5]}")
-        self.trie.withdraw([self._index[i] for i in item_ids])
+        return [self._index[i] for i in item_ids]
+
+    def is_live(self, index: int) -> bool:
+        return self.trie.is_live(index)
+
+    def apply_overlay(self, overlay: CatalogOverlay) -> list[str]:
+        """Replay the live edits kept beside the model (added items first, then withdrawals).
+
+        Returns the ids the overlay names that this catalogue cannot take (unknown ids, or a path that
+        names another item here), so a newer version of a changed catalogue loads with a warning
+        instead of being refused.
+        """
+        skipped = []
+        for item_id, path in overlay.added.items():
+            try:
+                self.add(item_id, path)
+            except ValueError:
+                skipped.append(item_id)
+        known = [i for i in overlay.withdrawn if i in self._index]
+        skipped += [i for i in overlay.withdrawn if i not in self._index]
+        if known:
+            self.withdraw(known)
+        return skipped
 
     def add(self, item_id: str, path: list[int]) -> int:
         """Make an item live under its code path (a new item or a withdrawn one coming back)."""
@@ -91,16 +123,20 @@ class Catalog:
 
 
 @dataclass
-class ModelBundle:
+class VersionInfo:
+    """What the front end needs of a version: its catalogue and config, not its weights.
+
+    The weights live in the engine processes (``ModelBundle``); the front end maps external ids with
+    this catalogue, prices requests from this config, and answers the popularity fallback from it.
+    """
+
     name: str
     version: int
     path: Path
     manifest: dict[str, Any]
     loaded_at: float
     config: ModelConfig
-    model: OneRecModel
     catalog: Catalog
-    generator: Generator
 
     @property
     def popular(self) -> list[int]:
@@ -123,6 +159,14 @@ class ModelBundle:
 
     def item_id(self, index: int) -> str:
         return self.catalog.item_ids[index]
+
+
+@dataclass
+class ModelBundle(VersionInfo):
+    """A version with its model and generator built: what an engine process serves."""
+
+    model: OneRecModel = field(repr=False, default=None)  # type: ignore[assignment]
+    generator: Generator = field(repr=False, default=None)  # type: ignore[assignment]
 
     def warmup(self, beam_width: int = 8) -> None:
         """Run both modes once so the first real request pays no lazy-initialisation cost."""
@@ -167,18 +211,26 @@ def load_newest_bundle(
     return _build(verified, device), rejected
 
 
-def _build(verified: VerifiedVersion, device: str) -> ModelBundle:
+def load_newest_version_info(store: Path, name: str, pin: int | None = None) -> tuple[VersionInfo, list[Rejection]]:
+    """The newest valid version's catalogue and config (or the pinned one's), without building the model."""
+    verified, rejected = load_newest_valid(Path(store), name, pin=pin)
+    return _version_info(verified), rejected
+
+
+def _version_info(verified: VerifiedVersion) -> VersionInfo:
     # Bytes are read once and re-hashed (read_verified_file): a file swapped after verification is refused.
-    manifest = verified.manifest
-    config = ModelConfig.from_dict(manifest["model_config"])
-    model = OneRecModel(config)
-    model.load_state_dict(load(read_verified_file(verified, WEIGHTS)), strict=True)
+    config = ModelConfig.from_dict(verified.manifest["model_config"])
     catalog = Catalog.from_json(read_verified_file(verified, CATALOG))
     if catalog.level_sizes != config.level_sizes:
         raise ValueError(
             f"{verified.path}: catalogue level sizes {catalog.level_sizes} != model's {config.level_sizes}"
         )
-    generator = Generator(model, catalog.trie, device=device)
-    return ModelBundle(
-        verified.name, verified.version, verified.path, manifest, time.time(), config, model, catalog, generator
-    )
+    return VersionInfo(verified.name, verified.version, verified.path, verified.manifest, time.time(), config, catalog)
+
+
+def _build(verified: VerifiedVersion, device: str) -> ModelBundle:
+    info = _version_info(verified)
+    model = OneRecModel(info.config)
+    model.load_state_dict(load(read_verified_file(verified, WEIGHTS)), strict=True)
+    generator = Generator(model, info.catalog.trie, device=device)
+    return ModelBundle(**vars(info), model=model, generator=generator)

@@ -102,3 +102,24 @@ class Conflict(ServiceError):
     grpc_code = grpc.StatusCode.FAILED_PRECONDITION
     code = "reload_refused"
     reason = "reload_refused"
+
+
+_OUTCOMES = {
+    400: "bad_request",
+    401: "unauthorized",
+    404: "not_found",
+    405: "method_not_allowed",
+    409: "conflict",
+    413: "body_too_large",
+    422: "invalid",
+    429: "overloaded",
+    503: "unavailable",
+    504: "deadline_exceeded",
+}
+
+
+def outcome_for_status(status: int) -> str:
+    """Closed set of outcome labels shared by both front ends."""
+    if 200 <= status < 400:
+        return "ok"
+    return _OUTCOMES.get(status, "internal" if status >= 500 else "client_error")

@@ -18,13 +18,14 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from pydantic import ValidationError
 
-from service.errors import FeatureStoreUnavailable, InvalidArgument, NotReady, ServiceError
+from service.auth import check_admin_token
+from service.errors import FeatureStoreUnavailable, InvalidArgument, NotReady, ServiceError, outcome_for_status
 from service.features import FeatureStoreError
-from service.http_api import AppState, outcome_for_status
 from service.logs import get_logger, request_id_var
 from service.proto import pb2, pb2_grpc
 from service.recommend import new_request_id
-from service.schemas import EventsBody, RecommendBody, format_validation_errors
+from service.schemas import CatalogAddBody, CatalogItemsBody, EventsBody, RecommendBody, format_validation_errors
+from service.state import AppState
 
 log = get_logger("grpc")
 SERVICE_NAME = pb2.DESCRIPTOR.services_by_name["Recommender"].full_name
@@ -73,6 +74,34 @@ class RecommenderServicer(pb2_grpc.RecommenderServicer):  # type: ignore[misc]
 
     async def RecordEvents(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
         return await self._call("RecordEvents", context, self._record_events, request)
+
+    async def WithdrawItems(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
+        return await self._call("WithdrawItems", context, self._catalog_edit("withdraw"), request)
+
+    async def RestoreItems(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
+        return await self._call("RestoreItems", context, self._catalog_edit("restore"), request)
+
+    async def AddItem(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
+        return await self._call("AddItem", context, self._catalog_edit("add"), request)
+
+    def _catalog_edit(self, op: str) -> Any:
+        """Handler of one admin RPC: the token first (an anonymous caller learns nothing), then the HTTP edit."""
+
+        async def handler(request: Any, context: grpc.aio.ServicerContext, request_id: str) -> Any:
+            metadata = dict(context.invocation_metadata() or ())
+            check_admin_token(self.state.settings, str(metadata.get("authorization", "")))
+            models = self.state.models
+            if op == "add":
+                body = _validate(CatalogAddBody, {"item_id": request.item_id, "semantic_id": list(request.semantic_id)})
+                result = await models.edit_catalog([], [], [(body.item_id, list(body.semantic_id))])
+            else:
+                items = list(_validate(CatalogItemsBody, {"items": list(request.items)}).items)
+                result = await models.edit_catalog(
+                    items if op == "withdraw" else [], items if op == "restore" else [], []
+                )
+            return pb2.CatalogEditResponse(**result)
+
+        return handler
 
     async def _recommend(self, request: Any, context: grpc.aio.ServicerContext, request_id: str) -> Any:
         if self.state.draining:

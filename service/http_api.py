@@ -8,10 +8,8 @@ JSON access-log line. Errors are always JSON: {"error": {"code", "message", "fie
 
 from __future__ import annotations
 
-import hmac
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
-from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -20,21 +18,22 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from service.auth import check_admin_token
 from service.errors import (
     BodyTooLarge,
     FeatureStoreUnavailable,
     InvalidArgument,
-    NotFound,
     NotReady,
     ServiceError,
-    Unauthorized,
+    outcome_for_status,
 )
-from service.features import FeatureStore, FeatureStoreError
+from service.features import FeatureStoreError
 from service.logs import get_logger, request_id_var
-from service.metrics import ServiceMetrics
-from service.models import ModelManager
-from service.recommend import RecommendService, new_request_id
+from service.recommend import new_request_id
 from service.schemas import (
+    CatalogAddBody,
+    CatalogEditResponse,
+    CatalogItemsBody,
     ErrorResponse,
     EventsBody,
     EventsResponse,
@@ -43,7 +42,7 @@ from service.schemas import (
     ReloadBody,
     format_validation_errors,
 )
-from service.settings import Settings
+from service.state import AppState
 
 log = get_logger("http")
 
@@ -59,6 +58,9 @@ ENDPOINTS = frozenset(
         "/v1/events",
         "/v1/models",
         "/v1/models/reload",
+        "/v1/catalog/withdraw",
+        "/v1/catalog/restore",
+        "/v1/catalog/add",
         "/healthz",
         "/readyz",
         "/metrics",
@@ -67,41 +69,6 @@ ENDPOINTS = frozenset(
     }
 )
 QUIET_ENDPOINTS = frozenset({"/healthz", "/readyz", "/metrics"})  # probes: access-logged at debug only
-_OUTCOMES = {
-    400: "bad_request",
-    401: "unauthorized",
-    404: "not_found",
-    405: "method_not_allowed",
-    409: "conflict",
-    413: "body_too_large",
-    422: "invalid",
-    429: "overloaded",
-    503: "unavailable",
-    504: "deadline_exceeded",
-}
-
-
-def outcome_for_status(status: int) -> str:
-    """Closed set of outcome labels shared by both front ends."""
-    if 200 <= status < 400:
-        return "ok"
-    return _OUTCOMES.get(status, "internal" if status >= 500 else "client_error")
-
-
-@dataclass
-class AppState:
-    """What the routes need; one per process."""
-
-    settings: Settings
-    metrics: ServiceMetrics
-    models: ModelManager
-    service: RecommendService
-    features: FeatureStore
-    draining: bool = False
-
-    @property
-    def ready(self) -> bool:
-        return self.models.current is not None and not self.draining
 
 
 def error_body(error: ServiceError) -> dict[str, Any]:
@@ -217,15 +184,6 @@ async def _no_receive() -> Message:
     return {"type": "http.disconnect"}
 
 
-def _check_admin(state: AppState, authorization: str | None) -> None:
-    token = state.settings.admin_token
-    if not token:
-        raise NotFound("admin endpoints are off: set ONEREC_ADMIN_TOKEN to enable them")
-    scheme, _, given = (authorization or "").partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
-        raise Unauthorized("missing or wrong bearer token")
-
-
 def create_app(state: AppState) -> Any:
     """The FastAPI application wrapped in the FrontDoor middleware (an ASGI callable)."""
     app = FastAPI(
@@ -289,7 +247,7 @@ def _add_routes(app: FastAPI, state: AppState) -> None:
     service = state.service
 
     @app.post("/v1/recommend", response_model=RecommendResponse, tags=["recommend"])
-    async def recommend(body: RecommendBody) -> Response:
+    async def recommend(body: RecommendBody) -> RecommendResponse:
         """Ranked items for a user (DESIGN.md 4.2)."""
         if state.draining:
             raise NotReady("the service is shutting down")
@@ -300,16 +258,16 @@ def _add_routes(app: FastAPI, state: AppState) -> None:
             result = await service.recommend(body, request_id_var.get() or new_request_id(), deadline)
         finally:
             gauge.dec()
-        return JSONResponse(result)
+        return RecommendResponse.model_validate(result)
 
     @app.post("/v1/events", response_model=EventsResponse, tags=["recommend"])
-    async def events(body: EventsBody) -> Response:
+    async def events(body: EventsBody) -> EventsResponse:
         """Append behaviours to the user's stored history (newest last, trimmed)."""
         try:
             history = await service.record_events(body)
         except FeatureStoreError as exc:
             raise FeatureStoreUnavailable(f"feature store unavailable ({exc.kind}); events not stored") from None
-        return JSONResponse({"request_id": request_id_var.get(), "user_id": body.user_id, "history": history})
+        return EventsResponse(request_id=request_id_var.get() or "", user_id=body.user_id, history=history)
 
     @app.get("/v1/models", tags=["models"])
     async def models() -> dict[str, Any]:
@@ -319,9 +277,27 @@ def _add_routes(app: FastAPI, state: AppState) -> None:
     @app.post("/v1/models/reload", tags=["models"])
     async def reload(request: Request, body: ReloadBody | None = None) -> dict[str, Any]:
         """Admin: reload the newest valid version, or pin one ({"version": N}). Bearer token required."""
-        _check_admin(state, request.headers.get("authorization"))
+        check_admin_token(state.settings, request.headers.get("authorization"))
         outcome = await state.models.admin_reload(body.version if body is not None else None)
         return {**outcome.to_dict(), "model": state.models.describe()}
+
+    @app.post("/v1/catalog/withdraw", response_model=CatalogEditResponse, tags=["catalog"])
+    async def withdraw(request: Request, body: CatalogItemsBody) -> CatalogEditResponse:
+        """Admin: take items out of the live catalogue (no answer after this call contains them)."""
+        check_admin_token(state.settings, request.headers.get("authorization"))
+        return CatalogEditResponse(**await state.models.edit_catalog(list(body.items), [], []))
+
+    @app.post("/v1/catalog/restore", response_model=CatalogEditResponse, tags=["catalog"])
+    async def restore(request: Request, body: CatalogItemsBody) -> CatalogEditResponse:
+        """Admin: make withdrawn items live again."""
+        check_admin_token(state.settings, request.headers.get("authorization"))
+        return CatalogEditResponse(**await state.models.edit_catalog([], list(body.items), []))
+
+    @app.post("/v1/catalog/add", response_model=CatalogEditResponse, tags=["catalog"])
+    async def add(request: Request, body: CatalogAddBody) -> CatalogEditResponse:
+        """Admin: add an item under its semantic-ID path, without retraining."""
+        check_admin_token(state.settings, request.headers.get("authorization"))
+        return CatalogEditResponse(**await state.models.edit_catalog([], [], [(body.item_id, list(body.semantic_id))]))
 
     @app.get("/healthz", tags=["ops"])
     async def healthz() -> dict[str, str]:
@@ -344,5 +320,5 @@ def _add_routes(app: FastAPI, state: AppState) -> None:
     async def metrics() -> Response:
         """Prometheus text exposition."""
         state.metrics.ready.set(1 if state.ready else 0)
-        state.metrics.queue_depth.set(service.batcher.depth)
+        state.metrics.engines_ready.set(state.engines.ready_engines())
         return Response(state.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)

@@ -48,6 +48,10 @@ FAMILIES = (
     "onerec_invalid_beam_paths",
     "onerec_guarantee_violations",
     "onerec_capture_records",
+    "onerec_engine_restarts",
+    "onerec_engine_rows",
+    "onerec_engines_ready",
+    "onerec_catalog_changes",
 )
 
 
@@ -75,27 +79,29 @@ class ServiceMetrics:
         )
         self.queue_wait = Histogram(
             "onerec_queue_wait_seconds",
-            "Time a request waited in the batcher queue before its batch started.",
+            "Time a request waited in its engine before its first decode step.",
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
-        self.queue_depth = Gauge("onerec_queue_depth", "Requests waiting in the batcher queue.", registry=r)
+        self.queue_depth = Gauge(
+            "onerec_queue_depth", "Requests waiting in an engine for rows to free (last engine report).", registry=r
+        )
         self.inflight = Gauge("onerec_inflight_requests", "Recommend requests being served now.", ["api"], registry=r)
         self.batch_size = Histogram(
-            "onerec_batch_size", "Requests per inference batch.", buckets=BATCH_BUCKETS, registry=r
+            "onerec_batch_size", "Requests per decode step (the live row set).", buckets=BATCH_BUCKETS, registry=r
         )
         self.batch_rows = Histogram(
             "onerec_batch_rows",
-            "Decoder rows (requests x beams) per inference batch.",
+            "Decoder rows (requests x beams) per decode step.",
             buckets=(32, 64, 128, 256, 512, 1024, 2048, 4096, 8192),
             registry=r,
         )
         self.encode_seconds = Histogram(
-            "onerec_batch_encode_seconds", "Encoder time per batch.", buckets=FAST_BUCKETS, registry=r
+            "onerec_batch_encode_seconds", "Encoder time per admitted request.", buckets=FAST_BUCKETS, registry=r
         )
         self.decode_seconds = Histogram(
             "onerec_batch_decode_seconds",
-            "Beam-search decode time per batch.",
+            "Time of one decode step over all live rows of an engine.",
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
@@ -174,6 +180,19 @@ class ServiceMetrics:
             ["result"],
             registry=r,
         )
+        self.engine_restarts = Counter(
+            "onerec_engine_restarts", "Engine processes that died and were started again.", registry=r
+        )
+        self.engine_rows = Gauge("onerec_engine_rows", "Live decoder rows per engine.", ["engine"], registry=r)
+        self.engines_ready = Gauge(
+            "onerec_engines_ready", "Engine processes that have the serving model loaded.", registry=r
+        )
+        self.catalog_changes = Counter(
+            "onerec_catalog_changes",
+            "Live catalogue edits applied, by operation (withdraw, restore, add), counted per item.",
+            ["op"],
+            registry=r,
+        )
         self._init_label_sets()
 
     def _init_label_sets(self) -> None:
@@ -189,6 +208,8 @@ class ServiceMetrics:
             self.inflight.labels(api)
         for kind in ("unknown", "duplicate", "banned"):
             self.guarantee_violations.labels(kind)
+        for op in ("withdraw", "restore", "add"):
+            self.catalog_changes.labels(op)
 
     def init_feature_store_labels(self, backend: str) -> None:
         """Zero series for the feature-store families of the backend in use."""

@@ -1,14 +1,19 @@
-"""Model lifecycle: load the newest valid version, warm it, swap it in atomically, poll for newer ones.
+"""Model lifecycle: pick the newest valid version, have every engine load and warm it, swap it in.
 
-Atomic swap: the serving bundle is one attribute (`current`). A request reads it once, maps its ids
-with that bundle's catalogue and queues a job that holds the bundle, so a swap never changes the
-model under a request already in flight: it finishes on the old one (the batcher never mixes
-bundles in a batch) and the old bundle is freed when its last job completes.
+The front end holds a ``VersionInfo`` (catalogue and config, no weights): it maps external ids with
+that catalogue and names the version in each request it sends. The engines hold the weights. A swap
+happens only after every engine has loaded and warmed the new version, so a request never names a
+version its engine lacks; a request in flight finishes on the version it started on (each engine
+keeps a version's rows until its last one finishes).
 
-Loading (verification, weights, trie) and warm-up run in a thread, off the event loop and before the
-new bundle becomes visible, so serving continues on the old model meanwhile. A version that fails
-verification or loading is refused with a log line and a metric, remembered (not retried by the
-poller), and the serving version stays. Reloads are serialised by a lock.
+Verification and catalogue reading run in a thread, off the event loop; the engines load in their own
+processes, so serving continues on the old model meanwhile. A version that fails verification or
+loading is refused with a log line and a metric, remembered (not retried by the poller), and the
+serving version stays. Reloads and catalogue edits are serialised by one lock.
+
+Live catalogue edits (withdraw, restore, add) are applied in every engine between two decode steps,
+then in the front end's catalogue, then written to the model's overlay file beside its versions
+(``model_store.overlay``), which every later load replays.
 """
 
 from __future__ import annotations
@@ -18,10 +23,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from service.errors import Conflict, NotReady
+from model_store import overlay_path, read_overlay, write_overlay
+from service.engine.client import EnginePool, EngineRefused, ServingModel
+from service.errors import Conflict, InvalidArgument, NotReady
 from service.logs import get_logger
 from service.metrics import ServiceMetrics
-from service.settings import Settings, effective_torch_threads
+from service.settings import Settings
 
 log = get_logger("models")
 
@@ -56,12 +63,13 @@ def _rejection_dict(rejection: Any) -> dict[str, Any]:
 
 
 class ModelManager:
-    """Holds the serving ModelBundle and replaces it safely."""
+    """Holds the serving version (``onerec.bundle.VersionInfo``) and replaces it safely."""
 
-    def __init__(self, settings: Settings, metrics: ServiceMetrics) -> None:
+    def __init__(self, settings: Settings, metrics: ServiceMetrics, engines: EnginePool) -> None:
         self.settings = settings
         self.metrics = metrics
-        self.current: Any | None = None  # onerec.bundle.ModelBundle
+        self.engines = engines
+        self.current: Any | None = None  # onerec.bundle.VersionInfo
         self.pinned: int | None = settings.pin_version
         self.refused: set[int] = set()
         self._lock = asyncio.Lock()
@@ -83,7 +91,6 @@ class ModelManager:
             "loaded": True,
             "name": bundle.name,
             "version": str(bundle.version),
-            "path": str(bundle.path),
             "catalog_size": len(bundle.catalog.item_ids),
             "semantic_id_shape": list(bundle.semantic_id_shape),
             "session_items": bundle.session_items,
@@ -92,6 +99,9 @@ class ModelManager:
             "pinned": self.pinned,
             "created": bundle.manifest.get("created"),
             "device": self.settings.device,
+            "live_items": bundle.catalog.trie.num_live,
+            "engines": len(self.engines.slots),
+            "engines_ready": self.engines.ready_engines(),
         }
 
     # ---- loading ---------------------------------------------------------------------------------
@@ -107,43 +117,94 @@ class ModelManager:
             target = self.pinned if version is None else version
             previous = None if self.current is None else self.current.version
             try:
-                bundle, rejections = await asyncio.to_thread(self._load_and_warm, target)
+                info, rejections = await asyncio.to_thread(self._read_version, target)
+                rejected = [_rejection_dict(r) for r in rejections]
+                for item in rejected:
+                    self._count_refusal(item)
+                if self.current is not None and info.version == self.current.version:
+                    self.metrics.model_reloads.labels("unchanged").inc()
+                    return ReloadOutcome("unchanged", previous, previous, rejected, "already serving this version")
+                started = time.perf_counter()
+                await self.engines.load(ServingModel(info.version, info.path, self._overlay_path(info.name)))
             except Exception as exc:
                 return self._refuse(previous, target, exc)
-            rejected = [_rejection_dict(r) for r in rejections]
-            for item in rejected:
-                self._count_refusal(item)
-            if self.current is not None and bundle.version == self.current.version:
-                self.metrics.model_reloads.labels("unchanged").inc()
-                return ReloadOutcome("unchanged", previous, previous, rejected, "already serving this version")
-            self._swap(bundle)
-            return ReloadOutcome("loaded", bundle.version, previous, rejected)
+            log.info(
+                "model version loaded by the engines",
+                extra={"model": info.name, "version": info.version, "load_s": round(time.perf_counter() - started, 3)},
+            )
+            self._swap(info)
+            return ReloadOutcome("loaded", info.version, previous, rejected)
 
-    def _load_and_warm(self, pin: int | None) -> tuple[Any, list[Any]]:
-        """Worker-thread part: verify + build + warm. Warm-up runs before the bundle is visible."""
-        import torch
+    def _read_version(self, pin: int | None) -> tuple[Any, list[Any]]:
+        """Thread part: verify the newest valid (or pinned) version and read its catalogue and overlay."""
+        from onerec.bundle import load_newest_version_info
 
-        from onerec.bundle import load_newest_bundle
+        info, rejections = load_newest_version_info(self.settings.model_store, self.model_name(), pin=pin)
+        skipped = info.catalog.apply_overlay(read_overlay(self._overlay_path(info.name)))
+        if skipped:
+            log.warning("catalogue overlay names items this version lacks", extra={"items": skipped[:20]})
+        return info, rejections
 
-        torch.set_num_threads(effective_torch_threads(self.settings.torch_threads))
-        started = time.perf_counter()
-        bundle, rejections = load_newest_bundle(
-            self.settings.model_store, self.model_name(), pin=pin, device=self.settings.device
-        )
-        if self.current is not None and bundle.version == self.current.version:
-            return bundle, rejections  # nothing new: skip the warm-up, it will be dropped
-        loaded = time.perf_counter()
-        bundle.warmup()
+    def _overlay_path(self, name: str) -> Any:
+        return overlay_path(self.settings.model_store, name)
+
+    # ---- live catalogue ----------------------------------------------------------------------------
+    async def edit_catalog(
+        self, withdraw: list[str], restore: list[str], add: list[tuple[str, list[int]]]
+    ) -> dict[str, Any]:
+        """Withdraw, restore or add items in every engine and in the front end, and keep the edit."""
+        async with self._lock:
+            info = self.serving()
+            self._check_edit(info, withdraw, restore, add)
+            try:
+                await self.engines.catalog_change({"withdraw": withdraw, "restore": restore, "add": add})
+            except EngineRefused as exc:
+                raise InvalidArgument(f"catalogue edit refused: {exc}", field="items") from None
+            catalog = info.catalog
+            catalog.withdraw(withdraw)
+            catalog.restore(restore)
+            for item_id, path in add:
+                catalog.add(item_id, path)
+            path = self._overlay_path(info.name)
+            overlay = read_overlay(path)
+            overlay.withdraw(withdraw)
+            overlay.restore(restore)
+            for item_id, codes in add:
+                overlay.add(item_id, codes)
+            await asyncio.to_thread(write_overlay, path, overlay)
+        for op, items in (("withdraw", withdraw), ("restore", restore), ("add", add)):
+            if items:
+                self.metrics.catalog_changes.labels(op).inc(len(items))
         log.info(
-            "model version loaded",
-            extra={
-                "model": bundle.name,
-                "version": bundle.version,
-                "load_s": round(loaded - started, 3),
-                "warmup_s": round(time.perf_counter() - loaded, 3),
-            },
+            "catalogue edited",
+            extra={"withdrawn": len(withdraw), "restored": len(restore), "added": len(add), "version": info.version},
         )
-        return bundle, rejections
+        return {
+            "version": str(info.version),
+            "live_items": catalog.trie.num_live,
+            "catalog_size": len(catalog.item_ids),
+        }
+
+    @staticmethod
+    def _check_edit(info: Any, withdraw: list[str], restore: list[str], add: list[tuple[str, list[int]]]) -> None:
+        """Refuse (422, naming the ids) what the catalogue cannot take, before any engine changes."""
+        catalog = info.catalog
+        for name, ids in (("withdraw", withdraw), ("restore", restore)):
+            unknown = [i for i in ids if catalog.index(i) is None]
+            if unknown:
+                raise InvalidArgument(f"{name}: unknown item ids {unknown[:10]}", field="items")
+        depth, sizes = len(catalog.level_sizes), catalog.level_sizes
+        for item_id, path in add:
+            if len(path) != depth or any(not 0 <= c < size for c, size in zip(path, sizes)):
+                raise InvalidArgument(
+                    f"add: semantic_id {path} of item {item_id!r} must have {depth} codes within {sizes}",
+                    field="add.semantic_id",
+                )
+            owner = catalog.trie.item_of_path(path)
+            if owner is not None and catalog.item_ids[owner] != item_id:
+                raise InvalidArgument(
+                    f"add: semantic_id {path} already names item {catalog.item_ids[owner]!r}", field="add.semantic_id"
+                )
 
     def _swap(self, bundle: Any) -> None:
         old = self.current
@@ -179,7 +240,7 @@ class ModelManager:
     def _refuse(self, previous: int | None, target: int | None, exc: Exception) -> ReloadOutcome:
         from model_store import CorruptVersionError, NoValidVersionError
 
-        refusal = (CorruptVersionError, NoValidVersionError, LookupError, ValueError, OSError)
+        refusal = (CorruptVersionError, NoValidVersionError, EngineRefused, LookupError, ValueError, OSError)
         result = "refused" if isinstance(exc, refusal) else "error"
         self.metrics.model_reloads.labels(result).inc()
         for rejection in getattr(exc, "rejections", []):

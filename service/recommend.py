@@ -1,11 +1,12 @@
 """The recommend and events use cases, shared by the HTTP and gRPC front ends.
 
-Per request: pick the serving bundle once; resolve the history (the request's own, else the feature
+Per request: pick the serving version once; resolve the history (the request's own, else the feature
 store's; if the store fails, the popularity fallback, marked degraded); map external ids to the
-bundle's internal indices (unknown ones are dropped and counted); queue the request in the batcher
-under its deadline; map the answer back to external ids; and check DESIGN.md 4.2's guarantees one last
-time (live catalogue, no duplicates, no excluded item, no own-history item). The generator enforces
-them by construction, so that check is a safety net whose metric must stay at zero.
+version's internal indices once (unknown ones are dropped and counted) and trim the history to the
+encoder window once; send it to an engine under its deadline (``EnginePool.recommend`` admits or
+sheds); map the answer back to external ids; and check DESIGN.md 4.2's guarantees one last time (live
+catalogue, no duplicates, no excluded item, no own-history item). The generator enforces them by
+construction, so that check is a safety net whose metric must stay at zero.
 """
 
 from __future__ import annotations
@@ -15,8 +16,10 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from service.batcher import Batcher
 from service.capture import CaptureWriter
+from service.engine.client import EnginePool
+from service.engine.cost import request_cost
+from service.engine.messages import Submit
 from service.features import FeatureStore, FeatureStoreError
 from service.logs import get_logger
 from service.metrics import ServiceMetrics
@@ -47,14 +50,14 @@ class RecommendService:
         self,
         settings: Settings,
         models: ModelManager,
-        batcher: Batcher,
+        engines: EnginePool,
         features: FeatureStore,
         metrics: ServiceMetrics,
         capture: CaptureWriter | None = None,
     ) -> None:
         self.settings = settings
         self.models = models
-        self.batcher = batcher
+        self.engines = engines
         self.features = features
         self.metrics = metrics
         self.capture = capture
@@ -128,15 +131,16 @@ class RecommendService:
         beam_width: int,
         deadline: float,
     ) -> list[dict[str, Any]]:
-        from onerec.generate import RecRequest
-
-        known = [bundle.item_index(item) for item in history[-bundle.max_history :]]
+        window = history[-bundle.max_history :]  # the encoder window: the only place the history is trimmed
+        known = [bundle.item_index(item) for item in window]
         internal_history = [i for i in known if i is not None]
         unknown = len(known) - len(internal_history)
         if unknown:
             self.metrics.unknown_history_items.inc(unknown)
         exclude = [i for i in (bundle.item_index(item) for item in body.exclude) if i is not None]
-        request = RecRequest(
+        submit = Submit(
+            id=0,  # set by the pool
+            version=bundle.version,
             history=internal_history,
             num_items=num_items,
             mode=body.mode,
@@ -144,55 +148,41 @@ class RecommendService:
             exclude=exclude,
             exclude_history=body.exclude_history,
             user_id=body.user_id,
+            deadline=deadline,
         )
-        result, _stats = await self.batcher.run(bundle, request, deadline)
+        cost = request_cost(body.mode, beam_width, num_items, bundle.session_items, len(bundle.semantic_id_shape))
+        finished = await self.engines.recommend(submit, cost)
+        self.metrics.queue_wait.observe(finished.queued_s)
         banned = set(exclude) | (set(internal_history) if body.exclude_history else set())
-        return self._checked_items(bundle, result.items, banned)
+        return self._checked_items(bundle, finished.items, banned)
 
-    def _checked_items(self, bundle: Any, rec_items: list[Any], banned: set[int]) -> list[dict[str, Any]]:
-        live = _live_flags(bundle, [it.item for it in rec_items])
+    def _checked_items(
+        self, bundle: Any, rec_items: list[tuple[int, float, list[int]]], banned: set[int]
+    ) -> list[dict[str, Any]]:
+        """The engine's (item, score, semantic id) answer as response items: the one place they are mapped."""
         out: list[dict[str, Any]] = []
         seen: set[int] = set()
-        for rec, is_live in zip(rec_items, live, strict=True):
+        for item, score, semantic_id in rec_items:
             kind = (
                 "unknown"
-                if not is_live
+                if not bundle.catalog.is_live(item)
                 else "duplicate"
-                if rec.item in seen
+                if item in seen
                 else "banned"
-                if rec.item in banned
+                if item in banned
                 else None
             )
             if kind is not None:
                 self.metrics.guarantee_violations.labels(kind).inc()
                 continue
-            seen.add(rec.item)
-            out.append(
-                {
-                    "item_id": bundle.item_id(rec.item),
-                    "score": float(rec.score),
-                    "semantic_id": list(rec.semantic_id),
-                }
-            )
+            seen.add(item)
+            out.append({"item_id": bundle.item_id(item), "score": float(score), "semantic_id": list(semantic_id)})
         return out
 
     def _fallback(self, bundle: Any, body: RecommendBody, num_items: int) -> list[dict[str, Any]]:
         """Most popular live items not excluded (score = -rank), for answers without history."""
         excluded = {i for i in (bundle.item_index(item) for item in body.exclude) if i is not None}
         candidates = [i for i in bundle.popular if i not in excluded][: num_items * 2 + len(excluded)]
-        codes = bundle.catalog.trie.tensors.item_codes
-        out = []
-        for rank, (item, is_live) in enumerate(zip(candidates, _live_flags(bundle, candidates), strict=True)):
-            if is_live:
-                sid = [int(c) for c in codes[item].tolist()]
-                out.append({"item_id": bundle.item_id(item), "score": -float(rank), "semantic_id": sid})
-            if len(out) == num_items:
-                break
-        return out
-
-
-def _live_flags(bundle: Any, items: list[int]) -> list[bool]:
-    """Whether each internal index is a live catalogue item now (withdrawn items are not)."""
-    live = bundle.catalog.trie.tensors.item_live
-    size = len(live)
-    return [0 <= i < size and bool(live[i]) for i in items]
+        trie = bundle.catalog.trie
+        live = [(rank, item) for rank, item in enumerate(candidates) if trie.is_live(item)][:num_items]
+        return self._checked_items(bundle, [(i, -float(r), list(trie.path_of_item(i))) for r, i in live], excluded)

@@ -77,6 +77,29 @@ class ReloadBody(BaseModel):
     version: int | None = Field(default=None, ge=1)
 
 
+class CatalogItemsBody(BaseModel):
+    """POST /v1/catalog/withdraw and /v1/catalog/restore."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    items: list[ItemId] = Field(min_length=1, max_length=10000, description="item ids")
+
+
+class CatalogAddBody(BaseModel):
+    """POST /v1/catalog/add: a new item (or a withdrawn one) under its code path."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    item_id: ItemId
+    semantic_id: list[int] = Field(min_length=1, max_length=16, description="one code per semantic-ID level")
+
+
+class CatalogEditResponse(BaseModel):
+    version: str
+    live_items: int
+    catalog_size: int
+
+
 class ErrorDetail(BaseModel):
     code: str
     message: str

@@ -1,13 +1,14 @@
-"""One process, one event loop: uvicorn (HTTP) and grpc.aio (gRPC) side by side, plus the batcher.
+"""The front-end process: uvicorn (HTTP) and grpc.aio (gRPC) on one event loop, and the engines it runs.
 
-Start order: bind both front ends first (liveness answers at once, readiness says 503), preload the
-embedded feature store if asked, then load and warm the newest valid model in a thread; readiness
-turns true when it is swapped in. A background task then polls the store for newer versions.
+Start order: start the engine processes (``service.engine``), bind both front ends (liveness answers
+at once, readiness says 503), preload the embedded feature store if asked, then have every engine load
+and warm the newest valid model; readiness turns true when it is swapped in. A background task then
+polls the store for newer versions, and the engine pool's supervisor restarts an engine that dies.
 
 SIGTERM / SIGINT: readiness goes false (gRPC health NOT_SERVING), both front ends stop accepting and
-let in-flight requests finish (bounded by drain_timeout_s), the batcher completes what is queued,
-the feature store and the capture writer are closed, and the process exits 0. A second signal
-forces the exit.
+let in-flight requests finish, the engines finish what they hold and exit, the feature store and the
+capture writer are closed, and the process exits 0. One budget, ``drain_timeout_s``, bounds the whole
+drain. A second signal forces the exit.
 """
 
 from __future__ import annotations
@@ -17,21 +18,23 @@ import contextlib
 import os
 import signal
 import socket
+import time
 from collections.abc import Iterator
 from typing import Any
 
 import uvicorn
 
-from service.batcher import Batcher
 from service.capture import CaptureWriter
+from service.engine.client import EnginePool
 from service.features import make_feature_store, read_sequence_file
 from service.grpc_api import GrpcFrontEnd
-from service.http_api import AppState, create_app
+from service.http_api import create_app
 from service.logs import configure_logging, get_logger
 from service.metrics import ServiceMetrics
 from service.models import ModelManager
 from service.recommend import RecommendService
-from service.settings import Settings, effective_torch_threads
+from service.settings import Settings
+from service.state import AppState
 
 log = get_logger("server")
 
@@ -44,32 +47,17 @@ class _UvicornServer(uvicorn.Server):
         yield
 
 
-def build_state(settings: Settings) -> tuple[AppState, Batcher, CaptureWriter | None]:
-    """Wire the components of one service process (no I/O, no model loaded yet)."""
+def build_state(settings: Settings) -> tuple[AppState, CaptureWriter | None]:
+    """Wire the components of one front-end process (no model loaded yet; engines not started)."""
     metrics = ServiceMetrics()
     features = make_feature_store(settings.redis_url, settings.redis_timeout_ms, settings.redis_retry_after_ms, metrics)
     capture = None
     if settings.capture_path is not None:
         capture = CaptureWriter(settings.capture_path, settings.capture_rate, settings.capture_max_bytes, metrics)
-    batcher = Batcher(
-        max_batch_size=settings.max_batch_size,
-        max_beam_budget=settings.max_beam_budget,
-        max_wait_s=settings.max_wait_ms / 1000.0,
-        max_queue=settings.max_queue,
-        max_queue_wait_s=settings.max_queue_wait_ms / 1000.0,
-        metrics=metrics,
-        thread_init=lambda: _init_torch_threads(settings.torch_threads),
-    )
-    models = ModelManager(settings, metrics)
-    service = RecommendService(settings, models, batcher, features, metrics, capture)
-    return AppState(settings, metrics, models, service, features), batcher, capture
-
-
-def _init_torch_threads(threads: int | None) -> None:
-    """Set torch's intra-op threads on the worker itself (OpenMP settings can be per thread)."""
-    import torch
-
-    torch.set_num_threads(effective_torch_threads(threads))
+    engines = EnginePool(settings, metrics)
+    models = ModelManager(settings, metrics, engines)
+    service = RecommendService(settings, models, engines, features, metrics, capture)
+    return AppState(settings, metrics, models, service, features, engines), capture
 
 
 class ServiceProcess:
@@ -77,7 +65,7 @@ class ServiceProcess:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.state, self.batcher, self.capture = build_state(settings)
+        self.state, self.capture = build_state(settings)
         self.grpc = GrpcFrontEnd(self.state)
         self.stop_requested = asyncio.Event()
         self._signals = 0
@@ -95,7 +83,7 @@ class ServiceProcess:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
         s = self.settings
-        self.batcher.start()
+        await self.state.engines.start()
         grpc_port = await self.grpc.start(s.grpc_host, s.grpc_port)
         http = _UvicornServer(
             uvicorn.Config(
@@ -152,18 +140,20 @@ class ServiceProcess:
         await first
 
     async def _shutdown(self, http: _UvicornServer, http_task: asyncio.Task[Any], lifecycle: asyncio.Task[Any]) -> None:
+        """Drain within one budget: front ends and engines share ``drain_timeout_s``, they do not add up."""
         s = self.settings
+        ends_at = time.monotonic() + s.drain_timeout_s
         self.state.draining = True
         self.state.metrics.ready.set(0)
         lifecycle.cancel()
-        log.info("draining", extra={"queued": self.batcher.depth, "timeout_s": s.drain_timeout_s})
+        log.info("draining", extra={"timeout_s": s.drain_timeout_s})
         http.should_exit = True
         await asyncio.gather(self.grpc.stop(s.drain_timeout_s), http_task, return_exceptions=True)
-        drained = await asyncio.to_thread(self.batcher.stop, s.drain_timeout_s)
+        await self.state.engines.stop(max(0.0, ends_at - time.monotonic()))
         await self.state.features.close()
         if self.capture is not None:
             await asyncio.to_thread(self.capture.close)
-        log.info("stopped", extra={"batcher_drained": drained})
+        log.info("stopped", extra={"drain_s": round(s.drain_timeout_s - max(0.0, ends_at - time.monotonic()), 3)})
 
 
 def _bound_port(http: uvicorn.Server) -> int | None:

@@ -54,15 +54,23 @@ class Settings(BaseSettings):
         default=None, description="sequence file (user item item ...) loaded into the embedded store at start"
     )
 
-    # batcher
-    max_batch_size: int = Field(default=16, ge=1, description="requests per batch (1 = batching off)")
-    max_beam_budget: int = Field(default=2048, ge=1, description="sum of beam widths per batch")
-    max_wait_ms: float = Field(default=2.0, ge=0, description="how long a batch waits to fill after its first request")
-    max_queue: int = Field(default=256, ge=1, description="requests waiting for the worker before 429")
+    # engines and their scheduler
+    engines: int = Field(
+        default=1, ge=1, le=64, description="engine processes behind the front end (per GPU or core set)"
+    )
+    scheduler: Literal["continuous", "batch"] = Field(
+        default="continuous",
+        description="continuous: requests join the running rows between decode steps; "
+        "batch: a new batch starts only when the last one is done (for comparison)",
+    )
+    max_batch_size: int = Field(default=16, ge=1, description="live requests per engine (1 = batching off)")
+    max_beam_budget: int = Field(default=2048, ge=1, description="live decoder rows (sum of beam widths) per engine")
+    max_queue: int = Field(default=256, ge=1, description="requests waiting per engine beyond the live ones before 429")
     max_queue_wait_ms: float = Field(
         default=0.0,
         ge=0,
-        description="429 at once when the expected time to answer (batches ahead x measured time per batch) "
+        description="429 at once when the expected time to answer (the engine's backlog of rows x steps, priced "
+        "by the measured time per decode step) "
         "exceeds this or the request's deadline (0 = the deadline alone); set it to the latency budget",
     )
     request_timeout_ms: float = Field(
@@ -100,11 +108,11 @@ class Settings(BaseSettings):
 
 
 def effective_torch_threads(configured: int | None) -> int:
-    """Configured value, else the usable cores minus one (the event loop needs a core), at least 1.
+    """Configured value, else the usable cores minus one (the front end needs a core), at least 1.
 
-    Measured on a 2-core machine with the demo model: 1 torch thread answers in about 42 ms at
-    beam 32 where torch's default of 2 takes about 72 ms, because the inference thread and the
-    event loop then fight for both cores.
+    This is per engine process. Measured on a 2-core machine with the demo model (old in-process
+    worker): 1 torch thread answered in about 42 ms at beam 32 where torch's default of 2 took about
+    72 ms, because the model and the event loop then fight for both cores.
     """
     if configured:
         return configured
