@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from kernels.trie_topk import trie_topk
-from onerec.model import OneRecModel, hash_user
+from onerec.model import CrossGroup, DecodeWeights, OneRecModel, StepBatch, hash_user
 from onerec.trie import TrieIndex, TrieTensors
 
 MODES = ("session", "items")
@@ -81,6 +81,14 @@ class Generator:
         self.model.to(self.device, self.dtype)
         self.cfg = model.cfg
         self._device_snap: tuple[TrieTensors, TrieTensors] | None = None  # (host snapshot, its device copy)
+        self._weights = model.decode_weights()  # fused QKV, cross K/V and input table; stored weights untouched
+
+    @property
+    def weights(self) -> DecodeWeights:
+        """The fused decoding weights, rebuilt if the model was changed in place since they were made."""
+        if self._weights.stale():
+            self._weights = self.model.decode_weights()
+        return self._weights
 
     def _on_device(self, snap: TrieTensors) -> TrieTensors:
         """The snapshot's tensors on the generator's device, copied once per snapshot, not per step."""
@@ -96,56 +104,21 @@ class Generator:
     # ---- public -------------------------------------------------------------------------------
 
     def generate(self, requests: list[RecRequest]) -> tuple[list[RecResult], BatchStats]:
-        """Answer a batch; requests of the two modes are searched separately (different lengths)."""
+        """Answer a batch: every request joins one StepSearch, which runs until all have finished.
+
+        Serving and offline evaluation share this one search; the answer of a request does not depend
+        on what else is in the batch.
+        """
         for i, req in enumerate(requests):
             self._validate(req, i)
+        search = StepSearch(self)
+        for i, req in enumerate(requests):
+            search.add(i, req)
         results: list[RecResult | None] = [None] * len(requests)
-        stats = BatchStats()
-        snap = self.trie.tensors
-        for mode in MODES:
-            idx = [i for i, r in enumerate(requests) if r.mode == mode]
-            if not idx:
-                continue
-            group = [requests[i] for i in idx]
-            beams = self.search(group, snap, slots=1 if mode == "items" else self.cfg.session_items, stats=stats)
-            for i, req, q in zip(idx, group, range(len(group))):
-                results[i] = self._collect(req, q, beams, snap, stats)
-        self._top_up_sessions(requests, results, snap, stats)
-        return [r for r in results if r is not None], stats
-
-    def _top_up_sessions(
-        self, requests: list[RecRequest], results: list[RecResult | None], snap: TrieTensors, stats: BatchStats
-    ) -> None:
-        """Sessions that overlap can leave fewer than num_items distinct items: fill with the best single items."""
-        short = [
-            i
-            for i, r in enumerate(results)
-            if r is not None and requests[i].mode == "session" and len(r.items) < requests[i].num_items
-        ]
-        if not short:
-            return
-        extra = []
-        for i in short:
-            req, have = requests[i], results[i]
-            assert have is not None
-            need = req.num_items - len(have.items)
-            taken = [it.item for it in have.items]
-            extra.append(
-                RecRequest(
-                    history=req.history,
-                    num_items=need,
-                    mode="items",
-                    beam_width=max(req.beam_width, need),
-                    exclude=list(req.exclude) + taken,
-                    exclude_history=req.exclude_history,
-                    user_id=req.user_id,
-                )
-            )
-        beams = self.search(extra, snap, slots=1, stats=stats)
-        for q, (i, req) in enumerate(zip(short, extra)):
-            have = results[i]
-            assert have is not None
-            have.items.extend(self._collect(req, q, beams, snap, stats).items)
+        while len(search):
+            for key, result in search.step():
+                results[key] = result
+        return [r for r in results if r is not None], search.stats
 
     @torch.no_grad()
     def search(
@@ -156,76 +129,34 @@ class Generator:
         stats: BatchStats | None = None,
         constrained: bool = True,
     ) -> _Beams:
-        """Beam search of ``slots`` items per beam for each request (constrained by the trie unless told not)."""
-        stats = stats if stats is not None else BatchStats()
-        t0 = time.perf_counter()
-        widths = [self._width(r) for r in requests]
-        q_n, w = len(requests), max(widths)
-        rows = q_n * w
-        state = self.model.prepare_decoding(*self._encoder_inputs(requests, snap))
-        t1 = time.perf_counter()
-        stats.encode_seconds += t1 - t0
+        """Beam search of ``slots`` items per beam for each request (constrained by the trie unless told not).
 
-        dev, depth, n_nodes = self.device, self.cfg.depth, snap.num_nodes
-        width_mask = torch.arange(w, device=dev)[None, :] < torch.tensor(widths, device=dev)[:, None]  # (Q, W)
-        req_keys, req_counts = self._request_bans(requests, snap)
-        dsnap = self._on_device(snap)
-        static_keys = torch.cat([dsnap.dead_nodes, req_keys[req_counts >= 0]])
-        banned = torch.sort(static_keys).values
-        q_of_row = torch.arange(q_n, device=dev).repeat_interleave(w)  # (R,)
-        row_groups = torch.stack(
-            [torch.zeros_like(q_of_row), 1 + q_of_row, 1 + q_n + torch.arange(rows, device=dev)], 1
-        )
-
-        scores = torch.full((q_n, w), float("-inf"), device=dev)
-        scores[:, 0] = 0.0
-        node = torch.zeros(rows, dtype=torch.int64, device=dev)
-        valid = torch.ones(rows, dtype=torch.bool, device=dev)
-        items = torch.full((rows, slots), -1, dtype=torch.int64, device=dev)
-        item_scores = torch.zeros(rows, slots, device=dev)
-        steps = slots * depth
-        caches = [self.model.allocate_cache(rows, steps, dev, self.dtype) for _ in range(4)]
-        ck, cv, ck_spare, cv_spare = caches
-        prev_codes: torch.Tensor | None = None
-        offsets, child_codes, child_nodes = dsnap.offsets, dsnap.child_codes, dsnap.child_nodes
-        for t in range(steps):
-            level, slot = t % depth, t // depth
-            x = self.model.step_input(t, prev_codes, rows)
-            logits = self.model.decode_step(x, t, state, ck, cv)  # (R, V_level)
-            if constrained:
-                if slot > 0:  # rows were reordered since the last step: rebuild the per-row session bans
-                    banned = self._with_session_bans(
-                        static_keys, items[:, :slot], q_of_row, req_keys, req_counts, dsnap, q_n
-                    )
-                top = trie_topk(
-                    logits, node, offsets, child_codes, child_nodes, w, banned, row_groups, n_nodes, at_root=level == 0
-                )
-                values, codes, nodes = top.values, top.codes, top.nodes
-            else:
-                values, codes = torch.log_softmax(logits.float(), dim=-1).topk(min(w, logits.shape[1]), dim=1)
-                nodes = dsnap.child_of(node[:, None].expand_as(codes), codes)  # -1 off the trie
-            k = values.shape[1]
-            cand = (scores.reshape(rows, 1) + values).reshape(q_n, w * k)  # (Q, W*k)
-            best, pick = cand.topk(w, dim=1)  # (Q, W), sorted
-            best = best.masked_fill(~width_mask, float("-inf"))
-            parent = (torch.arange(q_n, device=dev)[:, None] * w + pick // k).reshape(rows)  # (R,)
-            choice = (pick % k).reshape(rows)
-            new_code = codes[parent, choice].clamp(min=0)
-            new_node = nodes[parent, choice]
-            items, item_scores, valid = items[parent], item_scores[parent], valid[parent]
-            item_scores[:, slot] += torch.where(torch.isfinite(best.reshape(rows)), values[parent, choice], 0.0)
-            valid &= new_node >= 0
-            node = torch.where(valid, new_node, -1)
-            torch.index_select(ck, 1, parent, out=ck_spare)
-            torch.index_select(cv, 1, parent, out=cv_spare)
-            ck, ck_spare, cv, cv_spare = ck_spare, ck, cv_spare, cv
-            scores, prev_codes = best, new_code
-            if level == depth - 1:
-                items[:, slot] = torch.where(valid, dsnap.node_item[node.clamp(min=0)], -1)
-                node = torch.where(valid, 0, -1)
-        stats.decode_seconds += time.perf_counter() - t1
-        stats.rows += rows
-        return _Beams(scores, items.view(q_n, w, slots), item_scores.view(q_n, w, slots))
+        Runs on StepSearch with the snapshot pinned; returns every beam, padded to the widest request
+        with -inf scores, as IPA and the legality metric read them.
+        """
+        if not 1 <= slots <= self.cfg.session_items:
+            raise ValueError(f"slots must lie in [1, {self.cfg.session_items}], got {slots}")
+        for i, req in enumerate(requests):
+            self._validate(req, i)
+        step_search = StepSearch(self, snap=snap, constrained=constrained)
+        for q, req in enumerate(requests):
+            step_search._admit(_Job(key=q, request=req, width=self._width(req), slots=slots, raw=True))
+        raw: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        while len(step_search):
+            step_search.step()
+            raw.update(step_search._raw_done)
+            step_search._raw_done.clear()
+        w = max((self._width(r) for r in requests), default=1)
+        scores = torch.full((len(requests), w), float("-inf"))
+        items = torch.full((len(requests), w, slots), -1, dtype=torch.int64)
+        item_scores = torch.zeros(len(requests), w, slots)
+        for q, (s, it, its) in raw.items():
+            scores[q, : len(s)], items[q, : len(s)], item_scores[q, : len(s)] = s, it, its
+        dev = self.device
+        if stats is not None:
+            for f in fields(BatchStats):
+                setattr(stats, f.name, getattr(stats, f.name) + getattr(step_search.stats, f.name))
+        return _Beams(scores.to(dev), items.to(dev), item_scores.to(dev))
 
     # ---- request preparation ------------------------------------------------------------------
 
@@ -260,31 +191,22 @@ class Generator:
     def _request_bans(self, requests: list[RecRequest], snap: TrieTensors) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys (1+q)*N + node of every node on a banned item's path, and the banned items under each.
 
-        The count is turned into ``-1`` where the node still has an allowed live item below it, so
-        ``keys[counts >= 0]`` are exactly the blocked nodes while the counts stay available for the
+        The count is turned into ``-1 - count`` where the node still has an allowed live item below it,
+        so ``keys[counts >= 0]`` are exactly the blocked nodes while the counts stay available for the
         session bans.
         """
-        n_nodes = snap.num_nodes
+        return _ban_keys([self._request_ban_nodes(r, snap) for r in requests], snap.num_nodes, self.device)
+
+    def _request_ban_nodes(self, req: RecRequest, snap: TrieTensors) -> tuple[np.ndarray, np.ndarray]:
+        """One request's banned path nodes and their counts (see ``_request_bans``), group-free."""
         live = snap.item_live.numpy()
-        path_nodes = snap.path_nodes.numpy()
-        live_count = snap.live_count.numpy()
-        all_keys, all_counts = [], []
-        for q, req in enumerate(requests):
-            banned = set(req.exclude) | (set(req.history) if req.exclude_history else set())
-            items = np.array([i for i in banned if 0 <= i < len(live) and live[i]], dtype=np.int64)
-            if not len(items):
-                continue
-            nodes, counts = np.unique(path_nodes[items].reshape(-1), return_counts=True)
-            blocked = counts >= live_count[nodes]
-            all_keys.append((1 + q) * n_nodes + nodes)
-            all_counts.append(np.where(blocked, counts, -counts - 1))  # negative: partly banned
-        if not all_keys:
-            empty = torch.zeros(0, dtype=torch.int64, device=self.device)
-            return empty, empty
-        keys = torch.from_numpy(np.concatenate(all_keys)).to(self.device)
-        counts = torch.from_numpy(np.concatenate(all_counts)).to(self.device)
-        order = torch.argsort(keys)
-        return keys[order], counts[order]
+        banned = set(req.exclude) | (set(req.history) if req.exclude_history else set())
+        items = np.array([i for i in banned if 0 <= i < len(live) and live[i]], dtype=np.int64)
+        if not len(items):
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+        nodes, counts = np.unique(snap.path_nodes.numpy()[items].reshape(-1), return_counts=True)
+        blocked = counts >= snap.live_count.numpy()[nodes]
+        return nodes, np.where(blocked, counts, -counts - 1)  # negative: partly banned
 
     def _with_session_bans(
         self,
@@ -341,3 +263,456 @@ class Generator:
                 if len(out) == req.num_items:
                     return RecResult(out)
         return RecResult(out)
+
+
+def _ban_keys(
+    per_request: Sequence[tuple[np.ndarray, np.ndarray]], n_nodes: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sorted keys (1+q)*N + node and their counts from each request's (nodes, counts), q in list order."""
+    keys = [(1 + q) * n_nodes + nodes for q, (nodes, _) in enumerate(per_request) if len(nodes)]
+    if not keys:
+        empty = torch.zeros(0, dtype=torch.int64, device=device)
+        return empty, empty
+    flat_keys = np.concatenate(keys)
+    flat_counts = np.concatenate([counts for nodes, counts in per_request if len(nodes)])
+    order = np.argsort(flat_keys, kind="stable")
+    return torch.from_numpy(flat_keys[order]).to(device), torch.from_numpy(flat_counts[order]).to(device)
+
+
+@dataclass
+class StepStats(BatchStats):
+    """BatchStats plus the counters of a search that outlives any one batch."""
+
+    steps: int = 0
+    rows_stepped: int = 0  # sum over steps of the rows decoded at that step
+    finished: int = 0  # requests answered
+    removed: int = 0  # requests dropped mid-search
+
+
+@dataclass(eq=False)
+class _Job:
+    """One search in a StepSearch: a request (or its session top-up, or a raw ``Generator.search`` row)."""
+
+    key: int
+    request: RecRequest
+    width: int  # beams, = rows it occupies
+    slots: int  # items per beam
+    raw: bool = False  # keep the beams (Generator.search) instead of answering with a RecResult
+    t: int = 0  # next decoder position
+    enc: torch.Tensor | None = None  # (layers, 2, H, S_q, dh) memory K/V, a view into its encode batch
+    mem_len: int = 0  # S_q: user column + real history items
+    bans: tuple[np.ndarray, np.ndarray] | None = None  # (nodes, counts) for the snapshot in bans_snap
+    bans_snap: TrieTensors | None = None
+    done_items: list[RecItem] | None = None  # a short session's items, which this items search tops up
+    dropped: bool = False  # finished or removed: its rows go at the next relayout
+
+
+class StepSearch:
+    """Beam search whose row set changes between decode steps (iteration-level scheduling).
+
+    Requests join with ``add`` and leave when finished (returned by ``step``) or with ``remove``; every
+    ``step`` decodes one position for every live (request, beam) row, whatever the request's mode,
+    beam width or position. Rows sit in beam-width groups (a request's beams contiguous inside its
+    group), each row carries its own position (slot, level), and a request's memory K/V are computed
+    once and shared by its beams on the query axis. Beam reorder, the compaction of leaving requests
+    and the placement of joining ones are one ``index_select`` of the one self-attention cache.
+
+    Constraints are those of ``Generator.search``: trie validity (the live snapshot, re-read at every
+    step, so a withdrawal between steps takes effect at the next one), the request's exclusions and
+    history, and items already in the beam's session. A session left with fewer than ``num_items``
+    distinct items is topped up by an items search (excluding what it has) before it is returned.
+
+    Batch invariance: a request's rows only ever meet other requests' rows in row-wise ops, and its
+    per-request top-B sees its own beams only, so it gets the same items alone, in a batch, or joining
+    one mid-way (scores equal up to float rounding of padded reductions).
+    """
+
+    def __init__(self, generator: Generator, snap: TrieTensors | None = None, constrained: bool = True) -> None:
+        self.gen = generator
+        self.model = generator.model
+        self.cfg = generator.cfg
+        self.device = generator.device
+        self.stats = StepStats()
+        self._pinned = snap  # Generator.search keeps one snapshot; serving reads the live one each step
+        self._constrained = constrained
+        self._weights = generator.weights
+        dev, cfg = self.device, self.cfg
+        self._depth, self._m, self._positions = cfg.depth, cfg.session_items, cfg.session_positions
+        self._keys: dict[int, _Job] = {}  # every live job, pending or running
+        self._pending: list[_Job] = []  # joins at the next step
+        self._order: list[_Job] = []  # running jobs, in row order
+        self._dirty = False  # a job finished or was removed: compact at the next step
+        self._raw_done: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        # row state, (R, ...) in the order of self._order
+        self._scores = torch.zeros(0, device=dev)  # (R,) total log-prob
+        self._node = torch.zeros(0, dtype=torch.int64, device=dev)  # (R,) trie node, -1 = dead beam
+        self._tok = torch.zeros(0, dtype=torch.int64, device=dev)  # (R,) table row of the previous code
+        self._items = torch.zeros(0, self._m, dtype=torch.int64, device=dev)  # (R, m) -1 = not (validly) filled
+        self._item_scores = torch.zeros(0, self._m, device=dev)  # (R, m)
+        self._parent: torch.Tensor | None = None  # (R,) cache reorder owed by the last step
+        self._cache = self.model.allocate_cache(0, self._positions, dev, generator.dtype)
+        self._spare = self._cache
+        self._arange = torch.arange(max(self._positions, 1), device=dev)
+        self._groups: list[CrossGroup] = []
+        self._group_jobs: list[list[_Job]] = []
+        self._group_base: list[torch.Tensor] = []  # per group (Q_w, 1): first row of each request
+        self._widths = np.zeros(0, dtype=np.int64)  # per running job, row order
+        self._snap: TrieTensors | None = None
+        self._bans_dirty = True
+
+    # ---- public -------------------------------------------------------------------------------
+
+    def add(self, key: int, request: RecRequest) -> None:
+        """Validate (ValueError naming the bad field) and queue a request; its rows join at the next step.
+
+        Requests that join at the same step are encoded together there (one encoder call, each
+        request's memory K/V then kept once and shared by its beams).
+        """
+        if key in self._keys:
+            raise ValueError(f"request {key}: key is already live")
+        self.gen._validate(request, key)
+        slots = 1 if request.mode == "items" else self._m
+        self._admit(_Job(key=key, request=request, width=self.gen._width(request), slots=slots))
+
+    def remove(self, key: int) -> bool:
+        """Drop a live request mid-search (deadline passed, caller gone); its rows go at the next step."""
+        job = self._keys.pop(key, None)
+        if job is None:
+            return False
+        if job in self._pending:
+            self._pending.remove(job)
+        else:
+            job.dropped = True
+            self._dirty = True
+        self.stats.removed += 1
+        return True
+
+    @property
+    def rows(self) -> int:
+        """Live (request, beam) rows, those joining at the next step included."""
+        return sum(job.width for job in self._keys.values())
+
+    def __len__(self) -> int:
+        """Live requests, those joining at the next step included."""
+        return len(self._keys)
+
+    def cost(self, request: RecRequest) -> tuple[int, int]:
+        """(rows it will occupy, decode steps it needs), for admission pricing.
+
+        A session that ends short of ``num_items`` distinct items needs ``depth`` more steps of an
+        items search; that is rare and not counted here.
+        """
+        steps = self._depth if request.mode == "items" else self._positions
+        return self.gen._width(request), steps
+
+    @torch.no_grad()
+    def step(self) -> list[tuple[int, RecResult]]:
+        """One decode position for every live row; returns the requests that finished at this step."""
+        snap = self._pinned if self._pinned is not None else self.gen.trie.tensors
+        if snap is not self._snap:
+            self._snap = snap
+            self._bans_dirty = True
+        if self._pending or self._dirty:
+            self._relayout(snap)
+        elif self._parent is not None:
+            self._reorder_cache(self._parent, None, len(self._parent))
+        self._parent = None
+        if not self._order:
+            return []
+        t0 = time.perf_counter()
+        if self._constrained:
+            for job in self._order:
+                if job.bans_snap is not snap:
+                    job.bans, job.bans_snap = self.gen._request_ban_nodes(job.request, snap), snap
+            if self._bans_dirty:
+                self._build_bans(snap)
+        done = self._decode(snap)
+        self.stats.decode_seconds += time.perf_counter() - t0
+        return done
+
+    # ---- joining and leaving ------------------------------------------------------------------
+
+    def _admit(self, job: _Job) -> None:
+        self._keys[job.key] = job
+        self._pending.append(job)
+
+    def _relayout(self, snap: TrieTensors) -> None:
+        """New row order: drop finished and removed jobs, place joining ones in their width group.
+
+        The small per-row state moves with two ops per tensor; the cache with one gather that folds
+        the last step's beam reorder into the compaction.
+        """
+        old_start: dict[int, int] = {}
+        start = 0
+        for job in self._order:
+            old_start[id(job)] = start
+            start += job.width
+        survivors = [job for job in self._order if not job.dropped]
+        joiners, self._pending = self._pending, []
+        self._encode([job for job in joiners if job.enc is None], snap)
+        widths = sorted({job.width for job in survivors + joiners})
+        order, groups = [], []
+        for w in widths:
+            members = [job for job in survivors if job.width == w] + [job for job in joiners if job.width == w]
+            groups.append(members)
+            order += members
+        src, dst, fresh = [], [], []
+        row = 0
+        for job in order:
+            if id(job) in old_start:
+                src.append(np.arange(old_start[id(job)], old_start[id(job)] + job.width))
+                dst.append(np.arange(row, row + job.width))
+            else:
+                fresh.append(row)
+            row += job.width
+        rows, dev = row, self.device
+        src_t = torch.from_numpy(np.concatenate(src)).to(dev) if src else None
+        dst_t = torch.from_numpy(np.concatenate(dst)).to(dev) if dst else None
+
+        def carry(old: torch.Tensor, fill: float) -> torch.Tensor:
+            new = old.new_full((rows, *old.shape[1:]), fill)
+            if src_t is not None:
+                new[dst_t] = old[src_t]
+            return new
+
+        self._scores = carry(self._scores, float("-inf"))
+        self._scores[torch.tensor(fresh, dtype=torch.int64, device=dev)] = 0.0  # beam 0 of each new request
+        self._node = carry(self._node, 0)  # new rows at the root
+        self._tok = carry(self._tok, 0)  # table row 0: the start vector
+        self._items = carry(self._items, -1)
+        self._item_scores = carry(self._item_scores, 0.0)
+        if src_t is not None:
+            cache_src = self._parent[src_t] if self._parent is not None else src_t
+            self._reorder_cache(cache_src, dst_t, rows)
+        else:
+            self._reorder_cache(None, None, rows)
+        self._order = order
+        self._widths = np.array([job.width for job in order], dtype=np.int64)
+        self._build_groups(groups)
+        self._dirty = False
+        self._bans_dirty = True
+
+    def _reorder_cache(self, src: torch.Tensor | None, dst: torch.Tensor | None, rows: int) -> None:
+        """cache'[dst] = cache[src] into the spare buffer (dst None: all rows in order), then swap."""
+        spare = self._spare
+        if spare.shape[0] < rows or spare is self._cache:
+            spare = self.model.allocate_cache(max(rows, 2 * spare.shape[0]), self._positions, self.device, spare.dtype)
+        if src is not None:
+            old = self._cache[: int(self._cache.shape[0])]
+            if dst is None:
+                torch.index_select(old, 0, src, out=spare[:rows])
+            else:
+                spare[:rows].index_copy_(0, dst, old.index_select(0, src))
+        self._spare, self._cache = self._cache, spare
+
+    def _encode(self, jobs: list[_Job], snap: TrieTensors) -> None:
+        """Encode the joining requests in one batch; each keeps its own memory K/V slice."""
+        if not jobs:
+            return
+        t0 = time.perf_counter()
+        codes, mask, users = self.gen._encoder_inputs([job.request for job in jobs], snap)
+        state = self.model.prepare_decoding(codes, mask, users, self._weights)
+        lengths = (mask.sum(1) + 1).tolist()  # user column + real history
+        for b, job in enumerate(jobs):
+            job.enc = state.cross_kv[:, :, b, :, : lengths[b]]  # (layers, 2, H, S_q, dh)
+            job.mem_len = int(lengths[b])
+        self.stats.encode_seconds += time.perf_counter() - t0
+        self.stats.rows += sum(job.width for job in jobs)
+
+    def _build_groups(self, groups: list[list[_Job]]) -> None:
+        """Per beam width: the members' memory K/V padded to the group's longest history, and a mask."""
+        old = {tuple(id(j) for j in g_jobs): g for g_jobs, g in zip(self._group_jobs, self._groups)}
+        self._group_jobs = groups
+        new_groups, bases = [], []
+        start = 0
+        for members in groups:
+            w = members[0].width
+            stop = start + w * len(members)
+            reuse = old.get(tuple(id(j) for j in members))
+            if reuse is not None:
+                kv, mask = reuse.kv, reuse.mask
+            else:
+                s = max(job.mem_len for job in members)
+                enc0 = members[0].enc
+                assert enc0 is not None
+                layers, _, heads, _, dh = enc0.shape
+                kv = enc0.new_zeros(layers, 2, len(members), heads, s, dh)
+                for q, job in enumerate(members):
+                    assert job.enc is not None
+                    kv[:, :, q, :, : job.mem_len] = job.enc
+                lens = torch.tensor([job.mem_len for job in members], device=self.device)
+                mask = (self._arange_to(s)[None, :] < lens[:, None])[:, None, None, :]  # (Q_w, 1, 1, S_w)
+            new_groups.append(CrossGroup(start, stop, w, kv, mask))
+            bases.append(start + torch.arange(len(members), device=self.device)[:, None] * w)  # (Q_w, 1)
+            start = stop
+        self._groups, self._group_base = new_groups, bases
+
+    def _arange_to(self, n: int) -> torch.Tensor:
+        if self._arange.numel() < n:
+            self._arange = torch.arange(2 * n, device=self.device)
+        return self._arange[:n]
+
+    def _build_bans(self, snap: TrieTensors) -> None:
+        """Ban keys of the running jobs: 0 = dead nodes, 1+q = job q's exclusions, 1+Q+r = row r's session."""
+        dev, n_nodes = self.device, snap.num_nodes
+        dsnap = self.gen._on_device(snap)
+        per_job = [job.bans if job.bans is not None else (np.zeros(0, np.int64),) * 2 for job in self._order]
+        self._req_keys, self._req_counts = _ban_keys(per_job, n_nodes, dev)
+        static = torch.cat([dsnap.dead_nodes, self._req_keys[self._req_counts >= 0]])
+        self._static_keys = torch.sort(static).values
+        q_n, rows = len(self._order), int(self._widths.sum())
+        self._q_of_row = torch.from_numpy(np.repeat(np.arange(q_n), self._widths)).to(dev)  # (R,)
+        self._row_groups = torch.stack(
+            [torch.zeros_like(self._q_of_row), 1 + self._q_of_row, 1 + q_n + torch.arange(rows, device=dev)], 1
+        )  # (R, 3)
+        self._bans_dirty = False
+
+    # ---- one step -----------------------------------------------------------------------------
+
+    def _decode(self, snap: TrieTensors) -> list[tuple[int, RecResult]]:
+        """Decoder, constrained top-k, per-request top-B and state update for every running row."""
+        dev, depth, m, w_ = self.device, self._depth, self._m, self._weights
+        order, widths = self._order, self._widths
+        t_job = np.array([job.t for job in order], dtype=np.int64)
+        pos_np = np.repeat(t_job, widths)  # (R,) host copy: no device sync to plan the step
+        rows = len(pos_np)
+        level_np, slot_np = pos_np % depth, pos_np // depth
+        pos = torch.from_numpy(pos_np).to(dev)
+        t_hi = int(t_job.max()) + 1
+        self_mask = self._arange_to(t_hi)[None, :] <= pos[:, None]  # (R, t_hi)
+        job_levels = np.unique(t_job % depth)
+        levels: list[tuple[int, torch.Tensor | None]] = (
+            [(int(job_levels[0]), None)]
+            if len(job_levels) == 1
+            else [(int(lv), torch.from_numpy(np.flatnonzero(level_np == lv)).to(dev)) for lv in job_levels]
+        )
+        batch = StepBatch(
+            cache=self._cache[:rows],
+            rows=self._arange_to(rows),
+            pos=pos,
+            self_mask=self_mask[:, None, None, :],
+            groups=self._groups,
+            levels=levels,
+        )
+        tokens = torch.stack([self._tok, pos + w_.pos_offset], 1)  # (R, 2) rows of the input table
+        logits = self.model.decode_step(self.model.step_input(tokens, w_), batch, w_)  # (R, V)
+        k = int(widths.max())
+        dsnap = self.gen._on_device(snap)
+        if self._constrained:
+            banned = self._static_keys
+            if slot_np.max() > 0:  # rows with items behind them: ban those items for that row
+                banned = self.gen._with_session_bans(
+                    self._static_keys, self._items, self._q_of_row, self._req_keys, self._req_counts, dsnap, len(order)
+                )
+            top = trie_topk(
+                logits,
+                self._node,
+                dsnap.offsets,
+                dsnap.child_codes,
+                dsnap.child_nodes,
+                k,
+                banned,
+                self._row_groups,
+                snap.num_nodes,
+                at_root=bool((level_np == 0).all()),
+            )
+            values, codes, nodes = top.values, top.codes, top.nodes  # (R, k)
+        else:
+            values, codes = torch.log_softmax(logits.float(), dim=-1).topk(min(k, logits.shape[1]), dim=1)
+            nodes = dsnap.child_of(self._node[:, None].expand_as(codes), codes)  # -1 off the trie
+        k = values.shape[1]
+
+        # per-request top-B over its own beams' candidates, one topk per beam-width group
+        bests, parents, choices = [], [], []
+        for g, base in zip(self._groups, self._group_base):
+            kk = min(g.width, k)
+            cand = self._scores[g.start : g.stop, None] + values[g.start : g.stop, :kk]  # (Q_w*w, kk)
+            best, pick = cand.view(base.shape[0], g.width * kk).topk(g.width, dim=1)  # (Q_w, w), sorted
+            beam = pick // kk
+            bests.append(best.view(-1))
+            parents.append((base + beam).view(-1))
+            choices.append((pick - beam * kk).view(-1))
+        one = len(bests) == 1
+        best = bests[0] if one else torch.cat(bests)  # (R,)
+        parent = parents[0] if one else torch.cat(parents)  # (R,) row each new beam continues
+        flat = parent * k + (choices[0] if one else torch.cat(choices))  # (R,) into (R, k)
+        new_code = codes.view(-1)[flat]
+        new_node = nodes.view(-1)[flat]
+        gained = torch.where(torch.isfinite(best), values.view(-1)[flat], 0.0)
+
+        items, item_scores = self._items[parent], self._item_scores[parent]  # (R, m)
+        cell = torch.from_numpy(np.arange(rows) * m + slot_np).to(dev)  # (R,) this step's slot of each row
+        item_scores.view(-1).index_add_(0, cell, gained)
+        last_np = level_np == depth - 1
+        if last_np.any():  # rows finishing an item: record it and go back to the root
+            leaf = torch.where(new_node >= 0, dsnap.node_item[new_node.clamp(min=0)], -1)
+            if last_np.all():
+                items.view(-1).index_copy_(0, cell, leaf)
+                new_node = new_node.clamp(max=0)
+            else:
+                idx = torch.from_numpy(np.flatnonzero(last_np)).to(dev)
+                items.view(-1).index_copy_(0, cell[idx], leaf[idx])
+                new_node = torch.where(torch.from_numpy(last_np).to(dev), new_node.clamp(max=0), new_node)
+        offsets = np.asarray(w_.code_offset, dtype=np.int64)[level_np]  # table row of code 0 of the level
+        self._tok = new_code.clamp(min=0) + torch.from_numpy(offsets).to(dev)
+        self._scores, self._node, self._items, self._item_scores = best, new_node, items, item_scores
+        self._parent = parent
+        self.stats.steps += 1
+        self.stats.rows_stepped += rows
+        return self._finish(snap)
+
+    def _finish(self, snap: TrieTensors) -> list[tuple[int, RecResult]]:
+        """Advance every job; answer those at their last position (topping up short sessions)."""
+        out: list[tuple[int, RecResult]] = []
+        start = 0
+        for job in self._order:
+            job.t += 1
+            r0, start = start, start + job.width
+            if job.t < job.slots * self._depth or job.dropped:
+                continue
+            job.dropped = True
+            self._dirty = True
+            scores = self._scores[r0:start]
+            items = self._items[r0:start, : job.slots]
+            item_scores = self._item_scores[r0:start, : job.slots]
+            if job.raw:
+                self._raw_done[job.key] = (scores.cpu(), items.cpu(), item_scores.cpu())
+                del self._keys[job.key]
+                continue
+            req = job.request
+            beams = _Beams(scores[None], items[None], item_scores[None])
+            result = self.gen._collect(req, 0, beams, snap, self.stats)
+            if job.done_items is not None:  # the top-up of a short session
+                job.done_items.extend(result.items)
+                result = RecResult(job.done_items)
+            elif req.mode == "session" and len(result.items) < req.num_items:
+                self._admit(self._top_up(job, result))
+                continue
+            del self._keys[job.key]
+            self.stats.finished += 1
+            out.append((job.key, result))
+        return out
+
+    def _top_up(self, job: _Job, have: RecResult) -> _Job:
+        """Sessions that overlap can leave fewer than num_items distinct items: fill with the best single
+        items, by an items search that excludes what the session has (and reuses its memory K/V)."""
+        req = job.request
+        need = req.num_items - len(have.items)
+        extra = RecRequest(
+            history=req.history,
+            num_items=need,
+            mode="items",
+            beam_width=max(req.beam_width, need),
+            exclude=list(req.exclude) + [it.item for it in have.items],
+            exclude_history=req.exclude_history,
+            user_id=req.user_id,
+        )
+        return _Job(
+            key=job.key,
+            request=extra,
+            width=self.gen._width(extra),
+            slots=1,
+            enc=job.enc,
+            mem_len=job.mem_len,
+            done_items=have.items,
+        )

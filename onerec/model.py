@@ -167,14 +167,102 @@ class DecoderLayer(nn.Module):
         x = x + self.cross_attn(self.n2(x), memory, mem_mask)
         return x + self.moe(self.n3(x))
 
+    def step(self, x: torch.Tensor, i: int, qkv_weight: torch.Tensor, batch: StepBatch) -> torch.Tensor:
+        """One decoder position for every row of ``batch``; the same math as ``forward`` at that position.
+
+        x: (R, d); i: this layer's index in the cache; qkv_weight: (3d, d) fused [q; k; v].
+        Self-attention writes the row's K/V at its own position and reads positions <= it (a mask, since
+        rows sit at different positions); cross-attention puts each request's beams on the query axis
+        against that request's memory K/V, one SDPA call per beam-width group.
+        """
+        rows, d = x.shape
+        sa = self.self_attn
+        h, dh = sa.h, sa.dh
+        qkv = F.linear(rms(self.n1, x), qkv_weight)  # (R, 3d)
+        cache = batch.cache.select(1, i)  # (R, 2, H, T, dh)
+        cache[batch.rows, :, :, batch.pos] = qkv[:, d:].view(rows, 2, h, dh)
+        t_hi = batch.self_mask.shape[-1]
+        q = qkv[:, :d].view(rows, h, 1, dh)
+        att = F.scaled_dot_product_attention(
+            q, cache[:, 0, :, :t_hi], cache[:, 1, :, :t_hi], attn_mask=batch.self_mask
+        )  # (R, H, 1, dh)
+        x = x + F.linear(att.view(rows, d), sa.o.weight)
+        ca = self.cross_attn
+        q = F.linear(rms(self.n2, x), ca.q.weight)  # (R, d)
+        outs = []
+        for g in batch.groups:
+            n_req = (g.stop - g.start) // g.width
+            qg = q[g.start : g.stop].view(n_req, g.width, h, dh).transpose(1, 2)  # (Q_w, H, w, dh)
+            att = F.scaled_dot_product_attention(qg, g.kv[i, 0], g.kv[i, 1], attn_mask=g.mask)  # (Q_w, H, w, dh)
+            outs.append(att.transpose(1, 2).reshape(g.stop - g.start, d))
+        x = x + F.linear(outs[0] if len(outs) == 1 else torch.cat(outs), ca.o.weight)
+        return x + self.moe(rms(self.n3, x))
+
 
 @dataclass
 class EncoderState:
-    """What decoding needs from the encoder: per-request cross-attention K/V, shared by all beams."""
+    """What decoding needs from the encoder: per-request cross-attention K/V, shared by all beams.
 
-    cross_k: list[torch.Tensor]  # per decoder layer (B, H, S+1, dh)
-    cross_v: list[torch.Tensor]  # per decoder layer (B, H, S+1, dh)
+    K and V of every decoder layer sit in one tensor, so a request's whole encoder state is one slice
+    (``cross_kv[:, :, b]``) that a search can keep, pad or select without a per-layer loop.
+    """
+
+    cross_kv: torch.Tensor  # (layers, 2, B, H, S+1, dh): [k, v] per decoder layer
     mask: torch.Tensor  # (B, 1, 1, S+1) True = attend
+
+
+@dataclass
+class DecodeWeights:
+    """Inference-time fusions of the stored weights, built at load time and never saved.
+
+    The safetensors names and shapes stay those of the modules; these are concatenated copies, so a
+    decode step does one projection where the modules would do two or three. ``stale()`` says when the
+    module weights were changed in place afterwards (a training step), so the holder rebuilds them.
+    """
+
+    qkv: list[torch.Tensor]  # per decoder layer (3d, d): self-attention [q; k; v] output rows
+    cross_kv: torch.Tensor  # (layers*2*d, d): every layer's cross-attention [k; v], one matmul over memory
+    table: torch.Tensor  # (1 + sum V + T, d): [start vector; level 0 codes; level 1 codes; ...; positions]
+    code_offset: list[int]  # row of level l's code 0 in ``table``
+    pos_offset: int  # row of position 0 in ``table``
+    sources: list[tuple[torch.Tensor, int]] = field(default_factory=list)  # (parameter, its version when fused)
+
+    def stale(self) -> bool:
+        return any(p._version != v for p, v in self.sources)
+
+
+@dataclass
+class StepBatch:
+    """Where the rows of one decode step sit; built by the search, read by every decoder layer.
+
+    Rows are grouped by beam width (contiguous groups, a request's beams contiguous inside its group),
+    and each row carries its own position, so requests of both modes and any width share the step.
+    """
+
+    cache: torch.Tensor  # (R, layers, 2, H, T, dh) self-attention K/V, row r written at pos[r]
+    rows: torch.Tensor  # (R,) int64 arange, the row index of the cache write
+    pos: torch.Tensor  # (R,) int64 decoder position t of each row
+    self_mask: torch.Tensor  # (R, 1, 1, t_hi) True = attend (positions <= pos[r]); t_hi = max(pos) + 1
+    groups: list[CrossGroup]
+    levels: list[tuple[int, torch.Tensor | None]]  # (level, its rows; None when every row is at it)
+
+
+@dataclass
+class CrossGroup:
+    """Requests of one beam width: their beams sit on the query axis against their own memory."""
+
+    start: int  # first row of the group
+    stop: int  # one past its last row
+    width: int  # beams per request
+    kv: torch.Tensor  # (layers, 2, Q_w, H, S_w, dh) memory K/V, padded to the group's longest history
+    mask: torch.Tensor  # (Q_w, 1, 1, S_w) True = attend
+
+
+def rms(norm: RMSNorm, x: torch.Tensor) -> torch.Tensor:
+    """``norm(x)`` in one fused op where the dtype allows (the module spells it out in five)."""
+    if x.dtype == torch.float32:
+        return F.rms_norm(x, (x.shape[-1],), norm.weight, norm.eps)
+    return norm(x)
 
 
 class OneRecModel(nn.Module):
@@ -270,56 +358,69 @@ class OneRecModel(nn.Module):
     # ---- incremental decoding -----------------------------------------------------------------
 
     @torch.no_grad()
-    def prepare_decoding(self, hist_codes: torch.Tensor, hist_mask: torch.Tensor, user: torch.Tensor) -> EncoderState:
-        """Encode once per request and project each decoder layer's cross-attention K/V once."""
-        memory = self.encode(hist_codes, hist_mask, user)
-        ks, vs = [], []
-        for layer in self.decoder:
-            k, v = layer.cross_attn.project_kv(memory)  # (B, H, S+1, dh)
-            ks.append(k)
-            vs.append(v)
-        return EncoderState(ks, vs, self.memory_mask(hist_mask))
-
-    def step_input(self, t: int, prev_codes: torch.Tensor | None, rows: int) -> torch.Tensor:
-        """Decoder input of position t for all rows: (R, d)."""
-        pos = self.dec_pos.weight[t]
-        if t == 0 or prev_codes is None:
-            return (self.dec_start + pos).expand(rows, -1)
-        return self.dec_codes[(t - 1) % self.cfg.depth](prev_codes) + pos
+    def decode_weights(self) -> DecodeWeights:
+        """Fuse the stored weights for decoding (concatenated copies; state_dict is untouched)."""
+        sources = [p for layer in self.decoder for p in (layer.self_attn.q.weight, layer.self_attn.kv.weight)]
+        sources += [layer.cross_attn.kv.weight for layer in self.decoder]
+        sources += [self.dec_start, self.dec_pos.weight, *(e.weight for e in self.dec_codes)]
+        qkv = [torch.cat([layer.self_attn.q.weight, layer.self_attn.kv.weight]) for layer in self.decoder]
+        cross_kv = torch.cat([layer.cross_attn.kv.weight for layer in self.decoder])
+        table = torch.cat([self.dec_start[None], *(e.weight for e in self.dec_codes), self.dec_pos.weight])
+        sizes = [0, *self.cfg.level_sizes]
+        code_offset = [1 + sum(sizes[: lvl + 1]) for lvl in range(self.cfg.depth)]
+        pos_offset = 1 + sum(self.cfg.level_sizes)
+        return DecodeWeights(qkv, cross_kv, table, code_offset, pos_offset, [(p, p._version) for p in sources])
 
     @torch.no_grad()
-    def decode_step(
-        self, x: torch.Tensor, t: int, state: EncoderState, cache_k: torch.Tensor, cache_v: torch.Tensor
-    ) -> torch.Tensor:
-        """One position for all rows; returns the logits of level t % D.
+    def prepare_decoding(
+        self,
+        hist_codes: torch.Tensor,
+        hist_mask: torch.Tensor,
+        user: torch.Tensor,
+        weights: DecodeWeights | None = None,
+    ) -> EncoderState:
+        """Encode once per request and project every decoder layer's cross-attention K/V in one matmul."""
+        memory = self.encode(hist_codes, hist_mask, user)  # (B, S+1, d)
+        b, s1, d = memory.shape
+        cfg = self.cfg
+        w = weights.cross_kv if weights is not None else torch.cat([la.cross_attn.kv.weight for la in self.decoder])
+        kv = F.linear(memory, w).view(b, s1, cfg.n_decoder_layers, 2, cfg.n_heads, d // cfg.n_heads)
+        return EncoderState(kv.permute(2, 3, 0, 4, 1, 5).contiguous(), self.memory_mask(hist_mask))
 
-        x: (R, d) with R = B * beams, rows grouped by request; cache_k, cache_v: (layers, R, H, T, dh),
-        written at position t. Cross-attention puts a request's beams on the query axis, so the
-        request's K/V are read once for all its beams and never repeated per beam.
+    def step_input(self, tokens: torch.Tensor, weights: DecodeWeights) -> torch.Tensor:
+        """Decoder input of each row, (R, d): one gather-sum over the fused table.
+
+        tokens: (R, 2) int64 rows of ``weights.table``: [previous code (or the start vector), position].
+        Position t's input is the embedding of the code generated at t-1 (the start vector at t = 0)
+        plus the (slot, level) embedding of t.
         """
-        rows = x.shape[0]
-        b = state.mask.shape[0]
-        beams = rows // b
+        return F.embedding_bag(tokens, weights.table, mode="sum")
+
+    @torch.no_grad()
+    def decode_step(self, x: torch.Tensor, batch: StepBatch, weights: DecodeWeights) -> torch.Tensor:
+        """One position for every row; returns logits (R, V) over each row's own level.
+
+        V is the vocabulary of the one level present, or the widest level when rows sit at several
+        (columns past a row's level are -inf and never read). Each level's head runs on its rows only.
+        """
         for i, layer in enumerate(self.decoder):
-            sa = layer.self_attn
-            h = layer.n1(x)
-            q = sa.q(h).view(rows, sa.h, 1, sa.dh)  # (R, H, 1, dh)
-            k, v = sa.kv(h).chunk(2, dim=-1)
-            cache_k[i, :, :, t] = k.view(rows, sa.h, sa.dh)
-            cache_v[i, :, :, t] = v.view(rows, sa.h, sa.dh)
-            att = F.scaled_dot_product_attention(q, cache_k[i, :, :, : t + 1], cache_v[i, :, :, : t + 1])
-            x = x + sa.o(att.reshape(rows, -1))
-            ca = layer.cross_attn
-            q = ca.q(layer.n2(x)).view(b, beams, ca.h, ca.dh).transpose(1, 2)  # (B, H, beams, dh)
-            att = F.scaled_dot_product_attention(q, state.cross_k[i], state.cross_v[i], attn_mask=state.mask)
-            x = x + ca.o(att.transpose(1, 2).reshape(rows, -1))  # (R, d)
-            x = x + layer.moe(layer.n3(x))
-        return self.heads[t % self.cfg.depth](self.dec_norm(x))  # (R, V_level)
+            x = layer.step(x, i, weights.qkv[i], batch)
+        x = rms(self.dec_norm, x)  # (R, d)
+        if len(batch.levels) == 1:
+            return F.linear(x, self.heads[batch.levels[0][0]].weight)  # (R, V_level)
+        logits = x.new_full((x.shape[0], max(self.cfg.level_sizes)), float("-inf"))
+        for lvl, idx in batch.levels:
+            assert idx is not None
+            head = self.heads[lvl].weight  # (V_lvl, d)
+            logits[:, : head.shape[0]].index_copy_(0, idx, F.linear(x.index_select(0, idx), head))
+        return logits
 
     def allocate_cache(self, rows: int, positions: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """Self-attention cache, (rows, layers, 2, H, positions, dh): K and V of all layers in one tensor,
+        rows first, so one ``index_select`` reorders (and compacts) every layer's K and V at once."""
         cfg = self.cfg
         dh = cfg.d_model // cfg.n_heads
-        return torch.zeros(cfg.n_decoder_layers, rows, cfg.n_heads, positions, dh, device=device, dtype=dtype)
+        return torch.zeros(rows, cfg.n_decoder_layers, 2, cfg.n_heads, positions, dh, device=device, dtype=dtype)
 
 
 def hash_user(user_id: str, buckets: int) -> int:
