@@ -97,7 +97,10 @@ class ServiceMetrics:
             registry=r,
         )
         self.encode_seconds = Histogram(
-            "onerec_batch_encode_seconds", "Encoder time per admitted request.", buckets=FAST_BUCKETS, registry=r
+            "onerec_batch_encode_seconds",
+            "Encoder time of a decode step at which requests joined.",
+            buckets=FAST_BUCKETS,
+            registry=r,
         )
         self.decode_seconds = Histogram(
             "onerec_batch_decode_seconds",

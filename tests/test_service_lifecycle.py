@@ -95,6 +95,13 @@ class TrafficLoop:
         self._thread.start()
         return self
 
+    def wait_until(self, condition: Any, what: str, timeout: float = 120.0) -> None:
+        """Wait for a condition on what the loop has seen (never a fixed sleep: machines are loaded)."""
+        deadline = time.monotonic() + timeout
+        while not condition():
+            assert time.monotonic() < deadline, f"traffic loop: timed out waiting for {what}: {self.outcomes}"
+            time.sleep(0.02)
+
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join(30)
@@ -138,11 +145,11 @@ def test_new_version_is_picked_up_under_load_without_failures(reload_server: Ser
     with httpx.Client(base_url=reload_server.http_url, timeout=30.0) as http:
         assert served_version(http) == "1"
         with TrafficLoop(reload_server) as loop:
-            time.sleep(0.5)
+            loop.wait_until(lambda: len(loop.versions) >= 5, "answers before the reload")
             new = republish(reload_store)
             assert new == 2
             assert wait_for_version(http, "2"), "poller did not pick up version 2"
-            time.sleep(0.5)
+            loop.wait_until(lambda: loop.versions[-5:].count("2") == 5, "answers after the reload")
         assert set(loop.outcomes) <= {"http:200", "grpc:OK"}, loop.outcomes
         assert sum(loop.outcomes.values()) >= 10
         assert "1" in loop.versions and "2" in loop.versions

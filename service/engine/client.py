@@ -21,6 +21,7 @@ loaded it; the front end never restarts.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import shutil
@@ -86,7 +87,8 @@ class _EngineSlot:
     index: int
     generation: int = 0
     proc: subprocess.Popen[bytes] | None = None
-    inbox: zmq.asyncio.Socket | None = None
+    inbox: zmq.Socket[bytes] | None = None
+    hello: asyncio.Event = field(default_factory=asyncio.Event)  # set when this incarnation said Hello
     model_version: int | None = None  # the serving version this incarnation has loaded
     pending: dict[int, _Pending] = field(default_factory=dict)
     controls: dict[int, asyncio.Future[msg.ControlDone]] = field(default_factory=dict)
@@ -122,7 +124,8 @@ class EnginePool:
     def __init__(self, settings: Settings, metrics: ServiceMetrics) -> None:
         self.settings = settings
         self.metrics = metrics
-        self.ctx = zmq.asyncio.Context()
+        self.ctx = zmq.asyncio.Context()  # the reply socket is read by the event loop
+        self.send_ctx = zmq.Context()  # request sockets: non-blocking sends of small messages, no awaiting
         self.dir = Path(tempfile.mkdtemp(prefix="onerec-engines-"))
         self.outbox_addr = f"ipc://{self.dir}/out"
         self.outbox = self.ctx.socket(zmq.PULL)
@@ -149,7 +152,8 @@ class EnginePool:
         inbox = f"ipc://{self.dir}/in-{slot.index}-{slot.generation}"
         if slot.inbox is not None:
             slot.inbox.close(0)
-        slot.inbox = self.ctx.socket(zmq.PUSH)
+        slot.hello = asyncio.Event()
+        slot.inbox = self.send_ctx.socket(zmq.PUSH)
         slot.inbox.setsockopt(zmq.LINGER, 0)
         slot.inbox.bind(inbox)
         s = self.settings
@@ -176,7 +180,8 @@ class EnginePool:
         """Let the engines finish what they hold (within ``drain_s``), then make sure they are gone."""
         self._stopping = True
         for slot in self.slots:
-            self._send(slot, msg.Stop(drain_s))
+            with contextlib.suppress(NotReady):  # an engine that is not connected is killed below
+                self._send(slot, msg.Stop(drain_s))
         deadline = time.monotonic() + drain_s + 2.0
         for slot in self.slots:
             while slot.proc is not None and slot.proc.poll() is None and time.monotonic() < deadline:
@@ -189,6 +194,7 @@ class EnginePool:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._fail_all(NotReady("the service is shutting down"))
         self.ctx.destroy(0)
+        self.send_ctx.destroy(0)
         shutil.rmtree(self.dir, ignore_errors=True)
 
     @property
@@ -250,8 +256,9 @@ class EnginePool:
     async def _control(self, slot: _EngineSlot, message: Any, timeout_s: float) -> msg.ControlDone:
         future: asyncio.Future[msg.ControlDone] = asyncio.get_running_loop().create_future()
         slot.controls[message.id] = future
-        self._send(slot, message)
         try:
+            await asyncio.wait_for(slot.hello.wait(), timeout_s)  # a PUSH socket has no peer before that
+            self._send(slot, message)
             return await asyncio.wait_for(future, timeout_s)
         finally:
             slot.controls.pop(message.id, None)
@@ -290,11 +297,15 @@ class EnginePool:
             raise NotReady("the service is shutting down")
         slot, predicted = self.admit(cost, submit.deadline)
         submit.id = self._new_id(slot)
+        try:
+            self._send(slot, submit)
+        except NotReady:
+            self._owner.pop(submit.id, None)
+            raise
         future: asyncio.Future[msg.Finished] = asyncio.get_running_loop().create_future()
         pending = _Pending(slot, cost, future, time.monotonic(), predicted)
         slot.pending[submit.id] = pending
         slot.sent_rowsteps += cost.rowsteps
-        self._send(slot, submit)
         try:
             remaining = max(0.0, submit.deadline - time.monotonic())
             done = await asyncio.wait_for(asyncio.shield(future), remaining)
@@ -311,7 +322,8 @@ class EnginePool:
     def _cancel(self, slot: _EngineSlot, rid: int) -> None:
         if slot.pending.pop(rid, None) is not None:
             self._owner.pop(rid, None)
-            self._send(slot, msg.Cancel(rid))
+            with contextlib.suppress(NotReady):  # a dead engine holds nothing to cancel
+                self._send(slot, msg.Cancel(rid))
 
     def _new_id(self, slot: _EngineSlot) -> int:
         rid = next(self._ids)
@@ -319,8 +331,13 @@ class EnginePool:
         return rid
 
     def _send(self, slot: _EngineSlot, message: Any) -> None:
-        if slot.inbox is not None:
+        """Queue a message for the engine without waiting; NotReady when it cannot take it now."""
+        if slot.inbox is None:
+            raise NotReady("the engine is not running")
+        try:
             slot.inbox.send(msg.to_engine_encoder.encode(message), zmq.NOBLOCK)
+        except zmq.Again:
+            raise NotReady("the engine is not taking requests (restarting or overwhelmed)") from None
 
     # ---- replies -------------------------------------------------------------------------------------
     async def _read_replies(self) -> None:
@@ -341,6 +358,8 @@ class EnginePool:
             self._on_stats(reply)
             return
         if isinstance(reply, msg.Hello):
+            if 0 <= reply.engine < len(self.slots) and self.slots[reply.engine].generation == reply.generation:
+                self.slots[reply.engine].hello.set()
             return
         slot = self._owner.pop(reply.id, None)
         if slot is None:
@@ -372,6 +391,8 @@ class EnginePool:
             m.decode_seconds.observe(seconds)
         for seconds in stats.encodes:
             m.encode_seconds.observe(seconds)
+        if stats.invalid_paths:
+            m.invalid_beam_paths.inc(stats.invalid_paths)
         m.engine_rows.labels(str(slot.index)).set(stats.live_rows)
         m.queue_depth.set(stats.waiting)
 

@@ -83,9 +83,8 @@ class Finished(msgspec.Struct, tag="finished"):
 
     id: int
     items: list[tuple[int, float, list[int]]]
-    queued_s: float  # from arrival at the engine to its first decode step
-    encode_s: float
-    steps: int
+    queued_s: float  # from arrival at the engine to its admission into the row set
+    steps: int  # decode steps it took part in
 
 
 class Failed(msgspec.Struct, tag="failed"):
@@ -110,8 +109,8 @@ class StepStats(msgspec.Struct, tag="stats"):
 
     engine: int
     steps: list[tuple[int, int, float]]  # (requests, rows, seconds) per decode step
-    encodes: list[float]  # seconds per admitted request's encode
-    invalid_paths: int
+    encodes: list[float]  # encoder seconds of the steps at which requests joined
+    invalid_paths: int  # generated paths that were not valid items since the last report (must stay 0)
     backlog_rowsteps: int  # row x step units still to compute (live rows' remaining steps + waiting)
     received_rowsteps: int  # total row x step units of every Submit received so far
     live_rows: int

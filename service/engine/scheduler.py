@@ -38,7 +38,6 @@ class _Live:
     submit: msg.Submit
     arrived: float
     started: float = 0.0
-    encode_s: float = 0.0
     rowsteps: int = 0
     steps_done: int = 0
     steps: int = 0
@@ -156,21 +155,19 @@ class Scheduler:
             if version is None:
                 self.emit(msg.Failed(head.submit.id, "not_loaded", f"model version {head.submit.version} was unloaded"))
                 continue
-            started = time.perf_counter()
             try:
-                version.search.add(head.submit.id, _request(head.submit))
+                version.search.add(head.submit.id, _request(head.submit))  # encoded at its first step
             except ValueError as exc:
                 self.emit(msg.Failed(head.submit.id, "invalid", str(exc)))
                 continue
-            head.encode_s = time.perf_counter() - started
             head.started = time.monotonic()
-            self._encode_log.append(head.encode_s)
             version.live[head.submit.id] = head
             rows += head.rows
             count += 1
 
     def _step_version(self, number: int, version: _Version) -> None:
         rows, requests = version.search.rows, len(version.live)
+        encoded, invalid = version.search.stats.encode_seconds, version.search.stats.invalid_paths
         started = time.perf_counter()
         try:
             finished = version.search.step()
@@ -182,6 +179,8 @@ class Scheduler:
             version.live.clear()
             return
         self._step_log.append((requests, rows, time.perf_counter() - started))
+        if version.search.stats.encode_seconds > encoded:  # requests that joined at this step were encoded
+            self._encode_log.append(version.search.stats.encode_seconds - encoded)
         for running in version.live.values():
             running.steps_done += 1
         for rid, result in finished:
@@ -189,8 +188,8 @@ class Scheduler:
             if done is None:
                 continue
             items = [(int(it.item), float(it.score), [int(c) for c in it.semantic_id]) for it in result.items]
-            self.emit(msg.Finished(rid, items, done.started - done.arrived, done.encode_s, done.steps_done))
-        self._invalid_paths = int(getattr(version.search.stats, "invalid_paths", 0))
+            self.emit(msg.Finished(rid, items, done.started - done.arrived, done.steps_done))
+        self._invalid_paths += version.search.stats.invalid_paths - invalid
 
     # ---- state ---------------------------------------------------------------------------------------
     @property
@@ -224,7 +223,7 @@ class Scheduler:
             self.live_rows,
             len(self.waiting),
         )
-        self._step_log, self._encode_log = [], []
+        self._step_log, self._encode_log, self._invalid_paths = [], [], 0
         return report
 
     def fail_everything(self, why: str) -> None:
