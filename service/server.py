@@ -128,16 +128,27 @@ class ServiceProcess:
         log.info("feature store preloaded", extra={"users": written, "path": str(path)})
 
     async def _lifecycle(self) -> None:
-        """First load + warm-up (then ready), then polling for new versions."""
+        """First load + warm-up, then polling for new versions; readiness follows the engines meanwhile."""
         models = self.state.models
-        first = asyncio.create_task(models.poll_forever())
-        while models.current is None and not first.done():
-            await asyncio.sleep(0.02)
-        if models.current is not None:
-            self.state.metrics.ready.set(1)
-            await self.grpc.set_serving(True)
-            log.info("ready", extra={"model": models.describe()})
-        await first
+        polling = asyncio.create_task(models.poll_forever())
+        watching = asyncio.create_task(self._follow_readiness())
+        try:
+            await polling
+            await watching
+        finally:
+            watching.cancel()
+
+    async def _follow_readiness(self) -> None:
+        """Mirror readiness into gRPC health and the ready gauge: it drops while an engine restarts."""
+        ready = False
+        while True:
+            now = self.state.ready
+            if now != ready:
+                ready = now
+                self.state.metrics.ready.set(1 if ready else 0)
+                await self.grpc.set_serving(ready)
+                log.info("ready" if ready else "not ready", extra={"model": self.state.models.describe()})
+            await asyncio.sleep(0.05)
 
     async def _shutdown(self, http: _UvicornServer, http_task: asyncio.Task[Any], lifecycle: asyncio.Task[Any]) -> None:
         """Drain within one budget: front ends and engines share ``drain_timeout_s``, they do not add up."""

@@ -119,8 +119,15 @@ class ServiceLauncher:
         """Start a service on free ports with `store` and ONEREC_* `env`; returns when /readyz is 200."""
         self._count += 1
         log_path = self.logs_dir / f"service-{self._count}.log"
-        # A short poll interval keeps the hot-reload tests fast; tests may override it.
-        merged = {"ONEREC_LOG_LEVEL": "INFO", "ONEREC_POLL_INTERVAL_S": "0.25", **(env or {})}
+        # A short poll interval keeps the hot-reload tests fast; a default deadline no loaded machine
+        # misses keeps requests that give none from ending in 429/504 on a busy CI host. Tests may
+        # override both.
+        merged = {
+            "ONEREC_LOG_LEVEL": "INFO",
+            "ONEREC_POLL_INTERVAL_S": "0.25",
+            "ONEREC_REQUEST_TIMEOUT_MS": "120000",
+            **(env or {}),
+        }
         handle = start_service(store, log_path, env=merged, args=args, ready_timeout=ready_timeout)
         self.running.append(handle)
         return handle
