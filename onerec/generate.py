@@ -1,19 +1,21 @@
-"""Trie-constrained beam search over (request, beam) rows.
+"""Trie-constrained beam search over (request, beam) rows, with rows joining and leaving between steps.
 
-One batch: encode every request once; project cross-attention K/V once per request (its beams share
-them); then decode position by position for all rows at once. Each step is one ``kernels.trie_topk``
-call, which only ever looks at the children of each row's trie node and renormalises the
-log-softmax over the allowed ones, so constraints shape the search instead of filtering its output
-(the answer still has ``num_items`` items).
+``StepSearch`` is the one search: serving adds requests to it between decode steps (iteration-level
+scheduling, as Orca and vLLM do), and ``Generator.generate`` / ``Generator.search`` add a whole batch
+and step until it is done. A request is encoded once (its cross-attention K/V shared by its beams);
+each step then decodes one position for every live row, whatever the row's request, mode, beam width
+or position. Each step is one ``kernels.trie_topk`` call, which only ever looks at the children of
+each row's trie node and renormalises the log-softmax over the allowed ones, so constraints shape the
+search instead of filtering its output (the answer still has ``num_items`` items).
 
 Bans are sorted keys ``group * num_nodes + node`` (see ``kernels.trie_topk``); every row has three
 groups: 0 = nodes with no live item (withdrawn), 1+q = request q's exclusions and own history,
 1+Q+r = items row r has already put in its session. A ban covers an inner node as soon as every live
 item under it is banned, so no beam walks into a dead end.
 
-Batch invariance: requests are padded to the widest beam of the batch with -inf beams and to the
-longest history with masked keys, and per-request top-B keeps the request's own width, so a request
-gets the same items alone or in any batch.
+Batch invariance: a request's rows meet other rows only in row-wise ops; its memory is padded to the
+longest history of its beam-width group with masked keys, and per-request top-B sees only its own
+beams' candidates, so a request gets the same items alone, in a batch, or joining one mid-way.
 """
 
 from __future__ import annotations
@@ -479,6 +481,7 @@ class StepSearch:
             start += job.width
         survivors = [job for job in self._order if not job.dropped]
         joiners, self._pending = self._pending, []
+        self.stats.rows += sum(job.width for job in joiners)  # rows admitted, session top-ups included
         self._encode([job for job in joiners if job.enc is None], snap)
         widths = sorted({job.width for job in survivors + joiners})
         order, groups = [], []
@@ -557,7 +560,6 @@ class StepSearch:
             job.enc = state.cross_kv[:, :, b, :, : lengths[b]]  # (layers, 2, H, S_q, dh)
             job.mem_len = int(lengths[b])
         self.stats.encode_seconds += time.perf_counter() - t0
-        self.stats.rows += sum(job.width for job in jobs)
 
     def _build_groups(self, groups: list[list[_Job]]) -> None:
         """Per beam width: the members' memory K/V padded to the group's longest history, and a mask."""
@@ -587,6 +589,17 @@ class StepSearch:
             start = stop
         self._groups, self._group_base = new_groups, bases
 
+    def _row_groups_of(self, groups: tuple[int, ...]) -> torch.Tensor:
+        """(R, G) ban groups of each row for the given kinds (0 dead, 1 request, 2 session); built once."""
+        cols = self._row_groups_cache.get(groups)
+        if cols is None:
+            rows = self._q_of_row.shape[0]
+            session = 1 + len(self._order) + torch.arange(rows, device=self.device)
+            parts = [self._group_columns[g] if g < 2 else session for g in groups]
+            cols = torch.stack(parts, 1) if parts else self._q_of_row.new_zeros(rows, 1)
+            self._row_groups_cache[groups] = cols
+        return cols
+
     def _host(self, array: np.ndarray) -> torch.Tensor:
         """A host-planned index array as a tensor on the device (no copy, no op on CPU)."""
         t = torch.from_numpy(array)
@@ -607,9 +620,11 @@ class StepSearch:
         self._static_keys = torch.sort(static).values
         q_n, rows = len(self._order), int(self._widths.sum())
         self._q_of_row = torch.from_numpy(np.repeat(np.arange(q_n), self._widths)).to(dev)  # (R,)
-        self._row_groups = torch.stack(
-            [torch.zeros_like(self._q_of_row), 1 + self._q_of_row, 1 + q_n + torch.arange(rows, device=dev)], 1
-        )  # (R, 3)
+        self._group_columns = [torch.zeros_like(self._q_of_row), 1 + self._q_of_row, None]  # session: 1+Q+r
+        self._row_groups_cache: dict[tuple[int, ...], torch.Tensor] = {}
+        self._ban_groups = tuple(
+            g for g, n in ((0, dsnap.dead_nodes.shape[0]), (1, int((self._req_counts >= 0).sum()))) if n
+        )
         self._sess_base = (1 + q_n + torch.arange(rows, device=dev))[:, None] * n_nodes  # (R, 1) session groups
         self._sess_nodes = None
         self._bans_dirty = False
@@ -644,13 +659,14 @@ class StepSearch:
             groups=self._groups,
             levels=levels,
         )
-        tokens = torch.stack([self._tok, pos + w_.pos_offset], 1)  # (R, 2) rows of the input table
+        tokens = torch.stack([self._tok, self._host(pos_np + w_.pos_offset)], 1)  # (R, 2) rows of the input table
         logits = self.model.decode_step(self.model.step_input(tokens, w_), batch, w_)  # (R, V)
         k = int(widths.max())
         dsnap = self.gen._on_device(snap)
         if self._constrained:
             banned = self._static_keys
             max_slot = int(slot_np.max())
+            groups = self._ban_groups  # only the groups that have keys: each costs the kernel a lookup
             if max_slot > 0:  # rows with items behind them: ban those items for that row
                 if self._sess_nodes is None:  # an item was completed, or rows or snapshot changed
                     self._sess_nodes = self.gen._session_ban_nodes(
@@ -658,6 +674,7 @@ class StepSearch:
                     )
                 keys = _session_keys(self._sess_nodes, self._sess_base)
                 banned = torch.sort(torch.cat([self._static_keys, keys])).values
+                groups = groups + (2,)
             top = trie_topk(
                 logits,
                 self._node,
@@ -666,7 +683,7 @@ class StepSearch:
                 dsnap.child_nodes,
                 k,
                 banned,
-                self._row_groups,
+                self._row_groups_of(groups),
                 snap.num_nodes,
                 at_root=bool((level_np == 0).all()),
             )
@@ -692,7 +709,7 @@ class StepSearch:
         flat = parent * k + (choices[0] if one else torch.cat(choices))  # (R,) into (R, k)
         new_code = codes.view(-1)[flat]
         new_node = nodes.view(-1)[flat]
-        gained = torch.where(torch.isfinite(best), values.view(-1)[flat], 0.0)
+        gained = values.view(-1)[flat].nan_to_num(neginf=0.0)  # -inf only on dead beams, never read
 
         items, item_scores = self._items[parent], self._item_scores[parent]  # (R, m)
         cell = self._host(np.arange(rows) * m + slot_np)  # (R,) this step's slot of each row

@@ -11,6 +11,13 @@ is the embedding of the code generated at t-1 (a learned start vector at t = 0);
 the code of (slot, level). This saves the BOS step per item (m*D steps instead of m*(D+1)). The
 point-wise layout is the first D positions of the same model (one slot).
 
+Incremental decoding (``prepare_decoding``, ``step_input``, ``decode_step``, ``DecoderLayer.step``)
+serves a search whose rows sit at different positions: each row carries its own position, the
+self-attention cache (K and V of all layers in one tensor) is written at it and read up to it, rows
+are grouped by beam width for cross-attention, and each level's head runs on its rows. The stored
+weights are fused at load time (``DecodeWeights``: QKV, every layer's cross K/V, one input table)
+and never saved that way.
+
 Shapes: B requests, S history length, D levels, T = m*D decoder positions, R = B*beams rows,
 d = d_model, H heads, dh = d/H.
 """
