@@ -541,11 +541,11 @@ class StepSearch:
                 else:
                     spare[:rows].index_copy_(0, dst, self._cache.index_select(0, src))
             else:
-                moved = self._cache[:, :written].index_select(0, src)  # (len(src), written, layers, 2, d)
+                moved = self._cache[..., :written, :].index_select(0, src)  # (len(src), layers, 2, written, d)
                 if dst is None:
-                    spare[:rows, :written] = moved
+                    spare[:rows, ..., :written, :] = moved
                 else:
-                    spare[:rows, :written].index_copy_(0, dst, moved)
+                    spare[:rows, ..., :written, :].index_copy_(0, dst, moved)
         self._spare, self._cache = self._cache, spare
 
     def _encode(self, jobs: list[_Job], snap: TrieTensors) -> None:

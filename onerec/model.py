@@ -188,15 +188,15 @@ class DecoderLayer(nn.Module):
         sa = self.self_attn
         h, dh, t_hi = sa.h, sa.dh, batch.t_hi
         qkv = F.linear(rms(self.n1, x), qkv_weight)  # (R, 3d)
-        cache = batch.cache[:, :, i]  # (R, T, 2, d)
-        cache[batch.rows, batch.pos] = qkv[:, d:].view(rows, 2, d)
-        kv = cache[:, :t_hi]  # (R, t_hi, 2, d)
-        score = (qkv[:, :d].view(rows, 1, h, dh) * kv[:, :, 0].view(rows, t_hi, h, dh)).sum(-1)  # (R, t_hi, H)
+        cache = batch.cache[:, i]  # (R, 2, T, d)
+        cache[batch.rows, :, batch.pos] = qkv[:, d:].view(rows, 2, d)
+        k, v = cache[:, 0, :t_hi].view(rows, t_hi, h, dh), cache[:, 1, :t_hi].view(rows, t_hi, h, dh)
+        score = (qkv[:, :d].view(rows, 1, h, dh) * k).sum(-1)  # (R, t_hi, H)
         if batch.self_mask is not None:
             score = score + batch.self_mask
         prob = torch.softmax(score, dim=1, dtype=torch.float32)  # (R, t_hi, H)
         prob = prob if prob.dtype == x.dtype else prob.to(x.dtype)
-        att = (prob[..., None] * kv[:, :, 1].view(rows, t_hi, h, dh)).sum(1)  # (R, H, dh)
+        att = (prob[..., None] * v).sum(1)  # (R, H, dh)
         x = x + F.linear(att.view(rows, d), sa.o.weight)
         ca = self.cross_attn
         q = F.linear(rms(self.n2, x), ca.q.weight)  # (R, d)
@@ -250,7 +250,7 @@ class StepBatch:
     and each row carries its own position, so requests of both modes and any width share the step.
     """
 
-    cache: torch.Tensor  # (R, T, layers, 2, d) self-attention K/V, row r written at pos[r]
+    cache: torch.Tensor  # (R, layers, 2, T, d) self-attention K/V, row r written at pos[r]
     rows: torch.Tensor  # (R,) int64 arange, the row index of the cache write
     pos: torch.Tensor  # (R,) int64 decoder position t of each row
     t_hi: int  # max(pos) + 1: positions any row reads
@@ -435,14 +435,13 @@ class OneRecModel(nn.Module):
         return logits
 
     def allocate_cache(self, rows: int, positions: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        """Self-attention cache, (rows, positions, layers, 2, d): K and V of all layers in one tensor.
+        """Self-attention cache, (rows, layers, 2, positions, d): K and V of all layers in one tensor.
 
         Rows first, so one ``index_select`` reorders (and compacts) every layer's K and V at once;
-        positions next, so the positions written so far are one contiguous block per row and a reorder
-        can copy just them.
+        positions last but one, so a row's keys of one layer are one block that attention reads in order.
         """
         cfg = self.cfg
-        return torch.zeros(rows, positions, cfg.n_decoder_layers, 2, cfg.d_model, device=device, dtype=dtype)
+        return torch.zeros(rows, cfg.n_decoder_layers, 2, positions, cfg.d_model, device=device, dtype=dtype)
 
 
 def hash_user(user_id: str, buckets: int) -> int:
