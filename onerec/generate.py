@@ -1,19 +1,21 @@
-"""Trie-constrained beam search over (request, beam) rows.
+"""Trie-constrained beam search over (request, beam) rows, with rows joining and leaving between steps.
 
-One batch: encode every request once; project cross-attention K/V once per request (its beams share
-them); then decode position by position for all rows at once. Each step is one ``kernels.trie_topk``
-call, which only ever looks at the children of each row's trie node and renormalises the
-log-softmax over the allowed ones, so constraints shape the search instead of filtering its output
-(the answer still has ``num_items`` items).
+``StepSearch`` is the one search: serving adds requests to it between decode steps (iteration-level
+scheduling, as Orca and vLLM do), and ``Generator.generate`` / ``Generator.search`` add a whole batch
+and step until it is done. A request is encoded once (its cross-attention K/V shared by its beams);
+each step then decodes one position for every live row, whatever the row's request, mode, beam width
+or position. Each step is one ``kernels.trie_topk`` call, which only ever looks at the children of
+each row's trie node and renormalises the log-softmax over the allowed ones, so constraints shape the
+search instead of filtering its output (the answer still has ``num_items`` items).
 
 Bans are sorted keys ``group * num_nodes + node`` (see ``kernels.trie_topk``); every row has three
 groups: 0 = nodes with no live item (withdrawn), 1+q = request q's exclusions and own history,
 1+Q+r = items row r has already put in its session. A ban covers an inner node as soon as every live
 item under it is banned, so no beam walks into a dead end.
 
-Batch invariance: requests are padded to the widest beam of the batch with -inf beams and to the
-longest history with masked keys, and per-request top-B keeps the request's own width, so a request
-gets the same items alone or in any batch.
+Batch invariance: a request's rows meet other rows only in row-wise ops; its memory is padded to the
+longest history of its beam-width group with masked keys, and per-request top-B sees only its own
+beams' candidates, so a request gets the same items alone, in a batch, or joining one mid-way.
 """
 
 from __future__ import annotations
@@ -219,6 +221,24 @@ class Generator:
         q_n: int,
     ) -> torch.Tensor:
         """Add each row's already generated items (and inner nodes left with nothing allowed)."""
+        nodes = self._session_ban_nodes(session, q_of_row, req_keys, req_counts, snap)  # (R, j*D)
+        base = (1 + q_n + torch.arange(nodes.shape[0], device=self.device))[:, None] * snap.num_nodes
+        return torch.sort(torch.cat([static_keys, _session_keys(nodes, base)])).values
+
+    def _session_ban_nodes(
+        self,
+        session: torch.Tensor,
+        q_of_row: torch.Tensor,
+        req_keys: torch.Tensor,
+        req_counts: torch.Tensor,
+        snap: TrieTensors,
+    ) -> torch.Tensor:
+        """Nodes each row must not enter because of its own session: (R, j*D), -1 where none.
+
+        A node is blocked once every live item under it is either in the row's session or banned for
+        its request. Kept per row (not as keys) so a search can carry it through beam reorders.
+        session: (R, j) item per slot so far, -1 where none; q_of_row: (R,) the row's ban group - 1.
+        """
         rows, j = session.shape
         n_nodes = snap.num_nodes
         ok = session >= 0  # (R, j)
@@ -234,15 +254,18 @@ class Generator:
             req_cnt = torch.where(hit, torch.where(cnt >= 0, cnt, -cnt - 1), 0)
         remaining = snap.live_count[anc] - req_cnt - sess_cnt
         blocked = (remaining <= 0) & ok[:, :, None]
-        row_ids = torch.arange(rows, device=self.device)[:, None, None].expand_as(anc)
-        keys = (1 + q_n + row_ids[blocked]) * n_nodes + anc[blocked]
-        return torch.sort(torch.cat([static_keys, keys])).values
+        return torch.where(blocked, anc, -1).view(rows, -1)
 
     # ---- answers ------------------------------------------------------------------------------
 
     def _collect(self, req: RecRequest, q: int, beams: _Beams, snap: TrieTensors, stats: BatchStats) -> RecResult:
+        """Request q's answer from its beams: distinct live allowed items, best beam first.
+
+        Reads the snapshot through numpy (no tensor op per item): this runs once per finished request.
+        """
         banned = set(req.exclude) | (set(req.history) if req.exclude_history else set())
-        live = snap.item_live
+        live = snap.item_live.numpy()
+        codes = snap.item_codes.numpy()
         scores = beams.scores[q].tolist()
         items = beams.items[q].tolist()
         item_scores = beams.item_scores[q].tolist()
@@ -252,17 +275,25 @@ class Generator:
             if score == float("-inf"):
                 break
             for item, item_score in zip(row_items, row_scores):
-                if item < 0 or item in banned or not bool(live[item]):
+                if item < 0 or item in banned or not live[item]:
                     stats.invalid_paths += 1
                     continue
                 if item in seen:
                     continue
                 seen.add(item)
                 value = score if req.mode == "items" else item_score
-                out.append(RecItem(item, float(value), tuple(int(c) for c in snap.item_codes[item].tolist())))
+                out.append(RecItem(item, float(value), tuple(int(c) for c in codes[item])))
                 if len(out) == req.num_items:
                     return RecResult(out)
         return RecResult(out)
+
+
+def _session_keys(nodes: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """Flat ban keys base[r] + node of each row's session-banned nodes; -1 (matches no key) where none.
+
+    nodes: (R, n) node ids, -1 = none; base: (R, 1) the row's group times the node count.
+    """
+    return torch.where(nodes >= 0, base + nodes, -1).view(-1)
 
 
 def _ban_keys(
@@ -359,6 +390,7 @@ class StepSearch:
         self._widths = np.zeros(0, dtype=np.int64)  # per running job, row order
         self._snap: TrieTensors | None = None
         self._bans_dirty = True
+        self._sess_nodes: torch.Tensor | None = None  # (R, j*D) session-banned nodes per row; None = stale
 
     # ---- public -------------------------------------------------------------------------------
 
@@ -415,7 +447,7 @@ class StepSearch:
         if self._pending or self._dirty:
             self._relayout(snap)
         elif self._parent is not None:
-            self._reorder_cache(self._parent, None, len(self._parent))
+            self._reorder_cache(self._parent, None, len(self._parent), max(job.t for job in self._order))
         self._parent = None
         if not self._order:
             return []
@@ -449,6 +481,7 @@ class StepSearch:
             start += job.width
         survivors = [job for job in self._order if not job.dropped]
         joiners, self._pending = self._pending, []
+        self.stats.rows += sum(job.width for job in joiners)  # rows admitted, session top-ups included
         self._encode([job for job in joiners if job.enc is None], snap)
         widths = sorted({job.width for job in survivors + joiners})
         order, groups = [], []
@@ -466,8 +499,8 @@ class StepSearch:
                 fresh.append(row)
             row += job.width
         rows, dev = row, self.device
-        src_t = torch.from_numpy(np.concatenate(src)).to(dev) if src else None
-        dst_t = torch.from_numpy(np.concatenate(dst)).to(dev) if dst else None
+        src_t = self._host(np.concatenate(src)) if src else None
+        dst_t = self._host(np.concatenate(dst)) if dst else None
 
         def carry(old: torch.Tensor, fill: float) -> torch.Tensor:
             new = old.new_full((rows, *old.shape[1:]), fill)
@@ -483,26 +516,36 @@ class StepSearch:
         self._item_scores = carry(self._item_scores, 0.0)
         if src_t is not None:
             cache_src = self._parent[src_t] if self._parent is not None else src_t
-            self._reorder_cache(cache_src, dst_t, rows)
+            self._reorder_cache(cache_src, dst_t, rows, max(job.t for job in survivors))
         else:
-            self._reorder_cache(None, None, rows)
+            self._reorder_cache(None, None, rows, 0)
         self._order = order
         self._widths = np.array([job.width for job in order], dtype=np.int64)
         self._build_groups(groups)
         self._dirty = False
         self._bans_dirty = True
 
-    def _reorder_cache(self, src: torch.Tensor | None, dst: torch.Tensor | None, rows: int) -> None:
-        """cache'[dst] = cache[src] into the spare buffer (dst None: all rows in order), then swap."""
+    def _reorder_cache(self, src: torch.Tensor | None, dst: torch.Tensor | None, rows: int, written: int) -> None:
+        """cache'[dst] = cache[src] into the spare buffer (dst None: all rows in order), then swap.
+
+        Only the first ``written`` positions hold anything (the rest is masked out until a row writes
+        it), so when they are under half the cache only they are copied.
+        """
         spare = self._spare
         if spare.shape[0] < rows or spare is self._cache:
             spare = self.model.allocate_cache(max(rows, 2 * spare.shape[0]), self._positions, self.device, spare.dtype)
-        if src is not None:
-            old = self._cache[: int(self._cache.shape[0])]
-            if dst is None:
-                torch.index_select(old, 0, src, out=spare[:rows])
+        if src is not None and written > 0:
+            if 2 * written > self._positions:
+                if dst is None:
+                    torch.index_select(self._cache, 0, src, out=spare[:rows])
+                else:
+                    spare[:rows].index_copy_(0, dst, self._cache.index_select(0, src))
             else:
-                spare[:rows].index_copy_(0, dst, old.index_select(0, src))
+                moved = self._cache[..., :written, :].index_select(0, src)  # (len(src), layers, 2, written, d)
+                if dst is None:
+                    spare[:rows, ..., :written, :] = moved
+                else:
+                    spare[:rows, ..., :written, :].index_copy_(0, dst, moved)
         self._spare, self._cache = self._cache, spare
 
     def _encode(self, jobs: list[_Job], snap: TrieTensors) -> None:
@@ -517,7 +560,6 @@ class StepSearch:
             job.enc = state.cross_kv[:, :, b, :, : lengths[b]]  # (layers, 2, H, S_q, dh)
             job.mem_len = int(lengths[b])
         self.stats.encode_seconds += time.perf_counter() - t0
-        self.stats.rows += sum(job.width for job in jobs)
 
     def _build_groups(self, groups: list[list[_Job]]) -> None:
         """Per beam width: the members' memory K/V padded to the group's longest history, and a mask."""
@@ -547,6 +589,22 @@ class StepSearch:
             start = stop
         self._groups, self._group_base = new_groups, bases
 
+    def _row_groups_of(self, groups: tuple[int, ...]) -> torch.Tensor:
+        """(R, G) ban groups of each row for the given kinds (0 dead, 1 request, 2 session); built once."""
+        cols = self._row_groups_cache.get(groups)
+        if cols is None:
+            rows = self._q_of_row.shape[0]
+            session = 1 + len(self._order) + torch.arange(rows, device=self.device)
+            parts = [self._group_columns[g] if g < 2 else session for g in groups]
+            cols = torch.stack(parts, 1) if parts else self._q_of_row.new_zeros(rows, 1)
+            self._row_groups_cache[groups] = cols
+        return cols
+
+    def _host(self, array: np.ndarray) -> torch.Tensor:
+        """A host-planned index array as a tensor on the device (no copy, no op on CPU)."""
+        t = torch.from_numpy(array)
+        return t if self.device.type == "cpu" else t.to(self.device, non_blocking=True)
+
     def _arange_to(self, n: int) -> torch.Tensor:
         if self._arange.numel() < n:
             self._arange = torch.arange(2 * n, device=self.device)
@@ -562,48 +620,61 @@ class StepSearch:
         self._static_keys = torch.sort(static).values
         q_n, rows = len(self._order), int(self._widths.sum())
         self._q_of_row = torch.from_numpy(np.repeat(np.arange(q_n), self._widths)).to(dev)  # (R,)
-        self._row_groups = torch.stack(
-            [torch.zeros_like(self._q_of_row), 1 + self._q_of_row, 1 + q_n + torch.arange(rows, device=dev)], 1
-        )  # (R, 3)
+        self._group_columns = [torch.zeros_like(self._q_of_row), 1 + self._q_of_row, None]  # session: 1+Q+r
+        self._row_groups_cache: dict[tuple[int, ...], torch.Tensor] = {}
+        self._ban_groups = tuple(
+            g for g, n in ((0, dsnap.dead_nodes.shape[0]), (1, int((self._req_counts >= 0).sum()))) if n
+        )
+        self._sess_base = (1 + q_n + torch.arange(rows, device=dev))[:, None] * n_nodes  # (R, 1) session groups
+        self._sess_nodes = None
         self._bans_dirty = False
 
     # ---- one step -----------------------------------------------------------------------------
 
     def _decode(self, snap: TrieTensors) -> list[tuple[int, RecResult]]:
         """Decoder, constrained top-k, per-request top-B and state update for every running row."""
-        dev, depth, m, w_ = self.device, self._depth, self._m, self._weights
+        depth, m, w_ = self._depth, self._m, self._weights
         order, widths = self._order, self._widths
         t_job = np.array([job.t for job in order], dtype=np.int64)
         pos_np = np.repeat(t_job, widths)  # (R,) host copy: no device sync to plan the step
         rows = len(pos_np)
         level_np, slot_np = pos_np % depth, pos_np // depth
-        pos = torch.from_numpy(pos_np).to(dev)
+        pos = self._host(pos_np)
         t_hi = int(t_job.max()) + 1
-        self_mask = self._arange_to(t_hi)[None, :] <= pos[:, None]  # (R, t_hi)
+        self_mask = None  # every row reads all of [0, t_hi)
+        if t_job.min() + 1 < t_hi:
+            self_mask = torch.where(self._arange_to(t_hi)[None, :, None] <= pos[:, None, None], 0.0, float("-inf"))
         job_levels = np.unique(t_job % depth)
         levels: list[tuple[int, torch.Tensor | None]] = (
             [(int(job_levels[0]), None)]
             if len(job_levels) == 1
-            else [(int(lv), torch.from_numpy(np.flatnonzero(level_np == lv)).to(dev)) for lv in job_levels]
+            else [(int(lv), self._host(np.flatnonzero(level_np == lv))) for lv in job_levels]
         )
         batch = StepBatch(
             cache=self._cache[:rows],
             rows=self._arange_to(rows),
             pos=pos,
-            self_mask=self_mask[:, None, None, :],
+            t_hi=t_hi,
+            self_mask=self_mask,
             groups=self._groups,
             levels=levels,
         )
-        tokens = torch.stack([self._tok, pos + w_.pos_offset], 1)  # (R, 2) rows of the input table
+        tokens = torch.stack([self._tok, self._host(pos_np + w_.pos_offset)], 1)  # (R, 2) rows of the input table
         logits = self.model.decode_step(self.model.step_input(tokens, w_), batch, w_)  # (R, V)
         k = int(widths.max())
         dsnap = self.gen._on_device(snap)
         if self._constrained:
             banned = self._static_keys
-            if slot_np.max() > 0:  # rows with items behind them: ban those items for that row
-                banned = self.gen._with_session_bans(
-                    self._static_keys, self._items, self._q_of_row, self._req_keys, self._req_counts, dsnap, len(order)
-                )
+            max_slot = int(slot_np.max())
+            groups = self._ban_groups  # only the groups that have keys: each costs the kernel a lookup
+            if max_slot > 0:  # rows with items behind them: ban those items for that row
+                if self._sess_nodes is None:  # an item was completed, or rows or snapshot changed
+                    self._sess_nodes = self.gen._session_ban_nodes(
+                        self._items[:, :max_slot], self._q_of_row, self._req_keys, self._req_counts, dsnap
+                    )
+                keys = _session_keys(self._sess_nodes, self._sess_base)
+                banned = torch.sort(torch.cat([self._static_keys, keys])).values
+                groups = groups + (2,)
             top = trie_topk(
                 logits,
                 self._node,
@@ -612,7 +683,7 @@ class StepSearch:
                 dsnap.child_nodes,
                 k,
                 banned,
-                self._row_groups,
+                self._row_groups_of(groups),
                 snap.num_nodes,
                 at_root=bool((level_np == 0).all()),
             )
@@ -638,23 +709,26 @@ class StepSearch:
         flat = parent * k + (choices[0] if one else torch.cat(choices))  # (R,) into (R, k)
         new_code = codes.view(-1)[flat]
         new_node = nodes.view(-1)[flat]
-        gained = torch.where(torch.isfinite(best), values.view(-1)[flat], 0.0)
+        gained = values.view(-1)[flat].nan_to_num(neginf=0.0)  # -inf only on dead beams, never read
 
         items, item_scores = self._items[parent], self._item_scores[parent]  # (R, m)
-        cell = torch.from_numpy(np.arange(rows) * m + slot_np).to(dev)  # (R,) this step's slot of each row
+        cell = self._host(np.arange(rows) * m + slot_np)  # (R,) this step's slot of each row
         item_scores.view(-1).index_add_(0, cell, gained)
         last_np = level_np == depth - 1
+        if self._sess_nodes is not None:
+            self._sess_nodes = self._sess_nodes[parent]  # the session bans follow their beams
         if last_np.any():  # rows finishing an item: record it and go back to the root
+            self._sess_nodes = None  # sessions changed: recompute their bans at the next step
             leaf = torch.where(new_node >= 0, dsnap.node_item[new_node.clamp(min=0)], -1)
             if last_np.all():
                 items.view(-1).index_copy_(0, cell, leaf)
                 new_node = new_node.clamp(max=0)
             else:
-                idx = torch.from_numpy(np.flatnonzero(last_np)).to(dev)
+                idx = self._host(np.flatnonzero(last_np))
                 items.view(-1).index_copy_(0, cell[idx], leaf[idx])
-                new_node = torch.where(torch.from_numpy(last_np).to(dev), new_node.clamp(max=0), new_node)
+                new_node = torch.where(self._host(last_np), new_node.clamp(max=0), new_node)
         offsets = np.asarray(w_.code_offset, dtype=np.int64)[level_np]  # table row of code 0 of the level
-        self._tok = new_code.clamp(min=0) + torch.from_numpy(offsets).to(dev)
+        self._tok = new_code.clamp(min=0) + self._host(offsets)
         self._scores, self._node, self._items, self._item_scores = best, new_node, items, item_scores
         self._parent = parent
         self.stats.steps += 1

@@ -260,7 +260,8 @@ def test_generate_and_search_run_on_step_search(gen: Generator) -> None:
     results, stats = gen.generate(MIX)
     for got, req in zip(results, MIX):
         assert_same(got, alone(gen, req))
-    assert stats.rows == sum(gen._width(r) for r in MIX)
+    assert stats.rows >= sum(gen._width(r) for r in MIX)  # and any session top-up's rows
+    assert stats.rows_stepped >= stats.rows * len(SIZES)
     assert stats.invalid_paths == 0 and stats.decode_seconds > 0 and stats.encode_seconds > 0
     beams = gen.search(MIX, gen.trie.tensors, slots=SESSION)
     assert beams.scores.shape == (4, 8) and beams.items.shape == (4, 8, SESSION)
@@ -281,3 +282,26 @@ def test_fused_weights_follow_in_place_changes(gen: Generator) -> None:
     fresh = alone(Generator(model, gen.trie), req)
     assert_same(after, fresh)
     assert [it.score for it in after.items] != [it.score for it in first.items]
+
+
+def test_catalogue_additions_between_steps_are_read_at_the_next_step() -> None:
+    g = small_world(seed=4)
+    taken = {tuple(g.trie.path_of_item(i)) for i in range(N_ITEMS)}
+    free = next(p for p in itertools.product(*[range(s) for s in SIZES]) if p not in taken)
+    req = RecRequest(history=[3, 4], num_items=N_ITEMS, mode="items", beam_width=N_ITEMS + 1, user_id="new")
+    search = StepSearch(g)
+    search.add(0, req)
+    new_item = g.trie.add(free)  # after add(), before the first step: the search must see it
+    out: dict[int, RecResult] = {}
+    drain(search, out)
+    assert new_item in [it.item for it in out[0].items]  # the beam covers the catalogue
+    assert_same(out[0], alone(g, req))
+    # and one added mid-way (new nodes appended, ids of the old ones unchanged) keeps the search valid
+    search = StepSearch(g)
+    search.add(0, RecRequest(history=[1], num_items=4, mode="session", beam_width=4))
+    search.step()
+    g.trie.add(next(p for p in itertools.product(*[range(s) for s in SIZES]) if p not in taken and p != free))
+    drain(search, out)
+    assert len(out[0].items) == 4 and search.stats.invalid_paths == 0
+    for it in out[0].items:
+        assert g.trie.item_of_path(it.semantic_id) == it.item
