@@ -38,10 +38,10 @@ COPY onerec ./onerec
 COPY service ./service
 COPY loadtest ./loadtest
 
-# 1. the dependencies (and the package, replaced below); 2. the gRPC stubs into service/_proto, so the
-# wheel carries them: the root filesystem is read-only at run time; 3. the wheel, installed in place
-# of the first install; 4. checks that fail the build: stubs current, package imports from the venv
-# (python -P: not from the source tree in the working directory), and triton present only in the CUDA variant.
+# 1. the dependencies (and the package, replaced below); 2. the gRPC stubs into service/_proto, so
+# the wheel carries them: the root filesystem is read-only at run time; 3. the wheel, installed in
+# place of the first install; 4. checks that fail the build: stubs current, the package imports from
+# the venv (python -P: not from the source tree here), triton present only in the CUDA variant.
 RUN extras=""; if [ "${RUNTIME}" = "cuda" ]; then extras="[gpu]"; fi \
  && pip install -c constraints.txt ".${extras}" \
  && python -m service.proto_gen \
