@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 STORE ?= model-store
 MODEL ?= demo
 
-.PHONY: install proto serve demo-model test lint bench-kernels clean
+.PHONY: install proto serve demo-model test test-deploy lint bench-kernels clean
 
 install: $(STAMP) proto
 
@@ -14,7 +14,7 @@ install: $(STAMP) proto
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -e '.[dev,bench]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev,bench,gpu]'
 	touch $(STAMP)
 
 # gRPC stubs are generated from proto/ at install time, never committed.
@@ -33,10 +33,16 @@ serve: demo-model
 test: install
 	$(PY) -m pytest -q
 
+# Only the deployment checks (Dockerfile, compose, Kubernetes, Prometheus, Grafana; about a minute).
+test-deploy: install
+	$(PY) -m pytest -q tests/test_deploy_*.py tests/test_service_deploy.py
+
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy service model_store kernels
+	$(VENV)/bin/hadolint Dockerfile
+	$(VENV)/bin/check-jsonschema --builtin-schema vendor.compose-spec docker-compose.yml
 
 bench-kernels: install
 	$(PY) benchmarks/kernels.py
