@@ -20,8 +20,11 @@ def small_demo_config(name: str = "demo"):
 
 @pytest.fixture(scope="session")
 def demo_build(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, dict]]:
+    import torch
+
     from onerec.build import build
 
+    torch.set_num_threads(1)  # two threads fight each other and whatever else loads a busy CI host
     store = tmp_path_factory.mktemp("demo-store")
     _, summary = build(small_demo_config(), store, progress=False)
     yield store, summary
