@@ -78,7 +78,7 @@ class CaptureWriter:
             self.metrics.capture_records.labels(result).inc(n)
 
     def _run(self) -> None:
-        handle = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - kept open across records
+        handle = _open_private(self.path)
         size = handle.tell()
         try:
             while True:
@@ -117,4 +117,11 @@ class CaptureWriter:
         handle.close()
         os.replace(self.path, self.path.with_name(self.path.name + ".1"))
         log.info("capture file rotated", extra={"path": str(self.path), "max_bytes": self.max_bytes})
-        return open(self.path, "a", encoding="utf-8")  # noqa: SIM115
+        return _open_private(self.path)
+
+
+def _open_private(path: Any) -> Any:
+    """Append-open the capture file readable by its owner only (0600): it holds user ids."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    os.fchmod(fd, 0o600)  # a file left by an older version keeps its mode otherwise
+    return os.fdopen(fd, "a", encoding="utf-8")

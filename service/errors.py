@@ -41,6 +41,15 @@ class BodyTooLarge(ServiceError):
     reason = "body_too_large"
 
 
+class RequestTimeout(ServiceError):
+    """The request body stalled past http_body_timeout_s: 408 (HTTP only)."""
+
+    http_status = 408
+    grpc_code = grpc.StatusCode.DEADLINE_EXCEEDED
+    code = "request_timeout"
+    reason = "body_timeout"
+
+
 class Overloaded(ServiceError):
     """Batcher queue full: 429 / RESOURCE_EXHAUSTED, answered at once."""
 
@@ -109,10 +118,12 @@ _OUTCOMES = {
     401: "unauthorized",
     404: "not_found",
     405: "method_not_allowed",
+    408: "request_timeout",
     409: "conflict",
     413: "body_too_large",
     422: "invalid",
     429: "overloaded",
+    499: "client_closed",
     503: "unavailable",
     504: "deadline_exceeded",
 }

@@ -10,10 +10,13 @@ the response and as trailing metadata.
 
 from __future__ import annotations
 
+import asyncio
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from pydantic import ValidationError
@@ -61,6 +64,40 @@ def recommend_response_to_proto(result: dict[str, Any]) -> Any:
         ],
         degraded=result["degraded"],
     )
+
+
+@dataclass(frozen=True)
+class _Malformed:
+    """A request body that did not parse: the servicer answers INVALID_ARGUMENT (not grpc's UNKNOWN)."""
+
+    kind: str
+    error: str
+
+
+def _lenient(message_class: Any) -> Any:
+    """A request deserializer that hands a parse failure to the servicer instead of raising in grpc."""
+
+    def parse(raw: bytes) -> Any:
+        try:
+            return message_class.FromString(raw)
+        except DecodeError as exc:
+            return _Malformed(message_class.DESCRIPTOR.name, str(exc) or "undecodable bytes")
+
+    return parse
+
+
+def _add_recommender(servicer: Any, server: grpc.aio.Server) -> None:
+    """Register onerec.v1.Recommender as the generated helper does, with lenient deserializers."""
+    service = pb2.DESCRIPTOR.services_by_name["Recommender"]
+    handlers = {
+        method.name: grpc.unary_unary_rpc_method_handler(
+            getattr(servicer, method.name),
+            request_deserializer=_lenient(getattr(pb2, method.input_type.name)),
+            response_serializer=getattr(pb2, method.output_type.name).SerializeToString,
+        )
+        for method in service.methods
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
 
 
 class RecommenderServicer(pb2_grpc.RecommenderServicer):  # type: ignore[misc]
@@ -134,11 +171,16 @@ class RecommenderServicer(pb2_grpc.RecommenderServicer):  # type: ignore[misc]
         context.set_trailing_metadata((("x-request-id", request_id),))
         status = 200
         try:
+            if isinstance(request, _Malformed):
+                raise InvalidArgument(f"body: not a valid {request.kind} message ({request.error})", field="body")
             return await handler(request, context, request_id)
         except ServiceError as exc:
             status = exc.http_status
             self.state.metrics.rejections.labels(exc.reason).inc()
             await context.abort(exc.grpc_code, exc.message)
+        except asyncio.CancelledError:  # the caller cancelled or went away: not a success, not our error
+            status = 499
+            raise
         except Exception:
             if context.cancelled():
                 status = 499
@@ -172,14 +214,24 @@ class GrpcFrontEnd:
 
     def __init__(self, state: AppState) -> None:
         self.state = state
-        limit = state.settings.max_body_bytes
+        s = state.settings
+        age_ms = int(s.grpc_max_connection_age_s * 1000)
         self.server = grpc.aio.server(
             options=[
-                ("grpc.max_receive_message_length", limit),
+                ("grpc.max_receive_message_length", s.max_body_bytes),
                 ("grpc.so_reuseport", 0),
+                # Idle or abandoned connections cost nothing for long: closed when idle, recycled by age
+                # (a stream that never sends its message ends with its connection), dead peers found
+                # by keepalive pings.
+                ("grpc.max_connection_idle_ms", int(s.http_header_timeout_s * 6000)),
+                ("grpc.max_connection_age_ms", age_ms),
+                ("grpc.max_connection_age_grace_ms", int(s.drain_timeout_s * 1000)),
+                ("grpc.keepalive_time_ms", 60000),
+                ("grpc.keepalive_timeout_ms", 20000),
+                ("grpc.max_concurrent_streams", 256),
             ]
         )
-        pb2_grpc.add_RecommenderServicer_to_server(RecommenderServicer(state), self.server)
+        _add_recommender(RecommenderServicer(state), self.server)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)

@@ -8,11 +8,12 @@ JSON access-log line. Errors are always JSON: {"error": {"code", "message", "fie
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -21,9 +22,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from service.auth import check_admin_token
 from service.errors import (
     BodyTooLarge,
+    DeadlineExceeded,
     FeatureStoreUnavailable,
     InvalidArgument,
     NotReady,
+    RequestTimeout,
     ServiceError,
     outcome_for_status,
 )
@@ -110,8 +113,10 @@ class FrontDoor:
 
         try:
             replay = await self._read_body(scope, receive, headers)
-            if replay is None:
-                await self._send_error(send_with_id, BodyTooLarge(self._too_large_message(), field="body"))
+            if isinstance(replay, ServiceError):
+                await self._send_error(send_with_id, replay)
+            elif replay is _ABANDONED:
+                status[0] = 499  # the client hung up before its body was complete: nothing is acted on
             else:
                 await self.app(scope, replay, send_with_id)
         finally:
@@ -121,27 +126,38 @@ class FrontDoor:
     def _too_large_message(self) -> str:
         return f"request body larger than {self.state.settings.max_body_bytes} bytes"
 
-    async def _read_body(self, scope: Scope, receive: Receive, headers: dict[bytes, bytes]) -> Receive | None:
-        """Buffer the body up to the limit; None when it is over (no parser ever sees it)."""
-        limit = self.state.settings.max_body_bytes
+    async def _read_body(self, scope: Scope, receive: Receive, headers: dict[bytes, bytes]) -> Any:
+        """Buffer the body; a replaying receive, or the error to answer, or _ABANDONED.
+
+        Nothing parses a body before it is complete: one over the size limit is refused (413), one
+        that stalls past ``http_body_timeout_s`` is refused (408), and one whose client hung up
+        before sending all of it is dropped without an answer, so a half-sent event is never stored.
+        """
+        settings = self.state.settings
+        limit = settings.max_body_bytes
         declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            return None
+            return BodyTooLarge(self._too_large_message(), field="body")
         if scope.get("method") not in ("POST", "PUT", "PATCH"):
             return receive
         chunks: list[bytes] = []
         size = 0
         while True:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), settings.http_body_timeout_s)
+            except asyncio.TimeoutError:
+                return RequestTimeout(f"request body not received within {settings.http_body_timeout_s:g} s")
             if message["type"] != "http.request":
-                break  # disconnect: let the app see an empty body
+                return _ABANDONED
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > limit:
-                return None
+                return BodyTooLarge(self._too_large_message(), field="body")
             chunks.append(chunk)
             if not message.get("more_body", False):
                 break
+        if declared is not None and declared.isdigit() and size != int(declared):
+            return _ABANDONED  # shorter than declared: the server never acts on part of a request
         body = b"".join(chunks)
         delivered = False
 
@@ -180,6 +196,9 @@ class FrontDoor:
             log.info("request", extra=fields)
 
 
+_ABANDONED = object()  # _read_body's answer when the client went away mid-body
+
+
 async def _no_receive() -> Message:
     return {"type": "http.disconnect"}
 
@@ -204,8 +223,10 @@ def _add_error_handlers(app: FastAPI, state: AppState) -> None:
     @app.exception_handler(ServiceError)
     async def service_error(_: Request, exc: ServiceError) -> JSONResponse:
         state.metrics.rejections.labels(exc.reason).inc()
-        if exc.http_status >= 500 and not isinstance(exc, (NotReady, FeatureStoreUnavailable)):
+        if exc.http_status >= 500 and not isinstance(exc, (NotReady, FeatureStoreUnavailable, DeadlineExceeded)):
             log.error("request failed", extra={"code": exc.code, "error": exc.message})
+        elif isinstance(exc, DeadlineExceeded):  # the caller's own budget: anyone can ask for 1 ms
+            log.warning("request failed", extra={"code": exc.code, "error": exc.message})
         headers = {"retry-after": "1"} if exc.http_status in (429, 503) else None
         return JSONResponse(error_body(exc), status_code=exc.http_status, headers=headers)
 
@@ -218,6 +239,10 @@ def _add_error_handlers(app: FastAPI, state: AppState) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400:  # the body did not parse: the documented 422, naming the body, counted
+            error = InvalidArgument(f"body: {exc.detail}", field="body")
+            state.metrics.rejections.labels(error.reason).inc()
+            return JSONResponse(error_body(error), status_code=422)
         code = outcome_for_status(exc.status_code)
         body = {
             "error": {
@@ -274,29 +299,31 @@ def _add_routes(app: FastAPI, state: AppState) -> None:
         """The loaded model, version, catalogue size, semantic-ID shape and load time."""
         return state.models.describe()
 
-    @app.post("/v1/models/reload", tags=["models"])
-    async def reload(request: Request, body: ReloadBody | None = None) -> dict[str, Any]:
-        """Admin: reload the newest valid version, or pin one ({"version": N}). Bearer token required."""
+    async def require_admin(request: Request) -> None:
+        """A dependency, so the token is checked before the body is validated: no schema for strangers."""
         check_admin_token(state.settings, request.headers.get("authorization"))
+
+    admin = [Depends(require_admin)]
+
+    @app.post("/v1/models/reload", tags=["models"], dependencies=admin)
+    async def reload(body: ReloadBody | None = None) -> dict[str, Any]:
+        """Admin: reload the newest valid version, or pin one ({"version": N}). Bearer token required."""
         outcome = await state.models.admin_reload(body.version if body is not None else None)
         return {**outcome.to_dict(), "model": state.models.describe()}
 
-    @app.post("/v1/catalog/withdraw", response_model=CatalogEditResponse, tags=["catalog"])
-    async def withdraw(request: Request, body: CatalogItemsBody) -> CatalogEditResponse:
+    @app.post("/v1/catalog/withdraw", response_model=CatalogEditResponse, tags=["catalog"], dependencies=admin)
+    async def withdraw(body: CatalogItemsBody) -> CatalogEditResponse:
         """Admin: take items out of the live catalogue (no answer after this call contains them)."""
-        check_admin_token(state.settings, request.headers.get("authorization"))
         return CatalogEditResponse(**await state.models.edit_catalog(list(body.items), [], []))
 
-    @app.post("/v1/catalog/restore", response_model=CatalogEditResponse, tags=["catalog"])
-    async def restore(request: Request, body: CatalogItemsBody) -> CatalogEditResponse:
+    @app.post("/v1/catalog/restore", response_model=CatalogEditResponse, tags=["catalog"], dependencies=admin)
+    async def restore(body: CatalogItemsBody) -> CatalogEditResponse:
         """Admin: make withdrawn items live again."""
-        check_admin_token(state.settings, request.headers.get("authorization"))
         return CatalogEditResponse(**await state.models.edit_catalog([], list(body.items), []))
 
-    @app.post("/v1/catalog/add", response_model=CatalogEditResponse, tags=["catalog"])
-    async def add(request: Request, body: CatalogAddBody) -> CatalogEditResponse:
+    @app.post("/v1/catalog/add", response_model=CatalogEditResponse, tags=["catalog"], dependencies=admin)
+    async def add(body: CatalogAddBody) -> CatalogEditResponse:
         """Admin: add an item under its semantic-ID path, without retraining."""
-        check_admin_token(state.settings, request.headers.get("authorization"))
         return CatalogEditResponse(**await state.models.edit_catalog([], [], [(body.item_id, list(body.semantic_id))]))
 
     @app.get("/healthz", tags=["ops"])

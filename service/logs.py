@@ -59,3 +59,19 @@ def configure_logging(level: str = "INFO") -> None:
 def get_logger(name: str) -> logging.Logger:
     """Module logger under the `onerec.service` namespace."""
     return logging.getLogger(f"onerec.service.{name}")
+
+
+def redact_url(url: str | None) -> str | None:
+    """The URL with any password replaced, for logs and answers (``redis://:secret@h`` -> ``redis://:***@h``)."""
+    if not url:
+        return url
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))

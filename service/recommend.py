@@ -63,11 +63,20 @@ class RecommendService:
         self.capture = capture
 
     def deadline_for(self, body_timeout_ms: int | None, transport_remaining_s: float | None) -> float:
-        """Monotonic deadline: the earliest of timeout_ms, the transport's deadline and the default."""
-        budget = (body_timeout_ms if body_timeout_ms is not None else self.settings.request_timeout_ms) / 1000.0
-        if transport_remaining_s is not None:
-            budget = min(budget, transport_remaining_s)
-        return time.monotonic() + budget
+        """Monotonic deadline: what the caller asked for, else the default, never past the maximum.
+
+        The caller's budget is the earlier of ``timeout_ms`` and the transport's (gRPC) deadline when
+        either is given; the default applies only when neither is. Both are cut to
+        ``max_request_timeout_ms``, so a 20 s gRPC deadline gets 20 s, not the 2 s default.
+        """
+        s = self.settings
+        asked = [
+            t
+            for t in (None if body_timeout_ms is None else body_timeout_ms / 1000.0, transport_remaining_s)
+            if t is not None
+        ]
+        budget = min(asked) if asked else s.request_timeout_ms / 1000.0
+        return time.monotonic() + min(budget, s.max_request_timeout_ms / 1000.0)
 
     async def recommend(self, body: RecommendBody, request_id: str, deadline: float) -> dict[str, Any]:
         """Answer one request as the HTTP JSON dict (the gRPC front end converts it)."""

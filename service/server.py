@@ -23,13 +23,14 @@ from collections.abc import Iterator
 from typing import Any
 
 import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from service.capture import CaptureWriter
 from service.engine.client import EnginePool
 from service.features import make_feature_store, read_sequence_file
 from service.grpc_api import GrpcFrontEnd
 from service.http_api import create_app
-from service.logs import configure_logging, get_logger
+from service.logs import configure_logging, get_logger, redact_url
 from service.metrics import ServiceMetrics
 from service.models import ModelManager
 from service.recommend import RecommendService
@@ -37,6 +38,56 @@ from service.settings import Settings
 from service.state import AppState
 
 log = get_logger("server")
+
+
+class _GuardedH11(H11Protocol):
+    """uvicorn's h11 protocol with a deadline on request headers.
+
+    uvicorn cancels its keep-alive timer on every byte received and sets none before the first
+    request, so a client that connects and sends nothing, or drips a header a byte at a time, holds a
+    connection (and its memory) forever. Here every wait for a request's headers, the first one and
+    each one after a keep-alive response, must end within ``header_timeout_s``.
+    """
+
+    header_timeout_s = 10.0
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._header_timer: asyncio.TimerHandle | None = None
+        self._arm_header_timer()
+
+    def _arm_header_timer(self) -> None:
+        self._disarm_header_timer()
+        self._header_timer = self.loop.call_later(self.header_timeout_s, self._headers_too_slow)
+
+    def _disarm_header_timer(self) -> None:
+        timer = getattr(self, "_header_timer", None)
+        if timer is not None:
+            timer.cancel()
+            self._header_timer = None
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self.cycle is not None and not self.cycle.response_complete:
+            self._disarm_header_timer()  # headers are in: the body has its own timeout (FrontDoor)
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing():
+            self._arm_header_timer()
+
+    def _headers_too_slow(self) -> None:
+        self._header_timer = None
+        if (self.cycle is None or self.cycle.response_complete) and not self.transport.is_closing():
+            self.transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm_header_timer()
+        super().connection_lost(exc)
+
+
+def _guarded_protocol(header_timeout_s: float) -> type[_GuardedH11]:
+    return type("GuardedH11", (_GuardedH11,), {"header_timeout_s": header_timeout_s})
 
 
 class _UvicornServer(uvicorn.Server):
@@ -95,6 +146,8 @@ class ServiceProcess:
                 access_log=False,
                 timeout_graceful_shutdown=int(max(1, s.drain_timeout_s)),
                 timeout_keep_alive=5,
+                http=_guarded_protocol(s.http_header_timeout_s),
+                limit_concurrency=s.max_connections,
             )
         )
         http_task = asyncio.create_task(http.serve(), name="http")
@@ -178,7 +231,9 @@ def _bound_port(http: uvicorn.Server) -> int | None:
 def serve(settings: Settings) -> int:
     """Entry point of `onerec serve` / `python -m service`."""
     configure_logging(settings.log_level)
-    log.info("starting", extra={"settings": settings.model_dump(mode="json", exclude={"admin_token"})})
+    shown = settings.model_dump(mode="json", exclude={"admin_token"})
+    shown["redis_url"] = redact_url(settings.redis_url)
+    log.info("starting", extra={"settings": shown})
     return asyncio.run(_run(settings))
 
 

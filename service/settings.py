@@ -27,6 +27,18 @@ class Settings(BaseSettings):
     http_port: int = Field(default=8000, ge=0, le=65535, description="HTTP port (0 = pick a free one)")
     grpc_host: str = Field(default="0.0.0.0", description="gRPC bind address")
     grpc_port: int = Field(default=50051, ge=0, le=65535, description="gRPC port (0 = pick a free one)")
+    http_header_timeout_s: float = Field(
+        default=10.0, gt=0, description="close an HTTP connection whose request headers take longer than this"
+    )
+    http_body_timeout_s: float = Field(
+        default=10.0, gt=0, description="answer 408 and close when a request body stalls longer than this"
+    )
+    max_connections: int = Field(
+        default=2048, ge=1, description="HTTP connections and requests at once; beyond it new ones get 503"
+    )
+    grpc_max_connection_age_s: float = Field(
+        default=300.0, gt=0, description="gRPC connections are recycled after this (streams left idle end with it)"
+    )
 
     # model lifecycle
     model_store: Path = Field(default=Path("./model-store"), description="model store root directory")
@@ -78,6 +90,11 @@ class Settings(BaseSettings):
         gt=0,
         description="deadline of a request that gives neither timeout_ms nor a gRPC deadline",
     )
+    max_request_timeout_ms: float = Field(
+        default=60000.0,
+        gt=0,
+        description="longest deadline honoured: a caller's timeout_ms or gRPC deadline is cut to this",
+    )
 
     # request limits
     default_beam_width: int = Field(default=32, ge=1, description="beam width when the request gives none")
@@ -104,6 +121,8 @@ class Settings(BaseSettings):
             raise ValueError("default_beam_width must be <= max_beam_width")
         if self.default_num_items > self.max_num_items:
             raise ValueError("default_num_items must be <= max_num_items")
+        if self.request_timeout_ms > self.max_request_timeout_ms:
+            raise ValueError("request_timeout_ms must be <= max_request_timeout_ms")
         return self
 
 

@@ -125,7 +125,7 @@ class ServiceLauncher:
         merged = {
             "ONEREC_LOG_LEVEL": "INFO",
             "ONEREC_POLL_INTERVAL_S": "0.25",
-            "ONEREC_REQUEST_TIMEOUT_MS": "120000",
+            "ONEREC_REQUEST_TIMEOUT_MS": "60000",
             **(env or {}),
         }
         handle = start_service(store, log_path, env=merged, args=args, ready_timeout=ready_timeout)
