@@ -77,6 +77,19 @@ class FeatureStoreUnavailable(ServiceError):
     reason = "feature_store"
 
 
+class EventsOutcomeUnknown(ServiceError):
+    """The feature store did not confirm an events write in time; it may have landed: 504.
+
+    Retry contract (README): 503 feature_store_unavailable means nothing was stored (safe to retry);
+    504 events_outcome_unknown means the write may have landed (a retry may store the events twice).
+    """
+
+    http_status = 504
+    grpc_code = grpc.StatusCode.DEADLINE_EXCEEDED
+    code = "events_outcome_unknown"
+    reason = "feature_store"
+
+
 class DeadlineExceeded(ServiceError):
     """The request's deadline passed before its answer was ready: 504 / DEADLINE_EXCEEDED."""
 
@@ -134,3 +147,10 @@ def outcome_for_status(status: int) -> str:
     if 200 <= status < 400:
         return "ok"
     return _OUTCOMES.get(status, "internal" if status >= 500 else "client_error")
+
+
+def events_write_failed(kind: str) -> ServiceError:
+    """The error to answer when an events write failed with a FeatureStoreError of this kind."""
+    if kind == "timeout":
+        return EventsOutcomeUnknown("feature store did not confirm in time; the events may or may not be stored")
+    return FeatureStoreUnavailable(f"feature store unavailable ({kind}); events not stored")

@@ -23,6 +23,7 @@ recovery needs no operator.
 from __future__ import annotations
 
 import asyncio
+import collections
 import time
 from collections.abc import Awaitable, Iterable, Mapping
 from typing import Any, TypeVar
@@ -118,26 +119,45 @@ class FeatureStore:
 
 
 class EmbeddedFeatureStore(FeatureStore):
-    """In-process store: a dict of lists, touched only from the event loop thread."""
+    """In-process store: an LRU of lists, touched only from the event loop thread.
+
+    Bounded by ``max_users``: anyone can call /v1/events with new user ids, so the least recently
+    used user is evicted (and counted) rather than letting memory grow without end.
+    """
 
     backend = "embedded"
 
-    def __init__(self, metrics: ServiceMetrics | None = None) -> None:
+    def __init__(self, metrics: ServiceMetrics | None = None, max_users: int = 100_000) -> None:
         super().__init__(metrics)
-        self._histories: dict[str, list[str]] = {}
+        self.max_users = max_users
+        self._histories: collections.OrderedDict[str, list[str]] = collections.OrderedDict()
+        if metrics is not None:
+            metrics.fs_evictions.labels(self.backend)
 
     async def _get(self, user_id: str, limit: int) -> list[str]:
-        return list(self._histories.get(user_id, ())[-limit:])
+        history = self._histories.get(user_id)
+        if history is None:
+            return []
+        self._histories.move_to_end(user_id)
+        return list(history[-limit:])
 
     async def _append(self, user_id: str, items: list[str], limit: int) -> list[str]:
         history = (self._histories.get(user_id, []) + list(items))[-limit:]
-        self._histories[user_id] = history
+        self._put(user_id, history)
         return list(history)
 
     async def _load(self, histories: Mapping[str, list[str]], limit: int) -> int:
         for user_id, items in histories.items():
-            self._histories[user_id] = list(items)[-limit:]
+            self._put(user_id, list(items)[-limit:])
         return len(histories)
+
+    def _put(self, user_id: str, history: list[str]) -> None:
+        self._histories[user_id] = history
+        self._histories.move_to_end(user_id)
+        while len(self._histories) > self.max_users:
+            self._histories.popitem(last=False)
+            if self.metrics is not None:
+                self.metrics.fs_evictions.labels(self.backend).inc()
 
     def describe(self) -> dict[str, Any]:
         return {"backend": self.backend, "users": len(self._histories)}
@@ -156,6 +176,7 @@ class RedisFeatureStore(FeatureStore):
         retry_after_s: float = 0.5,
         metrics: ServiceMetrics | None = None,
         bulk_timeout_s: float = 60.0,
+        ttl_s: int = 0,
     ) -> None:
         super().__init__(metrics)
         import redis.asyncio as aioredis
@@ -166,6 +187,7 @@ class RedisFeatureStore(FeatureStore):
         self.timeout_s = timeout_s
         self.retry_after_s = retry_after_s
         self.bulk_timeout_s = bulk_timeout_s
+        self.ttl_s = ttl_s  # 0 = keys never expire
         self._skip_until = 0.0
         self._was_down = False
         # No client-side retries: the request path has a budget of a few ms and its own fallback.
@@ -215,6 +237,8 @@ class RedisFeatureStore(FeatureStore):
         async with self.client.pipeline(transaction=True) as pipe:
             pipe.rpush(key, *items)
             pipe.ltrim(key, -limit, -1)
+            if self.ttl_s:
+                pipe.expire(key, self.ttl_s)
             pipe.lrange(key, 0, -1)
             results = await pipe.execute()
         return list(results[-1])
@@ -240,6 +264,8 @@ class RedisFeatureStore(FeatureStore):
                 if items:
                     pipe.rpush(key, *items)
                     pipe.ltrim(key, -limit, -1)
+                    if self.ttl_s:
+                        pipe.expire(key, self.ttl_s)
                 count += 1
             await pipe.execute()
         return count
@@ -254,15 +280,18 @@ class RedisFeatureStore(FeatureStore):
         await self.client.aclose()
 
 
-def make_feature_store(
-    redis_url: str | None, timeout_ms: float, retry_after_ms: float, metrics: ServiceMetrics | None
-) -> FeatureStore:
-    """Redis when a URL is configured, else the embedded store."""
-    if redis_url:
+def make_feature_store(settings: Any, metrics: ServiceMetrics | None) -> FeatureStore:
+    """Redis when a URL is configured, else the embedded store (``settings``: service.settings.Settings)."""
+    s = settings
+    if s.redis_url:
         return RedisFeatureStore(
-            redis_url, timeout_s=timeout_ms / 1000.0, retry_after_s=retry_after_ms / 1000.0, metrics=metrics
+            s.redis_url,
+            timeout_s=s.redis_timeout_ms / 1000.0,
+            retry_after_s=s.redis_retry_after_ms / 1000.0,
+            metrics=metrics,
+            ttl_s=s.redis_history_ttl_s,
         )
-    return EmbeddedFeatureStore(metrics)
+    return EmbeddedFeatureStore(metrics, max_users=s.embedded_max_users)
 
 
 def read_sequence_file(path: str | Any) -> dict[str, list[str]]:

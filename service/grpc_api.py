@@ -22,7 +22,7 @@ from grpc_reflection.v1alpha import reflection
 from pydantic import ValidationError
 
 from service.auth import check_admin_token
-from service.errors import FeatureStoreUnavailable, InvalidArgument, NotReady, ServiceError, outcome_for_status
+from service.errors import InvalidArgument, NotReady, ServiceError, events_write_failed, outcome_for_status
 from service.features import FeatureStoreError
 from service.logs import get_logger, request_id_var
 from service.proto import pb2, pb2_grpc
@@ -159,7 +159,7 @@ class RecommenderServicer(pb2_grpc.RecommenderServicer):  # type: ignore[misc]
         try:
             history = await self.state.service.record_events(body)
         except FeatureStoreError as exc:
-            raise FeatureStoreUnavailable(f"feature store unavailable ({exc.kind}); events not stored") from None
+            raise events_write_failed(exc.kind) from None
         return pb2.RecordEventsResponse(request_id=request_id, user_id=body.user_id, history=history)
 
     async def _call(self, endpoint: str, context: grpc.aio.ServicerContext, handler: Any, request: Any) -> Any:

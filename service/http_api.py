@@ -28,6 +28,7 @@ from service.errors import (
     NotReady,
     RequestTimeout,
     ServiceError,
+    events_write_failed,
     outcome_for_status,
 )
 from service.features import FeatureStoreError
@@ -291,7 +292,7 @@ def _add_routes(app: FastAPI, state: AppState) -> None:
         try:
             history = await service.record_events(body)
         except FeatureStoreError as exc:
-            raise FeatureStoreUnavailable(f"feature store unavailable ({exc.kind}); events not stored") from None
+            raise events_write_failed(exc.kind) from None
         return EventsResponse(request_id=request_id_var.get() or "", user_id=body.user_id, history=history)
 
     @app.get("/v1/models", tags=["models"])

@@ -39,6 +39,8 @@ FAMILIES = (
     "onerec_feature_store_hits",
     "onerec_feature_store_misses",
     "onerec_feature_store_errors",
+    "onerec_feature_store_evictions",
+    "onerec_unknown_event_items",
     "onerec_degraded_responses",
     "onerec_unknown_history_items",
     "onerec_model_info",
@@ -134,6 +136,17 @@ class ServiceMetrics:
             "onerec_feature_store_errors",
             "Feature-store calls that failed, by operation and kind (timeout, connection, skipped, other).",
             ["backend", "op", "kind"],
+            registry=r,
+        )
+        self.fs_evictions = Counter(
+            "onerec_feature_store_evictions",
+            "Users evicted from the embedded store (least recently used, beyond its bound).",
+            ["backend"],
+            registry=r,
+        )
+        self.unknown_event_items = Counter(
+            "onerec_unknown_event_items",
+            "Event item ids not in the serving catalogue (dropped at write time, not stored).",
             registry=r,
         )
         self.degraded = Counter(

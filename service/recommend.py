@@ -100,11 +100,23 @@ class RecommendService:
         }
 
     async def record_events(self, body: EventsBody) -> list[str]:
-        """Append to the stored history; FeatureStoreError (-> 503) when the store is unreachable."""
+        """Append the catalogue's items to the stored history; ids it does not know are dropped and counted.
+
+        Raises FeatureStoreError when the store fails: ``kind == "timeout"`` means the outcome is
+        unknown (the write may have landed), anything else means nothing was stored.
+        """
         check_event_limits(body, self.settings)
         bundle = self.models.current
-        limit = bundle.max_history if bundle is not None else self.settings.max_history
-        return await self.features.append_events(body.user_id, list(body.items), limit)
+        items = list(body.items)
+        limit = self.settings.max_history
+        if bundle is not None:
+            known = [item for item in items if bundle.item_index(item) is not None]
+            if len(known) < len(items):
+                self.metrics.unknown_event_items.inc(len(items) - len(known))
+            items, limit = known, bundle.max_history
+        if not items:
+            return (await self.features.get_history(body.user_id, limit)) or []
+        return await self.features.append_events(body.user_id, items, limit)
 
     # ---- steps -----------------------------------------------------------------------------------
     def _capture(self, body: RecommendBody, num_items: int, beam_width: int) -> None:

@@ -101,7 +101,7 @@ class _UvicornServer(uvicorn.Server):
 def build_state(settings: Settings) -> tuple[AppState, CaptureWriter | None]:
     """Wire the components of one front-end process (no model loaded yet; engines not started)."""
     metrics = ServiceMetrics()
-    features = make_feature_store(settings.redis_url, settings.redis_timeout_ms, settings.redis_retry_after_ms, metrics)
+    features = make_feature_store(settings, metrics)
     capture = None
     if settings.capture_path is not None:
         capture = CaptureWriter(settings.capture_path, settings.capture_rate, settings.capture_max_bytes, metrics)

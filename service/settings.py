@@ -62,6 +62,14 @@ class Settings(BaseSettings):
         ge=0,
         description="after a Redis failure, skip Redis this long (answer degraded at once)",
     )
+    redis_history_ttl_s: int = Field(
+        default=30 * 24 * 3600,
+        ge=0,
+        description="Redis history keys expire this long after their last write (0 = never)",
+    )
+    embedded_max_users: int = Field(
+        default=100_000, ge=1, description="embedded store: users kept (least recently used evicted beyond it)"
+    )
     features_preload: Path | None = Field(
         default=None, description="sequence file (user item item ...) loaded into the embedded store at start"
     )

@@ -210,3 +210,64 @@ def test_a_slow_client_does_not_hold_up_shutdown(service_launcher: ServiceLaunch
     assert time.monotonic() - started < 15, "a stalled client held shutdown up"
     stalled.close()
     idle.close()
+
+
+# ---- items 7 and 8: events acknowledged honestly, user state bounded --------------------------------
+
+
+def test_events_write_outcome_is_stated_honestly() -> None:
+    from service.errors import events_write_failed
+
+    unknown, refused = events_write_failed("timeout"), events_write_failed("connection")
+    assert (unknown.http_status, unknown.code) == (
+        504,
+        "events_outcome_unknown",
+    )  # may have landed: retry may duplicate
+    assert (refused.http_status, refused.code) == (503, "feature_store_unavailable")  # nothing stored: safe to retry
+    assert unknown.grpc_code != refused.grpc_code
+
+
+def test_embedded_store_is_an_lru_with_counted_evictions() -> None:
+    import asyncio
+
+    from service.features import EmbeddedFeatureStore
+    from service.metrics import ServiceMetrics
+
+    metrics = ServiceMetrics(process_collectors=False)
+    store = EmbeddedFeatureStore(metrics, max_users=2)
+
+    async def run() -> list[list[str] | None]:
+        await store.append_events("a", ["1"], 10)
+        await store.append_events("b", ["2"], 10)
+        await store.get_history("a", 10)  # a is now the most recently used
+        await store.append_events("c", ["3"], 10)
+        return [await store.get_history(u, 10) for u in ("a", "b", "c")]
+
+    assert asyncio.run(run()) == [["1"], None, ["3"]]
+    assert metrics.fs_evictions.labels("embedded")._value.get() == 1
+
+
+def test_redis_history_keys_get_a_ttl(redis_server: Any) -> None:
+    import asyncio
+
+    import redis
+
+    from service.features import RedisFeatureStore, history_key
+
+    async def run() -> None:  # one event loop for the client's whole life
+        store = RedisFeatureStore(redis_server.url, timeout_s=2.0, ttl_s=3600)
+        await store.append_events("ttl-user", ["1", "2"], 10)
+        await store.close()
+
+    asyncio.run(run())
+    ttl = redis.Redis.from_url(redis_server.url).ttl(history_key("ttl-user"))
+    assert 3500 < ttl <= 3600
+
+
+def test_event_ids_outside_the_catalogue_are_dropped_and_counted(server: ServiceHandle) -> None:
+    before = metric(scrape(server.http_url), "onerec_unknown_event_items_total")
+    reply = httpx.post(
+        f"{server.http_url}/v1/events", json={"user_id": "evt", "items": ["1", "no-such-item", "2"]}, timeout=30
+    )
+    assert reply.status_code == 200 and reply.json()["history"] == ["1", "2"]
+    assert metric(scrape(server.http_url), "onerec_unknown_event_items_total") - before == 1
