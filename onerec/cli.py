@@ -1,20 +1,21 @@
 """The ``onerec`` command line.
 
-Offline commands (build, eval, recommend) live here; ``serve`` and ``features`` are registered by
-``service.cli`` and ``replay`` / ``traffic`` by ``loadtest.cli``, imported lazily so each package owns
-its commands and ``onerec build`` does not pay for the web stack.
+Offline commands (build, eval, recommend) live here. Other packages add theirs through the entry-point
+group ``onerec.commands`` (pyproject: ``serve``/``features`` from ``service.cli``, ``replay``/``traffic``
+from ``loadtest.cli``): each entry is a ``register(subparsers)`` function. So this package names
+nothing above it, each package owns its commands, and a package that is not installed adds none.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import sys
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
-EXTENSIONS = ("service.cli", "loadtest.cli")
+COMMAND_GROUP = "onerec.commands"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,14 +39,8 @@ def make_parser() -> argparse.ArgumentParser:
     _add_build(sub)
     _add_eval(sub)
     _add_recommend(sub)
-    for module in EXTENSIONS:
-        try:
-            ext = importlib.import_module(module)
-        except ModuleNotFoundError as exc:
-            if exc.name is not None and module.startswith(exc.name):
-                continue  # that package is not installed
-            raise
-        ext.register(sub)
+    for entry in sorted(entry_points(group=COMMAND_GROUP), key=lambda e: e.name):
+        entry.load()(sub)
     return parser
 
 
