@@ -42,6 +42,8 @@ class RewardConfig:
     epochs: int = 4
     batch_size: int = 256
     lr: float = 3e-3
+    interest: bool = False  # also train the click tower on the user's later items vs never-seen ones
+    score: str = "mean"  # R(u, S): "click" (the click tower) or "mean" (click and session towers)
     seed: int = 0
 
 
@@ -94,12 +96,18 @@ class RewardModel(nn.Module):
 
     @torch.no_grad()
     def score(self, hist_codes: torch.Tensor, hist_mask: torch.Tensor, session_codes: torch.Tensor) -> torch.Tensor:
-        """R(u, S) in [0, 1]: the mean of the towers' session-level probabilities, (B,)."""
+        """R(u, S) in [0, 1], (B,): the mean click probability of the session's items (``score="click"``),
+        or its mean with the session tower's probability (``score="mean"``)."""
         was_training = self.training
         self.eval()
         click, session = self(hist_codes, hist_mask, session_codes)
         self.train(was_training)
-        return 0.5 * (torch.sigmoid(click).mean(1) + torch.sigmoid(session))
+        clicks = torch.sigmoid(click).mean(1)
+        if self.cfg.score == "click":
+            return clicks
+        if self.cfg.score == "mean":
+            return 0.5 * (clicks + torch.sigmoid(session))
+        raise ValueError(f"unknown reward score {self.cfg.score!r}: want 'click' or 'mean'")
 
 
 class RewardSamples:
@@ -136,6 +144,31 @@ class RewardSamples:
         click = torch.from_numpy(np.concatenate([np.ones_like(neg_click), neg_click]))
         session = torch.cat([torch.ones(len(idx)), torch.zeros(len(idx))])
         return hist_codes.repeat(2, 1, 1), hist_mask.repeat(2, 1), sessions, click, session
+
+    def interest_batch(self, idx: np.ndarray, rng: np.random.Generator) -> tuple[torch.Tensor, ...]:
+        """Long-term interest for the click tower: hist (B,S,D), mask, candidates (B,m,D), labels (B,m).
+
+        Each candidate is, with even odds, one of the user's later items (anywhere after the prefix,
+        not only the next session) labelled 1, or a uniformly drawn item the user never interacted
+        with, labelled 0. Next-session positives alone teach "what follows the last item"; these teach
+        which items a user engages with at all (their topics, the popular items in them).
+        """
+        m, n_items = self.cfg.session_items, len(self.codes)
+        cand = np.zeros((len(idx), m), dtype=np.int64)
+        label = rng.random((len(idx), m)) < 0.5
+        for j, (u, p) in enumerate(self.pairs[idx]):
+            seq = self.sequences[u]
+            later = seq[p:]
+            cand[j] = rng.choice(later, size=m)
+            neg = label[j] == 0
+            draws = rng.integers(0, n_items, size=4 * m)
+            draws = draws[~np.isin(draws, seq)]
+            if len(draws) < int(neg.sum()):  # the user saw nearly everything: keep the positives only
+                label[j] = True
+                continue
+            cand[j, neg] = draws[: int(neg.sum())]
+        hist_codes, hist_mask = self.history(idx)
+        return hist_codes, hist_mask, self.codes[torch.from_numpy(cand)], torch.from_numpy(label.astype(np.float32))
 
 
 def history_tensors(
@@ -180,6 +213,10 @@ def train_reward(
             loss = F.binary_cross_entropy_with_logits(click, click_y) + F.binary_cross_entropy_with_logits(
                 session, session_y
             )
+            if cfg.interest:
+                hist, mask, cand, cand_y = samples.interest_batch(perm[start : start + cfg.batch_size], rng)
+                cand_click, _ = model(hist, mask, cand)
+                loss = loss + F.binary_cross_entropy_with_logits(cand_click, cand_y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -196,3 +233,18 @@ def auc(positive: np.ndarray, negative: np.ndarray) -> float:
     """P(a random positive scores above a random negative), ties counting half."""
     pos, neg = np.asarray(positive)[:, None], np.asarray(negative)[None, :]
     return float(((pos > neg).sum() + 0.5 * (pos == neg).sum()) / max(pos.size * neg.size, 1))
+
+
+@torch.no_grad()
+def heldout_auc(
+    reward: RewardModel, sequences: Sequence[np.ndarray], codes: np.ndarray, seed: int = 7
+) -> tuple[float, int]:
+    """R's AUC on ``sequences`` (users it did not train on): every real next session of a history prefix
+    against one sampled negative each (the negatives R is trained to reject). Returns (AUC, sessions)."""
+    held = RewardSamples(sequences, codes, reward.cfg)
+    if len(held) == 0:
+        raise ValueError(f"no held-out session: no sequence has more than {reward.cfg.session_items} items")
+    hist, mask, sessions, _, label = held.batch(np.arange(len(held)), np.random.default_rng(seed))
+    scores = reward.score(hist, mask, sessions).numpy()
+    real = label.numpy() == 1
+    return auc(scores[real], scores[~real]), int(real.sum())
