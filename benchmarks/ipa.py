@@ -70,8 +70,8 @@ HELD_OUT_SHARE = 1 / 3  # users kept out of the reward model and IPA; every figu
 
 
 def ipa_defaults(quick: bool) -> IpaConfig:
-    """The benchmark's IPA settings."""
-    return IpaConfig(share=0.1, min_users=32, n_sessions=16, epochs=2)
+    """The benchmark's IPA settings: the library's, with half the pool (200 users) sampled per iteration."""
+    return IpaConfig(share=0.5, min_users=32, n_sessions=16, epochs=2)
 
 
 @dataclass
@@ -268,7 +268,7 @@ def main() -> None:
     if args.quick:
         cfg.train = replace(cfg.train, epochs=3)
     seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
-    iterations = args.iterations or (1 if args.quick else 2)
+    iterations = args.iterations or (2 if args.quick else 4)
     ipa_cfg = parse_override(ipa_defaults(args.quick), args.overrides)
     t0 = time.perf_counter()
     per_seed = []

@@ -45,7 +45,10 @@ class IpaConfig:
     beta: float = 0.1  # DPO temperature
     epochs: int = 2  # passes over the iteration's preference pairs
     batch_size: int = 32
-    lr: float = 5e-4
+    ntp_batch_size: int = 0  # real samples per step for L_NTP (0: as many as the step's pairs)
+    lr: float = 1e-4  # 5e-4 moved every weight by ~lr per Adam step: recall fell even with lambda = 0
+    chosen_nll: float = 0.0  # weight of -log pi(chosen) per code (RPO-style), 0 = the paper's loss
+    dpo_first_slot: int = 0  # DPO log-probs sum the slots from this one on (0: the whole session)
     constrained: bool = True  # DPO log-probs renormalised over the trie's allowed codes, as beams are ranked
     seed: int = 0
 
@@ -153,6 +156,7 @@ def session_log_prob(
     user: torch.Tensor,
     session_codes: torch.Tensor,
     allowed: Sequence[torch.Tensor] | None = None,
+    first_slot: int = 0,
 ) -> torch.Tensor:
     """Teacher-forced sum of log p(code) over every code of each session: (B,). Same path as forward().
 
@@ -174,7 +178,7 @@ def session_log_prob(
         if allowed is not None:
             logits = logits.masked_fill(~allowed[lvl], float("-inf"))
         logp = torch.log_softmax(logits, dim=-1)
-        total = total + logp.gather(-1, flat[:, lvl::depth, None]).squeeze(-1).sum(1)
+        total = total + logp.gather(-1, flat[:, lvl::depth, None]).squeeze(-1)[:, first_slot:].sum(1)
     return total
 
 
@@ -273,12 +277,15 @@ def collect_pairs(
 
 
 def pair_log_probs(
-    model: OneRecModel, pairs: PreferencePairs, idx: torch.Tensor, constrained: bool
+    model: OneRecModel, pairs: PreferencePairs, idx: torch.Tensor, constrained: bool, first_slot: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """log pi(chosen) and log pi(rejected) of the pairs ``idx``, trie-renormalised when ``constrained``."""
     h, mk, u, c, r = pairs.take(idx)
     mc, mr = pairs.masks(idx, constrained)
-    return session_log_prob(model, h, mk, u, c, mc), session_log_prob(model, h, mk, u, r, mr)
+    return (
+        session_log_prob(model, h, mk, u, c, mc, first_slot),
+        session_log_prob(model, h, mk, u, r, mr, first_slot),
+    )
 
 
 @torch.no_grad()
@@ -310,7 +317,7 @@ def train_iteration(
         p.requires_grad_(True)
     n = len(pairs)
     with torch.no_grad():
-        ref_c, ref_r = pair_log_probs(reference, pairs, torch.arange(n), cfg.constrained)
+        ref_c, ref_r = pair_log_probs(reference, pairs, torch.arange(n), cfg.constrained, cfg.dpo_first_slot)
     it = IpaIteration(
         users=n,
         pairs=n,
@@ -327,12 +334,15 @@ def train_iteration(
         dpo_sum = ntp_sum = 0.0
         for start in range(0, n, cfg.batch_size):
             idx = perm[start : start + cfg.batch_size]
-            pi_c, pi_r = pair_log_probs(policy, pairs, idx, cfg.constrained)
+            pi_c, pi_r = pair_log_probs(policy, pairs, idx, cfg.constrained, cfg.dpo_first_slot)
             l_dpo = dpo_loss(pi_c, pi_r, ref_c[idx], ref_r[idx], cfg.beta)
-            ntp_idx = rng.integers(0, len(samples), size=len(idx))
+            ntp_idx = rng.integers(0, len(samples), size=cfg.ntp_batch_size or len(idx))
             l_ntp, _ = policy(*samples.batch(ntp_idx))
             opt.zero_grad(set_to_none=True)
-            (l_ntp + cfg.lam * l_dpo).backward()
+            loss = l_ntp + cfg.lam * l_dpo
+            if cfg.chosen_nll > 0:
+                loss = loss - cfg.chosen_nll * pi_c.mean() / policy.cfg.session_positions
+            loss.backward()
             torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
             opt.step()
             dpo_sum += l_dpo.item() * len(idx)

@@ -39,11 +39,16 @@ class RewardConfig:
     n_heads: int = 2
     max_history: int = 20
     session_items: int = 5
-    epochs: int = 4
+    epochs: int = 10
     batch_size: int = 256
     lr: float = 3e-3
-    interest: bool = False  # also train the click tower on the user's later items vs never-seen ones
-    score: str = "mean"  # R(u, S): "click" (the click tower) or "mean" (click and session towers)
+    swap_share: float = 0.0  # share of negatives that are another user's real session (the rest: random items)
+    popularity_feature: bool = False  # the towers also read each item's log training frequency
+    stat_buckets: int = 1 << 16  # rows of the hashed path -> frequency table
+    prefix_buckets: int = 4096  # > 0: also embed every code prefix (hashed into this many rows)
+    click_next_session: bool = False  # the click tower also learns the next-session positives and negatives
+    interest: bool = True  # also train the click tower on the user's later items vs never-seen ones
+    score: str = "click"  # R(u, S): "click" (the click tower) or "mean" (click and session towers)
     seed: int = 0
 
 
@@ -64,17 +69,45 @@ class RewardModel(nn.Module):
         d = cfg.d_model
         self.cfg = cfg
         self.codes = nn.ModuleList(nn.Embedding(v, d) for v in level_sizes)
+        self.level_sizes = list(level_sizes)
+        self.prefixes = nn.Embedding(cfg.prefix_buckets, d) if cfg.prefix_buckets > 0 else None
         self.hist_pos = nn.Embedding(cfg.max_history, d)  # recency, 0 = newest
         self.null_key = nn.Parameter(torch.zeros(1, 1, d))
         self.target_attn = nn.MultiheadAttention(d, cfg.n_heads, batch_first=True)
         self.session_attn = nn.MultiheadAttention(d, cfg.n_heads, batch_first=True)
         self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
-        self.click_tower = nn.Sequential(nn.Linear(2 * d, d), nn.ReLU(), nn.Linear(d, 1))
-        self.session_tower = nn.Sequential(nn.Linear(2 * d, d), nn.ReLU(), nn.Linear(d, 1))
+        width = 2 * d + (1 if cfg.popularity_feature else 0)
+        self.click_tower = nn.Sequential(nn.Linear(width, d), nn.ReLU(), nn.Linear(d, 1))
+        self.session_tower = nn.Sequential(nn.Linear(width, d), nn.ReLU(), nn.Linear(d, 1))
+        # log(1 + training frequency) of each item path, hashed, scaled to [0, 1] (set by set_popularity)
+        self.register_buffer("path_popularity", torch.zeros(cfg.stat_buckets if cfg.popularity_feature else 1))
+
+    def path_key(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes (..., D) -> (...,) a hash of the whole path (mixed radix over the level sizes)."""
+        key = torch.zeros_like(codes[..., 0])
+        for lvl, size in enumerate(self.level_sizes):
+            key = (key * size + codes[..., lvl] + 1) % 2_147_483_647
+        return key
+
+    def set_popularity(self, item_codes: torch.Tensor, counts: np.ndarray) -> None:
+        """Store each item's training frequency under its path's hash (observed data only)."""
+        table = torch.zeros_like(self.path_popularity)
+        value = torch.log1p(torch.as_tensor(np.asarray(counts), dtype=torch.float32))
+        table.index_add_(0, self.path_key(item_codes) % len(table), value)
+        self.path_popularity.copy_(table / table.max().clamp(min=1e-6))
 
     def embed(self, codes: torch.Tensor) -> torch.Tensor:
-        """codes (..., D) -> (..., d): sum of per-level code embeddings."""
-        return sum(emb(codes[..., lvl]) for lvl, emb in enumerate(self.codes))  # type: ignore[return-value]
+        """codes (..., D) -> (..., d): sum of per-level code embeddings, plus (with ``prefix_buckets``) an
+        embedding of every prefix c_1..c_l. Per-level codes alone are additive across levels, so they
+        cannot tell two items with the same codes at different places apart (16+16+16 numbers cannot
+        hold 400 items' popularity); prefixes can, and a new item still needs no table row."""
+        out = sum(emb(codes[..., lvl]) for lvl, emb in enumerate(self.codes))
+        if self.prefixes is not None:
+            key = torch.zeros_like(codes[..., 0])
+            for lvl, size in enumerate(self.level_sizes):
+                key = (key * size + codes[..., lvl] + 1) % 2_147_483_647  # mixed radix, kept in int64 range
+                out = out + self.prefixes((key * 40_503 + lvl) % self.prefixes.num_embeddings)
+        return out  # type: ignore[return-value]
 
     def forward(
         self, hist_codes: torch.Tensor, hist_mask: torch.Tensor, session_codes: torch.Tensor
@@ -90,6 +123,9 @@ class RewardModel(nn.Module):
         ctx, _ = self.session_attn(x, x, x, need_weights=False)
         x = self.norm2(x + ctx)
         per_item = torch.cat([x, interest], dim=-1)  # (B, m, 2d)
+        if self.cfg.popularity_feature:
+            pop = self.path_popularity[self.path_key(session_codes) % len(self.path_popularity)]
+            per_item = torch.cat([per_item, pop[..., None]], dim=-1)  # (B, m, 2d+1)
         click = self.click_tower(per_item).squeeze(-1)  # (B, m)
         session = self.session_tower(per_item.mean(1)).squeeze(-1)  # (B,)
         return click, session
@@ -135,7 +171,7 @@ class RewardSamples:
         other = rng.integers(0, len(self.pairs), size=len(idx))
         swapped = np.stack([self.sequences[u][p : p + m] for u, p in self.pairs[other]])
         random = rng.integers(0, n_items, size=(len(idx), m))
-        use_random = rng.random(len(idx)) < 0.5
+        use_random = rng.random(len(idx)) >= self.cfg.swap_share
         neg = np.where(use_random[:, None], random, swapped)
         futures = [set(self.sequences[u][p:].tolist()) for u, p in self.pairs[idx]]
         neg_click = np.array([[i in fut for i in row] for row, fut in zip(neg, futures)], dtype=np.float32)
@@ -158,7 +194,7 @@ class RewardSamples:
         label = rng.random((len(idx), m)) < 0.5
         for j, (u, p) in enumerate(self.pairs[idx]):
             seq = self.sequences[u]
-            later = seq[p:]
+            later = seq[p + m :] if len(seq) > p + m else seq[p:]  # beyond the next session when there is any
             cand[j] = rng.choice(later, size=m)
             neg = label[j] == 0
             draws = rng.integers(0, n_items, size=4 * m)
@@ -198,6 +234,9 @@ def train_reward(
     if len(samples) == 0:
         raise ValueError(f"no reward samples: no training sequence has more than {cfg.session_items} items")
     model = RewardModel(level_sizes, cfg)
+    if cfg.popularity_feature:
+        counts = np.bincount(np.concatenate(samples.sequences), minlength=len(samples.codes))
+        model.set_popularity(samples.codes, counts)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     steps = math.ceil(len(samples) / cfg.batch_size)
     report = RewardReport(samples=len(samples), epochs=cfg.epochs, seconds=0.0)
@@ -210,9 +249,9 @@ def train_reward(
         for start in range(0, len(perm), cfg.batch_size):
             hist, mask, sessions, click_y, session_y = samples.batch(perm[start : start + cfg.batch_size], rng)
             click, session = model(hist, mask, sessions)
-            loss = F.binary_cross_entropy_with_logits(click, click_y) + F.binary_cross_entropy_with_logits(
-                session, session_y
-            )
+            loss = F.binary_cross_entropy_with_logits(session, session_y)
+            if cfg.click_next_session:
+                loss = loss + F.binary_cross_entropy_with_logits(click, click_y)
             if cfg.interest:
                 hist, mask, cand, cand_y = samples.interest_batch(perm[start : start + cfg.batch_size], rng)
                 cand_click, _ = model(hist, mask, cand)
