@@ -47,6 +47,8 @@ class RewardConfig:
     stat_buckets: int = 1 << 16  # rows of the hashed path -> frequency table
     prefix_buckets: int = 4096  # > 0: also embed every code prefix (hashed into this many rows)
     click_next_session: bool = False  # the click tower also learns the next-session positives and negatives
+    interest_jumps: bool = True  # interest positives: only later items reached by a jump (see _jumps)
+    jump_max_count: int = 1  # a transition made by at most this many users is a jump
     interest: bool = True  # also train the click tower on the user's later items vs never-seen ones
     score: str = "click"  # R(u, S): "click" (the click tower) or "mean" (click and session towers)
     seed: int = 0
@@ -156,6 +158,23 @@ class RewardSamples:
         m = cfg.session_items
         pairs = [(u, p) for u, seq in enumerate(self.sequences) for p in range(1, len(seq) - m + 1)]
         self.pairs = np.array(pairs, dtype=np.int64).reshape(-1, 2)
+        self.jumps = self._jumps() if cfg.interest_jumps else None
+
+    def _jumps(self) -> list[np.ndarray]:
+        """Per sequence, True where the item does not follow its predecessor along a transition other
+        users also made: a jump (a new session, chosen by the user's own taste) rather than a step
+        along a well-trodden path (chosen by the previous item). The first item counts as a jump."""
+        n = len(self.codes)
+        pairs = np.concatenate([s[:-1] * n + s[1:] for s in self.sequences if len(s) > 1] or [np.zeros(0, np.int64)])
+        keys, counts = np.unique(pairs, return_counts=True)
+        out = []
+        for seq in self.sequences:
+            flag = np.ones(len(seq), dtype=bool)
+            if len(seq) > 1:
+                pos = np.searchsorted(keys, seq[:-1] * n + seq[1:])
+                flag[1:] = counts[pos] <= self.cfg.jump_max_count
+            out.append(flag)
+        return out
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -195,6 +214,9 @@ class RewardSamples:
         for j, (u, p) in enumerate(self.pairs[idx]):
             seq = self.sequences[u]
             later = seq[p + m :] if len(seq) > p + m else seq[p:]  # beyond the next session when there is any
+            if self.jumps is not None:
+                jumped = seq[p:][self.jumps[u][p:]]
+                later = jumped if len(jumped) else later
             cand[j] = rng.choice(later, size=m)
             neg = label[j] == 0
             draws = rng.integers(0, n_items, size=4 * m)
