@@ -288,6 +288,7 @@ def main() -> None:
         "seeds": seeds,
         "world": cfg.synthetic.as_dict(),
         "generator_train_epochs": cfg.train.epochs,
+        "base_generator_cache": None if args.cache is None else str(args.cache),  # weights reused from an earlier run
         "iterations": iterations,
         "ipa_config": {k: getattr(ipa_cfg, k) for k in ipa_cfg.__dataclass_fields__},
         "evaluation": "users held out of the reward model and of IPA (pool and evaluation users disjoint)",
