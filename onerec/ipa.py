@@ -5,13 +5,21 @@ score them with R, take the best as *chosen* and the worst as *rejected*; M_{t+1
 M_t and trains on L = L_NTP + lambda * L_DPO with a frozen copy of M_t as the DPO reference.
 
 * L_DPO = -log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r))) over the summed teacher-forced
-  log-probs of every code of the session (``session_log_prob``; unconstrained softmax, as in training).
-* L_NTP is the usual next-session loss on random batches of the real training samples, which keeps
-  M_{t+1} anchored to observed behaviour while DPO moves it towards what R prefers.
+  log-probs of every code of the session (``session_log_prob``). With ``IpaConfig.constrained`` (the
+  default) each position's softmax is renormalised over the codes the constrained search could pick
+  there (trie children with a live item the request does not ban: its history, the session's earlier
+  slots; ``allowed_codes``), so a session's log-prob is exactly the score its beam was ranked by. The
+  plain softmax (as in training) differs from that score by 5-10 nats on the demo model: it counts
+  mass on codes the search can never take, so DPO would partly push on paths nobody serves.
+* L_NTP is the usual next-session loss on random batches of the real training samples of the users
+  IPA may sample, which keeps M_{t+1} anchored to observed behaviour while DPO moves it towards
+  what R prefers.
 * Fine-tuning runs with dropout off, so the policy's log-probs are the same ones the reference and
   the serving path compute.
 
-The caller's model is never modified: ``run_ipa`` returns a new model.
+The caller's model is never modified: ``run_ipa`` returns a new model. ``run_ipa(users=pool)`` samples
+from a pool only; ``holdout_users``, ``measure_users`` and ``compare`` measure the result on users it
+never sampled (``benchmarks/ipa.py``).
 """
 
 from __future__ import annotations

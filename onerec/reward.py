@@ -4,17 +4,24 @@ Each session item attends over the user's history (target-aware attention; a lea
 is always present so an empty history still has something to attend to), the session's items then
 attend to each other, and two sigmoid towers read the result:
 
-* ``click`` (per item): the item appears in the user's later actual sequence;
+* ``click`` (per item): the user engages with the item at some later point;
 * ``session`` (pooled): the session is the user's real next session rather than a sampled one.
 
 Why these two: they are the only engagement signals the observed sequences support (no watch time,
-likes, ...). Training uses OBSERVED data only (training sequences): positives are the real next
-``m`` items after a history prefix, negatives are sampled sessions (half uniformly random items,
-half another user's real session, so the model must read the history). The synthetic world's true
-affinity is never seen here; it is what IPA is judged against.
+likes, ...). Training uses OBSERVED data only (training sequences). The session tower: the real
+next ``m`` items after a history prefix against sampled sessions (``swap_share`` of them another
+user's real session, the rest random items). The click tower (``interest``): the user's later items
+against items they never touched. Its positives are, by default, only the later items reached by a
+*jump* (a transition no other user made, ``interest_jumps``): steps along well-trodden paths say what
+follows the previous item, jumps say what this user likes. Trained on next sessions instead, R learns
+sequential plausibility, which every beam of the generator already has, and ranked the beams at
+chance against the true affinity (benchmarks/results/ipa_reward_v0_lr5e-4.json). ``score="click"``:
+R is the mean click probability. The synthetic world's true affinity is never seen here; it is what
+IPA is judged against.
 
-Items are embedded from their semantic-ID codes (sum of per-level code embeddings), like the
-generator's encoder, so the reward needs no item table.
+Items are embedded from their semantic-ID codes (sum of per-level code embeddings, like the generator's
+encoder, plus hashed embeddings of every code prefix, ``prefix_buckets``), so the reward needs no
+item table.
 """
 
 from __future__ import annotations
