@@ -9,7 +9,7 @@ M_t and trains on L = L_NTP + lambda * L_DPO with a frozen copy of M_t as the DP
   default) each position's softmax is renormalised over the codes the constrained search could pick
   there (trie children with a live item the request does not ban: its history, the session's earlier
   slots; ``allowed_codes``), so a session's log-prob is exactly the score its beam was ranked by. The
-  plain softmax (as in training) differs from that score by 5-10 nats on the demo model: it counts
+  plain softmax (as in training) differs from that score by 5-10 nats on the tests' tiny model: it counts
   mass on codes the search can never take, so DPO would partly push on paths nobody serves.
 * L_NTP is the usual next-session loss on random batches of the real training samples of the users
   IPA may sample, which keeps M_{t+1} anchored to observed behaviour while DPO moves it towards
