@@ -1,25 +1,44 @@
 """IPA benchmark: what preference alignment buys on the synthetic world, judged by the TRUE affinity.
 
-    python benchmarks/ipa.py [--quick] [--iterations N] [--out FILE]
+    python benchmarks/ipa.py [--quick] [--seeds 0 1 2] [--iterations N] [--set KEY=VALUE ...] [--out FILE]
+                             [--cache DIR] [--reward learned|popularity-oracle]
 
-Builds the demo generator (``onerec.build.demo_config``) on the default synthetic world, trains the
-reward model on the observed training sequences only, runs IPA, and prints one JSON report:
+For each seed: generate the demo synthetic world (``onerec.build.demo_config``, world seed = seed),
+build the demo generator on every user's training sequence, then split the users in two:
 
-* ``true_affinity``: mean over fixed evaluation users of sum_i true_affinity[u, i] over the items of
-  the model's top (beam 0) session, before and after IPA; the reward never saw this quantity.
-* ``recall@10`` / ``ndcg@10``: leave-one-out full-ranking metrics (items mode) on the test split,
-  before and after, so a gain in affinity is not bought by forgetting what users actually do next.
+* the **IPA pool** (two thirds): the reward model trains on these users' training sequences only,
+  and IPA samples its users (beam search, preference pairs, L_NTP batches) from them only;
+* the **evaluation users** (one third): never seen by the reward model or by IPA. Every figure
+  below is measured on them, and the run fails if any of them was sampled.
 
-``--quick`` trains fewer epochs and evaluates on fewer users (about a minute on 2 cores).
+Reported per seed and as mean +- std over seeds (one JSON document on stdout):
+
+* ``true_affinity``: mean over evaluation users of sum_i true_affinity[u, i] over the items of the
+  model's top (beam 0) session in session mode, before and after IPA, and the relative gain; the
+  reward never saw this quantity.
+* ``recall@10`` / ``ndcg@10``: leave-one-out full-ranking metrics (items mode, beam 20) on the
+  evaluation users' test rows, before and after, with the paired difference and its standard error,
+  so a gain in affinity is not bought by forgetting what users actually do next.
+* ``reward``: AUC of R on the evaluation users (their real next sessions against the sampled
+  negatives R is trained to reject), and how R's ranking of the base model's beams agrees with the
+  truth on those users (``beam_pair_agreement``: share of beam pairs R orders as the true affinity
+  does; the true affinity of R's chosen and rejected beams and of beam 0).
+
+``--quick`` trains the generator for fewer epochs and runs one seed and 2 iterations (a few minutes
+on one core); ``--set`` overrides an ``IpaConfig`` field (e.g. ``--set lam=0`` for the NTP-only
+control, ``--set constrained=false`` for the plain-softmax DPO log-probs); ``--cache`` keeps the
+trained base generators (safetensors) for reruns; ``--reward popularity-oracle`` runs IPA with a
+diagnostic reward read from the world's hidden popularity (``PopularityOracle``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
-from dataclasses import replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,104 +50,285 @@ sys.path.insert(0, str(BENCH_DIR.parent))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
 
-from onerec.build import demo_config  # noqa: E402
+from onerec.build import BuildConfig, demo_config  # noqa: E402
 from onerec.bundle import Catalog  # noqa: E402
-from onerec.data import leave_one_out, make_synthetic  # noqa: E402
-from onerec.evaluate import evaluate_generator, popularity_ranking  # noqa: E402
-from onerec.generate import Generator  # noqa: E402
-from onerec.ipa import IpaConfig, run_ipa, true_session_affinity  # noqa: E402
+from onerec.data import Split, SyntheticWorld, leave_one_out, make_synthetic  # noqa: E402
+from onerec.evaluate import popularity_ranking  # noqa: E402
+from onerec.ipa import (  # noqa: E402
+    IpaConfig,
+    UserMeasures,
+    compare,
+    holdout_users,
+    measure_users,
+    reward_truth_agreement,
+    run_ipa,
+)
 from onerec.model import OneRecModel  # noqa: E402
-from onerec.reward import train_reward  # noqa: E402
-from onerec.tokenizer import item_embeddings, residual_semantic_ids  # noqa: E402
+from onerec.reward import RewardConfig, RewardModel, heldout_auc, train_reward  # noqa: E402
+from onerec.tokenizer import SemanticIds, item_embeddings, residual_semantic_ids  # noqa: E402
 from onerec.train import train_model  # noqa: E402
 
+HELD_OUT_SHARE = 1 / 3  # users kept out of the reward model and IPA; every figure is measured on them
 
-def ranking(model: OneRecModel, catalog: Catalog, split: Any, user_ids: list[str], users: int) -> dict[str, float]:
-    rows = split.test
-    hist = rows.truncated(model.cfg.max_history)[:users]
-    ids = [user_ids[u] for u in rows.users[:users]]
-    gen = Generator(model, catalog.trie)
-    return evaluate_generator(gen, hist, rows.targets[:users], ids, ks=(10,), beam_width=20, progress=False)
+
+def ipa_defaults(quick: bool) -> IpaConfig:
+    """The benchmark's IPA settings: the library's, with half the pool (200 users) sampled per iteration."""
+    return IpaConfig(share=0.5, min_users=32, n_sessions=16, epochs=2)
+
+
+@dataclass
+class Setup:
+    """One seed's world, base generator, user partition and reward model."""
+
+    seed: int
+    world: SyntheticWorld
+    split: Split
+    sids: SemanticIds
+    catalog: Catalog
+    base: OneRecModel
+    pool: np.ndarray
+    held_out: np.ndarray
+    reward: RewardModel
+    reward_info: dict[str, Any]
+    timings: dict[str, float]
+
+    def measure(self, model: OneRecModel) -> UserMeasures:
+        users = self.held_out
+        row_of = {int(u): j for j, u in enumerate(self.split.test.users)}
+        if any(int(u) not in row_of for u in users):
+            raise ValueError("every held-out user needs a test row (sequences of at least 3 items)")
+        rows = [row_of[int(u)] for u in users]
+        return measure_users(
+            model,
+            self.catalog.trie,
+            self.world.true_affinity(users),
+            [self.split.train[u] for u in users],
+            [self.split.test.histories[j] for j in rows],
+            self.split.test.targets[rows].tolist(),
+            [self.world.data.user_ids[u] for u in users],
+        )
+
+
+Base = tuple[SyntheticWorld, Split, SemanticIds, Catalog, OneRecModel]
+
+
+def base_generator(cfg: BuildConfig, seed: int, cache: Path | None) -> Base:
+    """World, split, semantic IDs, catalogue and the trained base generator of one seed."""
+    world = make_synthetic(replace(cfg.synthetic, seed=seed))
+    data = world.data
+    split = leave_one_out(data)
+    emb = item_embeddings(split.train, data.n_items, cfg.embedding_dim, seed=seed)
+    sids = residual_semantic_ids(emb, cfg.levels, cfg.codes_per_level, seed=seed)
+    level_sizes = list(sids.level_sizes)
+    catalog = Catalog.from_codes(
+        data.item_ids, sids.codes, level_sizes, popularity_ranking(split.train_popularity(), 10)
+    )
+    torch.manual_seed(seed)
+    model = OneRecModel(replace(cfg.model, level_sizes=level_sizes))
+    path = None if cache is None else cache / f"base-seed{seed}-epochs{cfg.train.epochs}.safetensors"
+    if path is not None and path.exists():
+        model.load_state_dict(load_file(str(path)))
+        model.eval()
+    else:
+        train_model(model, split.train, data.user_ids, sids.codes, replace(cfg.train, seed=seed), progress=False)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return world, split, sids, catalog, model
+
+
+def setup(cfg: BuildConfig, seed: int, n_sessions: int, cache: Path | None = None) -> Setup:
+    timings: dict[str, float] = {}
+    t = time.perf_counter()
+    world, split, sids, catalog, base = base_generator(cfg, seed, cache)
+    timings["generator"] = time.perf_counter() - t
+    pool, held_out = holdout_users(world.data.n_users, HELD_OUT_SHARE, seed)
+    t = time.perf_counter()
+    rcfg = replace(cfg.reward, session_items=cfg.model.session_items, max_history=cfg.model.max_history, seed=seed)
+    level_sizes = list(sids.level_sizes)
+    reward, report = train_reward([split.train[u] for u in pool], sids.codes, level_sizes, rcfg, progress=False)
+    timings["reward_train"] = time.perf_counter() - t
+    t = time.perf_counter()
+    value, sessions = heldout_auc(reward, [split.train[u] for u in held_out], sids.codes)
+    info: dict[str, Any] = {"auc_heldout_users": value, "heldout_sessions": sessions}
+    info.update(
+        reward_truth_agreement(
+            base,
+            reward,
+            catalog.trie,
+            world.true_affinity(held_out),
+            [split.train[u] for u in held_out],
+            [world.data.user_ids[u] for u in held_out],
+            sids.codes,
+            n_sessions,
+        )
+    )
+    info.update(train_users=len(pool), train_loss=report.train_loss)
+    timings["reward_quality"] = time.perf_counter() - t
+    return Setup(seed, world, split, sids, catalog, base, pool, held_out, reward, info, timings)
+
+
+class PopularityOracle:
+    """DIAGNOSTIC reward (``--reward popularity-oracle``): R(u, S) = sum of log in-topic popularity of S's
+    items, read from the world's hidden parameters. It ranks the base model's beams as the true affinity
+    does 0.89 of the time (the learned R: about 0.54), so it shows what IPA's machinery (pairs, DPO,
+    NTP, the held-out evaluation) makes of a good reward. Never a recipe: it sees the ground truth."""
+
+    def __init__(self, codes: np.ndarray, popularity: np.ndarray, max_history: int):
+        self.cfg = RewardConfig(max_history=max_history)
+        self.log_pop = {tuple(c): float(np.log(v)) for c, v in zip(np.asarray(codes).tolist(), popularity)}
+
+    def score(self, hist_codes: torch.Tensor, hist_mask: torch.Tensor, session_codes: torch.Tensor) -> torch.Tensor:
+        return torch.tensor([sum(self.log_pop[tuple(c)] for c in row) for row in session_codes.tolist()])
+
+
+def align(s: Setup, ipa_cfg: IpaConfig, iterations: int) -> tuple[OneRecModel, dict[str, Any]]:
+    """IPA on the pool only; fails if it sampled a held-out user."""
+    data = s.world.data
+    aligned, report = run_ipa(
+        s.base,
+        s.reward,
+        s.catalog.trie,
+        s.split.train,
+        data.user_ids,
+        s.sids.codes,
+        iterations,
+        replace(ipa_cfg, seed=s.seed),
+        progress=False,
+        users=s.pool,
+    )
+    sampled = report.sampled_users()
+    leaked = sampled & set(s.held_out.tolist())
+    if leaked:
+        raise RuntimeError(f"IPA sampled {len(leaked)} held-out users")
+    users = {
+        "ipa_pool": len(s.pool),
+        "ipa_sampled": len(sampled),
+        "evaluated": len(s.held_out),
+        "evaluated_sampled_by_ipa": len(leaked),
+    }
+    iters = [{k: v for k, v in it.items() if k != "sampled_users"} for it in report.as_dict()]
+    return aligned, {"users": users, "per_iteration": iters}
+
+
+def run_seed(
+    cfg: BuildConfig, seed: int, ipa_cfg: IpaConfig, iterations: int, cache: Path | None, oracle: bool = False
+) -> dict[str, Any]:
+    s = setup(cfg, seed, ipa_cfg.n_sessions, cache)
+    if oracle:  # the learned R is still trained and measured (reward_info); IPA uses the oracle
+        s.reward = PopularityOracle(s.sids.codes, s.world.item_popularity, cfg.model.max_history)  # type: ignore[assignment]
+    t = time.perf_counter()
+    before = s.measure(s.base)
+    s.timings["evaluate_before"] = time.perf_counter() - t
+    t = time.perf_counter()
+    aligned, info = align(s, ipa_cfg, iterations)
+    s.timings["ipa"] = time.perf_counter() - t
+    t = time.perf_counter()
+    after = s.measure(aligned)
+    s.timings["evaluate_after"] = time.perf_counter() - t
+    return {
+        "seed": seed,
+        **compare(before, after),
+        "reward": s.reward_info,
+        **info,
+        "timings_seconds": {k: round(v, 2) for k, v in s.timings.items()},
+    }
+
+
+def mean_std(values: list[float]) -> dict[str, float]:
+    return {
+        "mean": float(statistics.fmean(values)),
+        "std": float(statistics.stdev(values)) if len(values) > 1 else 0.0,
+    }
+
+
+def summarise(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
+    pick = {
+        "true_affinity_before": ("true_affinity", "before"),
+        "true_affinity_after": ("true_affinity", "after"),
+        "true_affinity_relative_gain": ("true_affinity", "relative_gain"),
+        "recall@10_before": ("recall@10", "before"),
+        "recall@10_after": ("recall@10", "after"),
+        "recall@10_difference": ("recall@10", "difference"),
+        "ndcg@10_before": ("ndcg@10", "before"),
+        "ndcg@10_after": ("ndcg@10", "after"),
+        "reward_auc_heldout_users": ("reward", "auc_heldout_users"),
+        "reward_beam_pair_agreement": ("reward", "beam_pair_agreement"),
+    }
+    return {name: mean_std([float(r[a][b]) for r in per_seed]) for name, (a, b) in pick.items()}
+
+
+def parse_override(cfg: IpaConfig, items: list[str]) -> IpaConfig:
+    kinds = {f.name: f.type for f in fields(cfg)}
+    changes: dict[str, Any] = {}
+    for item in items:
+        key, _, raw = item.partition("=")
+        if key not in kinds:
+            raise SystemExit(f"--set: IpaConfig has no field {key!r}")
+        current = getattr(cfg, key)
+        if isinstance(current, bool):
+            changes[key] = raw.lower() in ("1", "true", "yes")
+        else:
+            changes[key] = type(current)(raw)
+    return replace(cfg, **changes)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--seeds", type=int, nargs="+", default=None)
     p.add_argument("--iterations", type=int, default=None)
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--cache", type=Path, default=None, help="keep trained base generators here (safetensors)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument(
+        "--reward",
+        choices=("learned", "popularity-oracle"),
+        default="learned",
+        help="popularity-oracle: a diagnostic R read from the world's hidden popularity (see PopularityOracle)",
+    )
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
-    torch.set_num_threads(2)
-    torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
     cfg = demo_config()
     if args.quick:
         cfg.train = replace(cfg.train, epochs=3)
-    iterations = args.iterations or (1 if args.quick else 2)
-    eval_users = 200 if args.quick else None
-    ipa_cfg = IpaConfig(share=0.05 if args.quick else 0.1, min_users=32, n_sessions=16, epochs=2)
-    timings: dict[str, float] = {}
-
-    t = time.perf_counter()
-    world = make_synthetic(cfg.synthetic)
-    data = world.data
-    split = leave_one_out(data)
-    emb = item_embeddings(split.train, data.n_items, cfg.embedding_dim, seed=0)
-    sids = residual_semantic_ids(emb, cfg.levels, cfg.codes_per_level, seed=0)
-    level_sizes = list(sids.level_sizes)
-    catalog = Catalog.from_codes(
-        data.item_ids, sids.codes, level_sizes, popularity_ranking(split.train_popularity(), 10)
-    )
-    model = OneRecModel(replace(cfg.model, level_sizes=level_sizes))
-    train_model(model, split.train, data.user_ids, sids.codes, cfg.train, progress=False)
-    timings["generator_train"] = time.perf_counter() - t
-
-    n_eval = len(split.test) if eval_users is None else min(eval_users, len(split.test))
-    aff_users = np.arange(min(128, data.n_users))
-    aff_hist = [split.train[u] for u in aff_users]
-    aff_ids = [data.user_ids[u] for u in aff_users]
-    affinity = world.true_affinity(aff_users)
-
-    def measure(m: OneRecModel) -> dict[str, float]:
-        out = ranking(m, catalog, split, data.user_ids, n_eval)
-        out["true_affinity"] = true_session_affinity(m, catalog.trie, affinity, aff_hist, aff_ids)
-        return out
-
-    before = measure(model)
-    t = time.perf_counter()
-    rcfg = replace(cfg.reward, session_items=cfg.model.session_items, max_history=cfg.model.max_history)
-    reward, reward_report = train_reward(split.train, sids.codes, level_sizes, rcfg, progress=False)
-    timings["reward_train"] = time.perf_counter() - t
-    t = time.perf_counter()
-    aligned, report = run_ipa(
-        model, reward, catalog.trie, split.train, data.user_ids, sids.codes, iterations, ipa_cfg, progress=False
-    )
-    timings["ipa"] = time.perf_counter() - t
-    after = measure(aligned)
-
+    seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
+    iterations = args.iterations or (2 if args.quick else 4)
+    ipa_cfg = parse_override(ipa_defaults(args.quick), args.overrides)
+    t0 = time.perf_counter()
+    per_seed = []
+    for seed in seeds:
+        row = run_seed(cfg, seed, ipa_cfg, iterations, args.cache, oracle=args.reward == "popularity-oracle")
+        per_seed.append(row)
+        ta, rc = row["true_affinity"], row["recall@10"]
+        print(
+            f"seed {seed}: true affinity {ta['before']:.4f} -> {ta['after']:.4f} ({100 * ta['relative_gain']:+.1f}%), "
+            f"recall@10 {rc['before']:.3f} -> {rc['after']:.3f}, reward AUC {row['reward']['auc_heldout_users']:.3f}",
+            file=sys.stderr,
+            flush=True,
+        )
     result = {
         "benchmark": "ipa",
         "quick": args.quick,
+        "seeds": seeds,
         "world": cfg.synthetic.as_dict(),
+        "generator_train_epochs": cfg.train.epochs,
+        "base_generator_cache": None if args.cache is None else str(args.cache),  # weights reused from an earlier run
         "iterations": iterations,
+        "reward_used_by_ipa": args.reward,
         "ipa_config": {k: getattr(ipa_cfg, k) for k in ipa_cfg.__dataclass_fields__},
-        "eval_users": {"ranking": n_eval, "true_affinity": len(aff_users)},
-        "true_affinity": {
-            "before": before["true_affinity"],
-            "after": after["true_affinity"],
-            "gain": after["true_affinity"] - before["true_affinity"],
-            "relative_gain": after["true_affinity"] / before["true_affinity"] - 1.0,
-        },
-        "recall@10": {"before": before["recall@10"], "after": after["recall@10"]},
-        "ndcg@10": {"before": before["ndcg@10"], "after": after["ndcg@10"]},
-        "reward_train_loss": reward_report.train_loss,
-        "per_iteration": report.as_dict(),
-        "timings_seconds": {k: round(v, 2) for k, v in timings.items()},
+        "evaluation": "users held out of the reward model and of IPA (pool and evaluation users disjoint)",
+        "summary": summarise(per_seed),
+        "per_seed": per_seed,
+        "seconds": round(time.perf_counter() - t0, 1),
     }
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:
         args.out.write_text(text + "\n")
-    print(f"true affinity {before['true_affinity']:.4f} -> {after['true_affinity']:.4f}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -5,13 +5,21 @@ score them with R, take the best as *chosen* and the worst as *rejected*; M_{t+1
 M_t and trains on L = L_NTP + lambda * L_DPO with a frozen copy of M_t as the DPO reference.
 
 * L_DPO = -log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r))) over the summed teacher-forced
-  log-probs of every code of the session (``session_log_prob``; unconstrained softmax, as in training).
-* L_NTP is the usual next-session loss on random batches of the real training samples, which keeps
-  M_{t+1} anchored to observed behaviour while DPO moves it towards what R prefers.
+  log-probs of every code of the session (``session_log_prob``). With ``IpaConfig.constrained`` (the
+  default) each position's softmax is renormalised over the codes the constrained search could pick
+  there (trie children with a live item the request does not ban: its history, the session's earlier
+  slots; ``allowed_codes``), so a session's log-prob is exactly the score its beam was ranked by. The
+  plain softmax (as in training) differs from that score by 5-10 nats on the tests' tiny model: it counts
+  mass on codes the search can never take, so DPO would partly push on paths nobody serves.
+* L_NTP is the usual next-session loss on random batches of the real training samples of the users
+  IPA may sample, which keeps M_{t+1} anchored to observed behaviour while DPO moves it towards
+  what R prefers.
 * Fine-tuning runs with dropout off, so the policy's log-probs are the same ones the reference and
   the serving path compute.
 
-The caller's model is never modified: ``run_ipa`` returns a new model.
+The caller's model is never modified: ``run_ipa`` returns a new model. ``run_ipa(users=pool)`` samples
+from a pool only; ``holdout_users``, ``measure_users`` and ``compare`` measure the result on users it
+never sampled (``benchmarks/ipa.py``).
 """
 
 from __future__ import annotations
@@ -33,6 +41,8 @@ from onerec.reward import RewardModel, history_tensors
 from onerec.train import SessionSamples
 from onerec.trie import TrieIndex
 
+Masks = list[torch.Tensor]  # per semantic-ID level, (B, m, V_l) bool: the codes a position may take
+
 
 @dataclass
 class IpaConfig:
@@ -43,7 +53,11 @@ class IpaConfig:
     beta: float = 0.1  # DPO temperature
     epochs: int = 2  # passes over the iteration's preference pairs
     batch_size: int = 32
-    lr: float = 5e-4
+    ntp_batch_size: int = 0  # real samples per step for L_NTP (0: as many as the step's pairs)
+    lr: float = 1e-4  # 5e-4 moved every weight by ~lr per Adam step: recall fell even with lambda = 0
+    chosen_nll: float = 0.0  # weight of -log pi(chosen) per code (RPO-style), 0 = the paper's loss
+    dpo_first_slot: int = 0  # DPO log-probs sum the slots from this one on (0: the whole session)
+    constrained: bool = True  # DPO log-probs renormalised over the trie's allowed codes, as beams are ranked
     seed: int = 0
 
 
@@ -58,11 +72,16 @@ class IpaIteration:
     margin_before: float = 0.0  # mean (pi_c - pi_r) - (ref_c - ref_r) before training (0 at start)
     margin_after: float = 0.0
     seconds: float = 0.0
+    sampled_users: list[int] = field(default_factory=list)  # indices of the users whose beams were paired
 
 
 @dataclass
 class IpaReport:
     iterations: list[IpaIteration] = field(default_factory=list)
+
+    def sampled_users(self) -> set[int]:
+        """Every user any iteration beam-searched and trained on."""
+        return {u for it in self.iterations for u in it.sampled_users}
 
     def as_dict(self) -> list[dict[str, object]]:
         return [{k: getattr(it, k) for k in it.__dataclass_fields__} for it in self.iterations]
@@ -70,7 +89,11 @@ class IpaReport:
 
 @dataclass
 class PreferencePairs:
-    """One iteration's training data: per user, the history and the chosen/rejected sessions' codes."""
+    """One iteration's training data: per user, the history and the chosen/rejected sessions.
+
+    ``chosen_allowed`` / ``rejected_allowed`` hold, per level, the (P, m, V_l) masks of the codes the
+    constrained search could pick at each position of that session (``allowed_codes``).
+    """
 
     hist_codes: torch.Tensor  # (P, S, D)
     hist_mask: torch.Tensor  # (P, S)
@@ -79,12 +102,59 @@ class PreferencePairs:
     rejected: torch.Tensor  # (P, m, D)
     reward_chosen: torch.Tensor  # (P,)
     reward_rejected: torch.Tensor  # (P,)
+    chosen_items: torch.Tensor  # (P, m)
+    rejected_items: torch.Tensor  # (P, m)
+    chosen_allowed: Masks
+    rejected_allowed: Masks
+    user_index: torch.Tensor  # (P,) the user's index (``user_index`` of collect_pairs, else position)
+    all_items: list[torch.Tensor] = field(default_factory=list)  # with keep_all: per pair, every valid beam (W', m)
+    all_rewards: list[torch.Tensor] = field(default_factory=list)  # ... and R of each, (W',)
 
     def __len__(self) -> int:
         return len(self.users)
 
     def take(self, idx: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return (self.hist_codes[idx], self.hist_mask[idx], self.users[idx], self.chosen[idx], self.rejected[idx])
+
+    def masks(self, idx: torch.Tensor, constrained: bool) -> tuple[Masks | None, Masks | None]:
+        """The chosen and rejected sessions' allowed-code masks for ``idx`` (None, None: plain softmax)."""
+        if not constrained:
+            return None, None
+        return [m[idx] for m in self.chosen_allowed], [m[idx] for m in self.rejected_allowed]
+
+
+def allowed_codes(
+    item_codes: torch.Tensor,
+    available: torch.Tensor,
+    session_items: torch.Tensor,
+    level_sizes: Sequence[int],
+) -> list[torch.Tensor]:
+    """The codes the constrained beam search could pick at every position of each given session.
+
+    item_codes (I, D): every item's code path; available (B, I): live items the request does not ban
+    (its history and exclusions); session_items (B, m): the session, slot by slot. Position (slot j,
+    level l) allows code v iff some available item, not already in slots < j, has the session's own
+    prefix at levels < l and code v at level l: exactly the trie children ``trie_topk`` keeps (a child
+    is banned when every live item below it is). Returns per level a (B, m, V_l) bool mask.
+
+    The masks depend on the catalogue and the session only, never on the model, so IPA computes them
+    once per preference pair.
+    """
+    b, m = session_items.shape
+    earlier = torch.zeros(b, m, item_codes.shape[0], dtype=torch.bool)
+    for j in range(1, m):  # slot j may not repeat any of slots < j
+        earlier[:, j] = earlier[:, j - 1]
+        earlier[torch.arange(b), j, session_items[:, j - 1]] = True
+    free = available[:, None, :] & ~earlier  # (B, m, I)
+    sess = item_codes[session_items]  # (B, m, D)
+    prefix_ok = torch.ones_like(free)
+    masks = []
+    for lvl, size in enumerate(level_sizes):
+        onehot = F.one_hot(item_codes[:, lvl], size).float()  # (I, V_l)
+        reach = (free & prefix_ok).float() @ onehot  # (B, m, V_l): available items under each child
+        masks.append(reach > 0)
+        prefix_ok = prefix_ok & (item_codes[None, None, :, lvl] == sess[:, :, None, lvl])
+    return masks
 
 
 def session_log_prob(
@@ -93,8 +163,15 @@ def session_log_prob(
     hist_mask: torch.Tensor,
     user: torch.Tensor,
     session_codes: torch.Tensor,
+    allowed: Sequence[torch.Tensor] | None = None,
+    first_slot: int = 0,
 ) -> torch.Tensor:
-    """Teacher-forced sum of log p(code) over every code of each session: (B,). Same path as forward()."""
+    """Teacher-forced sum of log p(code) over every code of each session: (B,). Same path as forward().
+
+    With ``allowed`` (per level a (B, m, V_l) bool mask from ``allowed_codes``) each position's
+    log-softmax is renormalised over the allowed codes only, as the constrained beam search scores a
+    path: the sum is then the beam's own score. Without it, the plain softmax of training.
+    """
     memory = model.encode(hist_codes, hist_mask, user)
     mem_mask = model.memory_mask(hist_mask)
     x = model.decoder_inputs(session_codes)
@@ -105,8 +182,11 @@ def session_log_prob(
     flat = session_codes.reshape(session_codes.shape[0], -1)  # (B, T)
     total = x.new_zeros(flat.shape[0], dtype=torch.float32)
     for lvl, head in enumerate(model.heads):
-        logp = torch.log_softmax(head(x[:, lvl::depth]).float(), dim=-1)  # (B, m, V_lvl)
-        total = total + logp.gather(-1, flat[:, lvl::depth, None]).squeeze(-1).sum(1)
+        logits = head(x[:, lvl::depth]).float()  # (B, m, V_lvl)
+        if allowed is not None:
+            logits = logits.masked_fill(~allowed[lvl], float("-inf"))
+        logp = torch.log_softmax(logits, dim=-1)
+        total = total + logp.gather(-1, flat[:, lvl::depth, None]).squeeze(-1)[:, first_slot:].sum(1)
     return total
 
 
@@ -125,12 +205,23 @@ def collect_pairs(
     codes: torch.Tensor,
     n_sessions: int,
     batch_size: int = 32,
+    user_index: Sequence[int] | None = None,
+    keep_all: bool = False,
 ) -> PreferencePairs:
-    """Beam-search N sessions per user with ``model``; chosen = best by R, rejected = worst by R."""
+    """Beam-search N sessions per user with ``model``; chosen = best by R, rejected = worst by R.
+
+    ``user_index[j]`` (default j) is recorded for user j's pair; ``keep_all`` also keeps every beam and
+    its reward (for diagnostics).
+    """
     generator = Generator(model, trie, device=str(next(model.parameters()).device))
     snap = trie.tensors
     m, cap = model.cfg.session_items, model.cfg.max_history
-    out: dict[str, list[torch.Tensor]] = {k: [] for k in ("hist", "mask", "user", "c", "r", "rc", "rr")}
+    n_items = snap.item_codes.shape[0]
+    out: dict[str, list[torch.Tensor]] = {k: [] for k in ("hist", "mask", "user", "c", "r", "rc", "rr", "ci", "ri")}
+    avail: list[torch.Tensor] = []
+    index: list[int] = []
+    all_items: list[torch.Tensor] = []
+    all_rewards: list[torch.Tensor] = []
     for start in range(0, len(histories), batch_size):
         hists = histories[start : start + batch_size]
         uids = user_ids[start : start + batch_size]
@@ -141,15 +232,21 @@ def collect_pairs(
         beams = generator.search(reqs, snap, slots=m)
         newest_first = [np.asarray(h)[::-1] for h in hists]
         hist_codes, hist_mask = history_tensors(newest_first, codes, cap)  # what the policy reads
+        pad = cap - hist_codes.shape[1]  # every batch to the full width, so pairs of all batches stack
+        hist_codes, hist_mask = F.pad(hist_codes, (0, 0, 0, pad)), F.pad(hist_mask, (0, pad))
         r_codes, r_mask = history_tensors(newest_first, codes, reward.cfg.max_history)  # what R reads
-        for q in range(len(reqs)):
+        for q, req in enumerate(reqs):
             ok = torch.isfinite(beams.scores[q]) & (beams.items[q] >= 0).all(1)  # (W,)
             if int(ok.sum()) < 2:
                 continue
-            sessions = codes[beams.items[q][ok]]  # (W', m, D)
+            items = beams.items[q][ok]  # (W', m)
+            sessions = codes[items]  # (W', m, D)
             w = len(sessions)
             r = reward.score(r_codes[q : q + 1].expand(w, -1, -1), r_mask[q : q + 1].expand(w, -1), sessions)
             best, worst = int(r.argmax()), int(r.argmin())
+            free = snap.item_live.clone()  # what the search may pick for this request (generator's bans)
+            banned = [i for i in req.history if 0 <= i < n_items] if req.exclude_history else []
+            free[torch.tensor(banned + list(req.exclude), dtype=torch.int64)] = False
             out["hist"].append(hist_codes[q])
             out["mask"].append(hist_mask[q])
             out["user"].append(torch.tensor(hash_user(uids[q], model.cfg.user_buckets)))
@@ -157,27 +254,58 @@ def collect_pairs(
             out["r"].append(sessions[worst])
             out["rc"].append(r[best])
             out["rr"].append(r[worst])
+            out["ci"].append(items[best])
+            out["ri"].append(items[worst])
+            avail.append(free)
+            index.append(start + q if user_index is None else int(user_index[start + q]))
+            if keep_all:
+                all_items.append(items)
+                all_rewards.append(r)
     if not out["user"]:
         raise ValueError("IPA found no user with at least two valid beams")
+    st = {k: torch.stack(v) for k, v in out.items()}
+    available = torch.stack(avail)
+    levels = list(model.cfg.level_sizes)
     return PreferencePairs(
-        torch.stack(out["hist"]),
-        torch.stack(out["mask"]),
-        torch.stack(out["user"]),
-        torch.stack(out["c"]),
-        torch.stack(out["r"]),
-        torch.stack(out["rc"]),
-        torch.stack(out["rr"]),
+        st["hist"],
+        st["mask"],
+        st["user"],
+        st["c"],
+        st["r"],
+        st["rc"],
+        st["rr"],
+        st["ci"],
+        st["ri"],
+        allowed_codes(snap.item_codes, available, st["ci"], levels),
+        allowed_codes(snap.item_codes, available, st["ri"], levels),
+        torch.tensor(index, dtype=torch.int64),
+        all_items,
+        all_rewards,
+    )
+
+
+def pair_log_probs(
+    model: OneRecModel, pairs: PreferencePairs, idx: torch.Tensor, constrained: bool, first_slot: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """log pi(chosen) and log pi(rejected) of the pairs ``idx``, trie-renormalised when ``constrained``."""
+    h, mk, u, c, r = pairs.take(idx)
+    mc, mr = pairs.masks(idx, constrained)
+    return (
+        session_log_prob(model, h, mk, u, c, mc, first_slot),
+        session_log_prob(model, h, mk, u, r, mr, first_slot),
     )
 
 
 @torch.no_grad()
-def log_prob_margin(policy: OneRecModel, reference: OneRecModel, pairs: PreferencePairs) -> float:
+def log_prob_margin(
+    policy: OneRecModel, reference: OneRecModel, pairs: PreferencePairs, constrained: bool = True
+) -> float:
     """Mean of (pi_c - pi_r) - (ref_c - ref_r): how much more the policy prefers chosen than the reference does."""
     policy.eval()
-    h, mk, u, c, r = pairs.take(torch.arange(len(pairs)))
-    pi = session_log_prob(policy, h, mk, u, c) - session_log_prob(policy, h, mk, u, r)
-    ref = session_log_prob(reference, h, mk, u, c) - session_log_prob(reference, h, mk, u, r)
-    return float((pi - ref).mean())
+    idx = torch.arange(len(pairs))
+    pi_c, pi_r = pair_log_probs(policy, pairs, idx, constrained)
+    ref_c, ref_r = pair_log_probs(reference, pairs, idx, constrained)
+    return float(((pi_c - pi_r) - (ref_c - ref_r)).mean())
 
 
 def train_iteration(
@@ -196,16 +324,14 @@ def train_iteration(
     for p in policy.parameters():
         p.requires_grad_(True)
     n = len(pairs)
-    all_idx = torch.arange(n)
     with torch.no_grad():
-        h, mk, u, c, r = pairs.take(all_idx)
-        ref_c, ref_r = session_log_prob(reference, h, mk, u, c), session_log_prob(reference, h, mk, u, r)
+        ref_c, ref_r = pair_log_probs(reference, pairs, torch.arange(n), cfg.constrained, cfg.dpo_first_slot)
     it = IpaIteration(
         users=n,
         pairs=n,
         reward_chosen=float(pairs.reward_chosen.mean()),
         reward_rejected=float(pairs.reward_rejected.mean()),
-        margin_before=log_prob_margin(policy, reference, pairs),
+        margin_before=log_prob_margin(policy, reference, pairs, cfg.constrained),
     )
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.0)
     steps = math.ceil(n / cfg.batch_size)
@@ -216,13 +342,15 @@ def train_iteration(
         dpo_sum = ntp_sum = 0.0
         for start in range(0, n, cfg.batch_size):
             idx = perm[start : start + cfg.batch_size]
-            h, mk, u, c, r = pairs.take(idx)
-            pi_c, pi_r = session_log_prob(policy, h, mk, u, c), session_log_prob(policy, h, mk, u, r)
+            pi_c, pi_r = pair_log_probs(policy, pairs, idx, cfg.constrained, cfg.dpo_first_slot)
             l_dpo = dpo_loss(pi_c, pi_r, ref_c[idx], ref_r[idx], cfg.beta)
-            ntp_idx = rng.integers(0, len(samples), size=len(idx))
+            ntp_idx = rng.integers(0, len(samples), size=cfg.ntp_batch_size or len(idx))
             l_ntp, _ = policy(*samples.batch(ntp_idx))
             opt.zero_grad(set_to_none=True)
-            (l_ntp + cfg.lam * l_dpo).backward()
+            loss = l_ntp + cfg.lam * l_dpo
+            if cfg.chosen_nll > 0:
+                loss = loss - cfg.chosen_nll * pi_c.mean() / policy.cfg.session_positions
+            loss.backward()
             torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
             opt.step()
             dpo_sum += l_dpo.item() * len(idx)
@@ -234,7 +362,7 @@ def train_iteration(
     bar.close()
     for p in policy.parameters():
         p.requires_grad_(False)
-    it.margin_after = log_prob_margin(policy, reference, pairs)
+    it.margin_after = log_prob_margin(policy, reference, pairs, cfg.constrained)
     return policy, it
 
 
@@ -248,15 +376,24 @@ def run_ipa(
     iterations: int,
     cfg: IpaConfig | None = None,
     progress: bool = True,
+    users: Sequence[int] | np.ndarray | None = None,
 ) -> tuple[OneRecModel, IpaReport]:
-    """Run ``iterations`` rounds of IPA; returns the final model and the per-iteration report."""
+    """Run ``iterations`` rounds of IPA; returns the final model and the per-iteration report.
+
+    ``users`` (indices into ``sequences``) is the pool IPA samples from each iteration (default: every
+    user with a history). An honest evaluation keeps its users out of it; the report lists whom each
+    iteration sampled. L_NTP's batches come from the same pool.
+    """
     cfg = cfg or IpaConfig()
     rng = np.random.default_rng(cfg.seed)
     torch.manual_seed(cfg.seed)
     code_t = torch.from_numpy(np.asarray(codes, dtype=np.int64))
-    samples = SessionSamples(sequences, user_ids, codes, model.cfg)
-    eligible = np.array([u for u, s in enumerate(sequences) if len(s) >= 1], dtype=np.int64)
+    pool = np.arange(len(sequences)) if users is None else np.asarray(users, dtype=np.int64)
+    eligible = np.array([u for u in pool.tolist() if len(sequences[u]) >= 1], dtype=np.int64)
+    if len(eligible) == 0:
+        raise ValueError("IPA has no user with a history to sample")
     n_users = min(len(eligible), max(cfg.min_users, math.ceil(cfg.share * len(eligible))))
+    samples = SessionSamples([sequences[u] for u in eligible], [user_ids[u] for u in eligible], codes, model.cfg)
     report = IpaReport()
     current = model
     for _ in range(iterations):
@@ -270,9 +407,11 @@ def run_ipa(
             [user_ids[u] for u in chosen_users],
             code_t,
             cfg.n_sessions,
+            user_index=chosen_users.tolist(),
         )
         current, it = train_iteration(current, pairs, samples, cfg, rng, progress)
         it.users = n_users
+        it.sampled_users = sorted(int(u) for u in chosen_users)
         it.seconds = time.perf_counter() - t0
         report.iterations.append(it)
     for p in model.parameters():  # collect_pairs/train_iteration froze it as the reference
@@ -281,6 +420,32 @@ def run_ipa(
 
 
 @torch.no_grad()
+def top_sessions(
+    model: OneRecModel,
+    trie: TrieIndex,
+    histories: Sequence[np.ndarray],
+    user_ids: Sequence[str],
+    beam_width: int = 16,
+    batch_size: int = 64,
+) -> np.ndarray:
+    """The items of each user's top (beam 0) session, as the service's session mode ranks them: (Q, m), -1 = none."""
+    generator = Generator(model, trie, device=str(next(model.parameters()).device))
+    out = []
+    for start in range(0, len(histories), batch_size):
+        reqs = [
+            RecRequest(history=[int(i) for i in h], mode="session", beam_width=beam_width, user_id=u)
+            for h, u in zip(histories[start : start + batch_size], user_ids[start : start + batch_size])
+        ]
+        beams = generator.search(reqs, trie.tensors, slots=model.cfg.session_items)
+        out.append(beams.items[:, 0].numpy())  # sorted by score: beam 0 is the best
+    return np.concatenate(out)
+
+
+def session_affinity(affinity: np.ndarray, sessions: np.ndarray) -> np.ndarray:
+    """Per row j: sum of affinity[j, i] over the valid items i of sessions[j]."""
+    return np.array([affinity[j, row[row >= 0]].sum() for j, row in enumerate(sessions)], dtype=np.float64)
+
+
 def true_session_affinity(
     model: OneRecModel,
     trie: TrieIndex,
@@ -293,12 +458,143 @@ def true_session_affinity(
 
     ``affinity`` is (len(histories), n_items), row j for user j (synthetic world only).
     """
+    top = top_sessions(model, trie, histories, user_ids, beam_width)
+    return float(session_affinity(affinity, top).mean())
+
+
+# --------------------------------------------------------------------------------------------------
+# Honest evaluation: users IPA never sampled, judged by the synthetic world's true affinity
+# --------------------------------------------------------------------------------------------------
+
+
+def holdout_users(n_users: int, share: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(IPA pool, held-out users): a seeded random partition with ``share`` of the users held out.
+
+    The reward model trains on the pool's sequences and ``run_ipa(users=pool)`` samples only the pool,
+    so everything measured on the held-out users is measured on users alignment never saw.
+    """
+    if not 0.0 < share < 1.0:
+        raise ValueError(f"held-out share must lie in (0, 1), got {share}")
+    perm = np.random.default_rng(10_000 + seed).permutation(n_users)
+    n_out = min(n_users - 1, max(1, int(round(share * n_users))))
+    return np.sort(perm[n_out:]), np.sort(perm[:n_out])
+
+
+@dataclass
+class UserMeasures:
+    """One model on a set of users, per user: what alignment is judged by."""
+
+    affinity: np.ndarray  # true affinity summed over the items of the top session (session mode)
+    hit10: np.ndarray  # 1 when the test item is in the items-mode top 10
+    ndcg10: np.ndarray
+
+    def summary(self) -> dict[str, float]:
+        return {
+            "true_affinity": float(self.affinity.mean()),
+            "recall@10": float(self.hit10.mean()),
+            "ndcg@10": float(self.ndcg10.mean()),
+        }
+
+
+@torch.no_grad()
+def measure_users(
+    model: OneRecModel,
+    trie: TrieIndex,
+    affinity: np.ndarray,
+    session_histories: Sequence[np.ndarray],
+    test_histories: Sequence[np.ndarray],
+    test_targets: Sequence[int],
+    user_ids: Sequence[str],
+    session_beam: int = 16,
+    ranking_beam: int = 20,
+    batch_size: int = 64,
+) -> UserMeasures:
+    """Per user j: true affinity (row j of ``affinity``) of the top session the model generates from
+    ``session_histories[j]``, and the rank of ``test_targets[j]`` in the items-mode top 10 from
+    ``test_histories[j]`` (history not excluded, as ``onerec.evaluate`` ranks)."""
+    top = top_sessions(model, trie, session_histories, user_ids, session_beam, batch_size)
     generator = Generator(model, trie, device=str(next(model.parameters()).device))
-    reqs = [
-        RecRequest(history=[int(i) for i in h], mode="session", beam_width=beam_width, user_id=u)
-        for h, u in zip(histories, user_ids)
-    ]
-    beams = generator.search(reqs, trie.tensors, slots=model.cfg.session_items)
-    top = beams.items[:, 0].numpy()  # (Q, m), sorted by score so beam 0 is the best
-    values = [affinity[j, row[row >= 0]].sum() for j, row in enumerate(top)]
-    return float(np.mean(values))
+    hit, gain = [], []
+    for start in range(0, len(test_targets), batch_size):
+        reqs = [
+            RecRequest(
+                history=[int(i) for i in h][-model.cfg.max_history :],
+                num_items=10,
+                mode="items",
+                beam_width=ranking_beam,
+                exclude_history=False,
+                user_id=u,
+            )
+            for h, u in zip(test_histories[start : start + batch_size], user_ids[start : start + batch_size])
+        ]
+        results, _ = generator.generate(reqs)
+        for res, target in zip(results, test_targets[start : start + batch_size]):
+            ranked = [it.item for it in res.items][:10]
+            pos = ranked.index(int(target)) if int(target) in ranked else -1
+            hit.append(float(pos >= 0))
+            gain.append(1.0 / math.log2(pos + 2) if pos >= 0 else 0.0)
+    return UserMeasures(session_affinity(affinity, top), np.asarray(hit), np.asarray(gain))
+
+
+def compare(before: UserMeasures, after: UserMeasures) -> dict[str, dict[str, float]]:
+    """Before/after on the same users: means, the relative affinity gain and paired differences."""
+    n = len(before.affinity)
+    d_aff = after.affinity - before.affinity
+    d_hit = after.hit10 - before.hit10
+    stderr = float(d_hit.std(ddof=1) / math.sqrt(len(d_hit))) if len(d_hit) > 1 else 0.0
+    return {
+        "true_affinity": {
+            "before": float(before.affinity.mean()),
+            "after": float(after.affinity.mean()),
+            "relative_gain": float(after.affinity.mean() / before.affinity.mean() - 1.0),
+            "users_better": float((d_aff > 1e-12).sum() / n),
+            "users_worse": float((d_aff < -1e-12).sum() / n),
+        },
+        "recall@10": {
+            "before": float(before.hit10.mean()),
+            "after": float(after.hit10.mean()),
+            "difference": float(d_hit.mean()),
+            "difference_stderr": stderr,
+        },
+        "ndcg@10": {"before": float(before.ndcg10.mean()), "after": float(after.ndcg10.mean())},
+    }
+
+
+@torch.no_grad()
+def reward_truth_agreement(
+    model: OneRecModel,
+    reward: RewardModel,
+    trie: TrieIndex,
+    affinity: np.ndarray,
+    histories: Sequence[np.ndarray],
+    user_ids: Sequence[str],
+    codes: np.ndarray,
+    n_sessions: int,
+) -> dict[str, float]:
+    """How R ranks ``model``'s N beams against the truth, per user (row j of ``affinity``).
+
+    ``beam_pair_agreement``: share of beam pairs (with different true affinity) that R orders as the
+    truth does (0.5 = chance); then the mean true affinity of the beam R would choose, the one it would
+    reject, beam 0 (what the model serves) and the truly best beam (what a perfect R could choose).
+    """
+    pairs = collect_pairs(model, reward, trie, histories, user_ids, torch.from_numpy(codes), n_sessions, keep_all=True)
+    agree = total = 0.0
+    chosen, rejected, first, best = [], [], [], []
+    for j, (items, r) in enumerate(zip(pairs.all_items, pairs.all_rewards)):
+        truth = affinity[int(pairs.user_index[j])][items.numpy()].sum(1)
+        r = r.numpy()
+        dr, dt = np.sign(r[:, None] - r[None, :]), np.sign(truth[:, None] - truth[None, :])
+        upper = np.triu(np.ones(dr.shape, dtype=bool), 1) & (dt != 0)
+        agree += float((dr[upper] == dt[upper]).sum())
+        total += float(upper.sum())
+        chosen.append(truth[r.argmax()])
+        rejected.append(truth[r.argmin()])
+        first.append(truth[0])
+        best.append(truth.max())
+    return {
+        "beam_pair_agreement": agree / max(total, 1.0),
+        "true_affinity_chosen": float(np.mean(chosen)),
+        "true_affinity_rejected": float(np.mean(rejected)),
+        "true_affinity_beam0": float(np.mean(first)),
+        "true_affinity_best_beam": float(np.mean(best)),
+    }

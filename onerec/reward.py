@@ -4,17 +4,24 @@ Each session item attends over the user's history (target-aware attention; a lea
 is always present so an empty history still has something to attend to), the session's items then
 attend to each other, and two sigmoid towers read the result:
 
-* ``click`` (per item): the item appears in the user's later actual sequence;
+* ``click`` (per item): the user engages with the item at some later point;
 * ``session`` (pooled): the session is the user's real next session rather than a sampled one.
 
 Why these two: they are the only engagement signals the observed sequences support (no watch time,
-likes, ...). Training uses OBSERVED data only (training sequences): positives are the real next
-``m`` items after a history prefix, negatives are sampled sessions (half uniformly random items,
-half another user's real session, so the model must read the history). The synthetic world's true
-affinity is never seen here; it is what IPA is judged against.
+likes, ...). Training uses OBSERVED data only (training sequences). The session tower: the real
+next ``m`` items after a history prefix against sampled sessions (``swap_share`` of them another
+user's real session, the rest random items). The click tower (``interest``): the user's later items
+against items they never touched. Its positives are, by default, only the later items reached by a
+*jump* (a transition no other user made, ``interest_jumps``): steps along well-trodden paths say what
+follows the previous item, jumps say what this user likes. Trained on next sessions instead, R learns
+sequential plausibility, which every beam of the generator already has, and ranked the beams at
+chance against the true affinity (benchmarks/results/ipa_reward_v0_lr5e-4.json). ``score="click"``:
+R is the mean click probability. The synthetic world's true affinity is never seen here; it is what
+IPA is judged against.
 
-Items are embedded from their semantic-ID codes (sum of per-level code embeddings), like the
-generator's encoder, so the reward needs no item table.
+Items are embedded from their semantic-ID codes (sum of per-level code embeddings, like the generator's
+encoder, plus hashed embeddings of every code prefix, ``prefix_buckets``), so the reward needs no
+item table.
 """
 
 from __future__ import annotations
@@ -39,9 +46,18 @@ class RewardConfig:
     n_heads: int = 2
     max_history: int = 20
     session_items: int = 5
-    epochs: int = 4
+    epochs: int = 10
     batch_size: int = 256
     lr: float = 3e-3
+    swap_share: float = 0.0  # share of negatives that are another user's real session (the rest: random items)
+    popularity_feature: bool = False  # the towers also read each item's log training frequency
+    stat_buckets: int = 1 << 16  # rows of the hashed path -> frequency table
+    prefix_buckets: int = 4096  # > 0: also embed every code prefix (hashed into this many rows)
+    click_next_session: bool = False  # the click tower also learns the next-session positives and negatives
+    interest_jumps: bool = True  # interest positives: only later items reached by a jump (see _jumps)
+    jump_max_count: int = 1  # a transition made by at most this many users is a jump
+    interest: bool = True  # also train the click tower on the user's later items vs never-seen ones
+    score: str = "click"  # R(u, S): "click" (the click tower) or "mean" (click and session towers)
     seed: int = 0
 
 
@@ -62,17 +78,45 @@ class RewardModel(nn.Module):
         d = cfg.d_model
         self.cfg = cfg
         self.codes = nn.ModuleList(nn.Embedding(v, d) for v in level_sizes)
+        self.level_sizes = list(level_sizes)
+        self.prefixes = nn.Embedding(cfg.prefix_buckets, d) if cfg.prefix_buckets > 0 else None
         self.hist_pos = nn.Embedding(cfg.max_history, d)  # recency, 0 = newest
         self.null_key = nn.Parameter(torch.zeros(1, 1, d))
         self.target_attn = nn.MultiheadAttention(d, cfg.n_heads, batch_first=True)
         self.session_attn = nn.MultiheadAttention(d, cfg.n_heads, batch_first=True)
         self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
-        self.click_tower = nn.Sequential(nn.Linear(2 * d, d), nn.ReLU(), nn.Linear(d, 1))
-        self.session_tower = nn.Sequential(nn.Linear(2 * d, d), nn.ReLU(), nn.Linear(d, 1))
+        width = 2 * d + (1 if cfg.popularity_feature else 0)
+        self.click_tower = nn.Sequential(nn.Linear(width, d), nn.ReLU(), nn.Linear(d, 1))
+        self.session_tower = nn.Sequential(nn.Linear(width, d), nn.ReLU(), nn.Linear(d, 1))
+        # log(1 + training frequency) of each item path, hashed, scaled to [0, 1] (set by set_popularity)
+        self.register_buffer("path_popularity", torch.zeros(cfg.stat_buckets if cfg.popularity_feature else 1))
+
+    def path_key(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes (..., D) -> (...,) a hash of the whole path (mixed radix over the level sizes)."""
+        key = torch.zeros_like(codes[..., 0])
+        for lvl, size in enumerate(self.level_sizes):
+            key = (key * size + codes[..., lvl] + 1) % 2_147_483_647
+        return key
+
+    def set_popularity(self, item_codes: torch.Tensor, counts: np.ndarray) -> None:
+        """Store each item's training frequency under its path's hash (observed data only)."""
+        table = torch.zeros_like(self.path_popularity)
+        value = torch.log1p(torch.as_tensor(np.asarray(counts), dtype=torch.float32))
+        table.index_add_(0, self.path_key(item_codes) % len(table), value)
+        self.path_popularity.copy_(table / table.max().clamp(min=1e-6))
 
     def embed(self, codes: torch.Tensor) -> torch.Tensor:
-        """codes (..., D) -> (..., d): sum of per-level code embeddings."""
-        return sum(emb(codes[..., lvl]) for lvl, emb in enumerate(self.codes))  # type: ignore[return-value]
+        """codes (..., D) -> (..., d): sum of per-level code embeddings, plus (with ``prefix_buckets``) an
+        embedding of every prefix c_1..c_l. Per-level codes alone are additive across levels, so they
+        cannot tell two items with the same codes at different places apart (16+16+16 numbers cannot
+        hold 400 items' popularity); prefixes can, and a new item still needs no table row."""
+        out = sum(emb(codes[..., lvl]) for lvl, emb in enumerate(self.codes))
+        if self.prefixes is not None:
+            key = torch.zeros_like(codes[..., 0])
+            for lvl, size in enumerate(self.level_sizes):
+                key = (key * size + codes[..., lvl] + 1) % 2_147_483_647  # mixed radix, kept in int64 range
+                out = out + self.prefixes((key * 40_503 + lvl) % self.prefixes.num_embeddings)
+        return out  # type: ignore[return-value]
 
     def forward(
         self, hist_codes: torch.Tensor, hist_mask: torch.Tensor, session_codes: torch.Tensor
@@ -88,18 +132,27 @@ class RewardModel(nn.Module):
         ctx, _ = self.session_attn(x, x, x, need_weights=False)
         x = self.norm2(x + ctx)
         per_item = torch.cat([x, interest], dim=-1)  # (B, m, 2d)
+        if self.cfg.popularity_feature:
+            pop = self.path_popularity[self.path_key(session_codes) % len(self.path_popularity)]
+            per_item = torch.cat([per_item, pop[..., None]], dim=-1)  # (B, m, 2d+1)
         click = self.click_tower(per_item).squeeze(-1)  # (B, m)
         session = self.session_tower(per_item.mean(1)).squeeze(-1)  # (B,)
         return click, session
 
     @torch.no_grad()
     def score(self, hist_codes: torch.Tensor, hist_mask: torch.Tensor, session_codes: torch.Tensor) -> torch.Tensor:
-        """R(u, S) in [0, 1]: the mean of the towers' session-level probabilities, (B,)."""
+        """R(u, S) in [0, 1], (B,): the mean click probability of the session's items (``score="click"``),
+        or its mean with the session tower's probability (``score="mean"``)."""
         was_training = self.training
         self.eval()
         click, session = self(hist_codes, hist_mask, session_codes)
         self.train(was_training)
-        return 0.5 * (torch.sigmoid(click).mean(1) + torch.sigmoid(session))
+        clicks = torch.sigmoid(click).mean(1)
+        if self.cfg.score == "click":
+            return clicks
+        if self.cfg.score == "mean":
+            return 0.5 * (clicks + torch.sigmoid(session))
+        raise ValueError(f"unknown reward score {self.cfg.score!r}: want 'click' or 'mean'")
 
 
 class RewardSamples:
@@ -112,6 +165,23 @@ class RewardSamples:
         m = cfg.session_items
         pairs = [(u, p) for u, seq in enumerate(self.sequences) for p in range(1, len(seq) - m + 1)]
         self.pairs = np.array(pairs, dtype=np.int64).reshape(-1, 2)
+        self.jumps = self._jumps() if cfg.interest_jumps else None
+
+    def _jumps(self) -> list[np.ndarray]:
+        """Per sequence, True where the item does not follow its predecessor along a transition other
+        users also made: a jump (a new session, chosen by the user's own taste) rather than a step
+        along a well-trodden path (chosen by the previous item). The first item counts as a jump."""
+        n = len(self.codes)
+        pairs = np.concatenate([s[:-1] * n + s[1:] for s in self.sequences if len(s) > 1] or [np.zeros(0, np.int64)])
+        keys, counts = np.unique(pairs, return_counts=True)
+        out = []
+        for seq in self.sequences:
+            flag = np.ones(len(seq), dtype=bool)
+            if len(seq) > 1:
+                pos = np.searchsorted(keys, seq[:-1] * n + seq[1:])
+                flag[1:] = counts[pos] <= self.cfg.jump_max_count
+            out.append(flag)
+        return out
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -127,7 +197,7 @@ class RewardSamples:
         other = rng.integers(0, len(self.pairs), size=len(idx))
         swapped = np.stack([self.sequences[u][p : p + m] for u, p in self.pairs[other]])
         random = rng.integers(0, n_items, size=(len(idx), m))
-        use_random = rng.random(len(idx)) < 0.5
+        use_random = rng.random(len(idx)) >= self.cfg.swap_share
         neg = np.where(use_random[:, None], random, swapped)
         futures = [set(self.sequences[u][p:].tolist()) for u, p in self.pairs[idx]]
         neg_click = np.array([[i in fut for i in row] for row, fut in zip(neg, futures)], dtype=np.float32)
@@ -136,6 +206,34 @@ class RewardSamples:
         click = torch.from_numpy(np.concatenate([np.ones_like(neg_click), neg_click]))
         session = torch.cat([torch.ones(len(idx)), torch.zeros(len(idx))])
         return hist_codes.repeat(2, 1, 1), hist_mask.repeat(2, 1), sessions, click, session
+
+    def interest_batch(self, idx: np.ndarray, rng: np.random.Generator) -> tuple[torch.Tensor, ...]:
+        """Long-term interest for the click tower: hist (B,S,D), mask, candidates (B,m,D), labels (B,m).
+
+        Each candidate is, with even odds, one of the user's later items (anywhere after the prefix,
+        not only the next session) labelled 1, or a uniformly drawn item the user never interacted
+        with, labelled 0. Next-session positives alone teach "what follows the last item"; these teach
+        which items a user engages with at all (their topics, the popular items in them).
+        """
+        m, n_items = self.cfg.session_items, len(self.codes)
+        cand = np.zeros((len(idx), m), dtype=np.int64)
+        label = rng.random((len(idx), m)) < 0.5
+        for j, (u, p) in enumerate(self.pairs[idx]):
+            seq = self.sequences[u]
+            later = seq[p + m :] if len(seq) > p + m else seq[p:]  # beyond the next session when there is any
+            if self.jumps is not None:
+                jumped = seq[p:][self.jumps[u][p:]]
+                later = jumped if len(jumped) else later
+            cand[j] = rng.choice(later, size=m)
+            neg = label[j] == 0
+            draws = rng.integers(0, n_items, size=4 * m)
+            draws = draws[~np.isin(draws, seq)]
+            if len(draws) < int(neg.sum()):  # the user saw nearly everything: keep the positives only
+                label[j] = True
+                continue
+            cand[j, neg] = draws[: int(neg.sum())]
+        hist_codes, hist_mask = self.history(idx)
+        return hist_codes, hist_mask, self.codes[torch.from_numpy(cand)], torch.from_numpy(label.astype(np.float32))
 
 
 def history_tensors(
@@ -165,6 +263,9 @@ def train_reward(
     if len(samples) == 0:
         raise ValueError(f"no reward samples: no training sequence has more than {cfg.session_items} items")
     model = RewardModel(level_sizes, cfg)
+    if cfg.popularity_feature:
+        counts = np.bincount(np.concatenate(samples.sequences), minlength=len(samples.codes))
+        model.set_popularity(samples.codes, counts)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     steps = math.ceil(len(samples) / cfg.batch_size)
     report = RewardReport(samples=len(samples), epochs=cfg.epochs, seconds=0.0)
@@ -177,9 +278,13 @@ def train_reward(
         for start in range(0, len(perm), cfg.batch_size):
             hist, mask, sessions, click_y, session_y = samples.batch(perm[start : start + cfg.batch_size], rng)
             click, session = model(hist, mask, sessions)
-            loss = F.binary_cross_entropy_with_logits(click, click_y) + F.binary_cross_entropy_with_logits(
-                session, session_y
-            )
+            loss = F.binary_cross_entropy_with_logits(session, session_y)
+            if cfg.click_next_session:
+                loss = loss + F.binary_cross_entropy_with_logits(click, click_y)
+            if cfg.interest:
+                hist, mask, cand, cand_y = samples.interest_batch(perm[start : start + cfg.batch_size], rng)
+                cand_click, _ = model(hist, mask, cand)
+                loss = loss + F.binary_cross_entropy_with_logits(cand_click, cand_y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -196,3 +301,18 @@ def auc(positive: np.ndarray, negative: np.ndarray) -> float:
     """P(a random positive scores above a random negative), ties counting half."""
     pos, neg = np.asarray(positive)[:, None], np.asarray(negative)[None, :]
     return float(((pos > neg).sum() + 0.5 * (pos == neg).sum()) / max(pos.size * neg.size, 1))
+
+
+@torch.no_grad()
+def heldout_auc(
+    reward: RewardModel, sequences: Sequence[np.ndarray], codes: np.ndarray, seed: int = 7
+) -> tuple[float, int]:
+    """R's AUC on ``sequences`` (users it did not train on): every real next session of a history prefix
+    against one sampled negative each (the negatives R is trained to reject). Returns (AUC, sessions)."""
+    held = RewardSamples(sequences, codes, reward.cfg)
+    if len(held) == 0:
+        raise ValueError(f"no held-out session: no sequence has more than {reward.cfg.session_items} items")
+    hist, mask, sessions, _, label = held.batch(np.arange(len(held)), np.random.default_rng(seed))
+    scores = reward.score(hist, mask, sessions).numpy()
+    real = label.numpy() == 1
+    return auc(scores[real], scores[~real]), int(real.sum())

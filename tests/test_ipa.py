@@ -13,9 +13,22 @@ import torch
 from onerec.build import BuildConfig, build
 from onerec.bundle import Catalog
 from onerec.data import SyntheticConfig, SyntheticWorld, leave_one_out, make_synthetic
-from onerec.ipa import IpaConfig, collect_pairs, dpo_loss, run_ipa, session_log_prob, train_iteration
-from onerec.model import ModelConfig, OneRecModel
-from onerec.reward import RewardConfig, RewardModel, RewardSamples, auc, train_reward
+from onerec.generate import Generator, RecRequest
+from onerec.ipa import (
+    IpaConfig,
+    allowed_codes,
+    collect_pairs,
+    dpo_loss,
+    holdout_users,
+    pair_log_probs,
+    run_ipa,
+    session_affinity,
+    session_log_prob,
+    top_sessions,
+    train_iteration,
+)
+from onerec.model import ModelConfig, OneRecModel, hash_user
+from onerec.reward import RewardConfig, RewardModel, RewardSamples, auc, history_tensors, train_reward
 from onerec.tokenizer import item_embeddings, residual_semantic_ids
 from onerec.train import SessionSamples, TrainConfig, train_model
 
@@ -86,6 +99,46 @@ def test_session_log_prob_matches_the_training_loss(tiny: Tiny) -> None:
     torch.testing.assert_close(per_code, loss, rtol=1e-4, atol=1e-4)
 
 
+def test_constrained_session_log_prob_is_the_beam_search_score(tiny: Tiny) -> None:
+    """Renormalised over the trie's allowed codes (history and earlier slots banned), the teacher-forced
+    log-prob of a beam equals the score the constrained search ranked it by; the plain softmax does not."""
+    snap = tiny.catalog.trie.tensors
+    codes = torch.from_numpy(tiny.codes)
+    users = [0, 1, 2, 3]
+    reqs = [
+        RecRequest(history=[int(i) for i in tiny.train[u]], mode="session", beam_width=6, user_id=f"u{u}")
+        for u in users
+    ]
+    beams = Generator(tiny.model, tiny.catalog.trie).search(reqs, snap, slots=3)
+    for q, u in enumerate(users):
+        items = beams.items[q]
+        assert torch.isfinite(beams.scores[q]).all() and (items >= 0).all()
+        w = len(items)
+        hist, mask = history_tensors([tiny.train[u][::-1]], codes, 10)
+        free = snap.item_live.clone()
+        free[torch.from_numpy(tiny.train[u])] = False
+        masks = allowed_codes(snap.item_codes, free[None].expand(w, -1), items, tiny.level_sizes)
+        args = (hist.expand(w, -1, -1), mask.expand(w, -1), torch.full((w,), hash_user(f"u{u}", 1000)), codes[items])
+        with torch.no_grad():
+            constrained = session_log_prob(tiny.model, *args, masks)
+            plain = session_log_prob(tiny.model, *args)
+        torch.testing.assert_close(constrained, beams.scores[q], rtol=0, atol=1e-4)
+        assert (plain < constrained - 1e-3).all()  # the plain softmax spreads mass over banned codes too
+
+
+def test_allowed_codes_ban_history_items_and_earlier_slots() -> None:
+    item_codes = torch.tensor([[0, 0], [0, 1], [1, 0], [1, 1], [2, 0]])
+    available = torch.tensor([[True, True, False, True, True]])  # item 2 is in the history
+    session = torch.tensor([[0, 1, 3]])  # items 0, 1, 3
+    lvl0, lvl1 = allowed_codes(item_codes, available, session, [3, 2])
+    # slot 0: all of 0, 1, 3, 4 are free -> codes 0, 1, 2 at level 0; under code 0 both children
+    assert lvl0[0, 0].tolist() == [True, True, True] and lvl1[0, 0].tolist() == [True, True]
+    # slot 1: item 0 is taken -> level 0 keeps code 0 (item 1 is free); under 0 only child 1 is left
+    assert lvl0[0, 1].tolist() == [True, True, True] and lvl1[0, 1].tolist() == [False, True]
+    # slot 2: items 0 and 1 taken -> code 0 is closed; under code 1 only item 3 (item 2 is history)
+    assert lvl0[0, 2].tolist() == [False, True, True] and lvl1[0, 2].tolist() == [False, True]
+
+
 def test_ipa_iteration_lowers_dpo_loss_and_widens_the_margin_over_the_reference(tiny: Tiny) -> None:
     cfg = IpaConfig(n_sessions=8, epochs=3, batch_size=16, lr=1e-3)
     users = np.arange(32)
@@ -110,12 +163,10 @@ def test_ipa_iteration_lowers_dpo_loss_and_widens_the_margin_over_the_reference(
     assert it.margin_after > it.margin_before + 0.1
     assert it.dpo_loss[-1] < it.dpo_loss[0]
     with torch.no_grad():  # the final DPO loss over all pairs is below log 2, where it starts
-        h, mk, u, c, r = pairs.take(torch.arange(len(pairs)))
+        everything = torch.arange(len(pairs))
         final = dpo_loss(
-            session_log_prob(policy, h, mk, u, c),
-            session_log_prob(policy, h, mk, u, r),
-            session_log_prob(reference, h, mk, u, c),
-            session_log_prob(reference, h, mk, u, r),
+            *pair_log_probs(policy, pairs, everything, cfg.constrained),
+            *pair_log_probs(reference, pairs, everything, cfg.constrained),
             cfg.beta,
         )
     assert float(final) < float(np.log(2)) - 1e-3
@@ -133,6 +184,66 @@ def test_run_ipa_leaves_the_input_model_untouched(tiny: Tiny) -> None:
     assert any(not torch.equal(v, before[k]) for k, v in aligned.state_dict().items())
     for name, value in tiny.model.state_dict().items():
         assert torch.equal(value, before[name]), f"input weight {name} changed"
+
+
+def test_held_out_users_are_disjoint_from_every_user_ipa_samples(tiny: Tiny) -> None:
+    pool, held_out = holdout_users(len(tiny.train), 1 / 3, seed=3)
+    assert len(held_out) == 40 and len(pool) == 80
+    assert not set(pool.tolist()) & set(held_out.tolist())
+    assert sorted(pool.tolist() + held_out.tolist()) == list(range(len(tiny.train)))
+    again, _ = holdout_users(len(tiny.train), 1 / 3, seed=3)
+    assert np.array_equal(pool, again)  # seeded: the benchmark's split is reproducible
+    cfg = IpaConfig(share=0.5, min_users=8, n_sessions=4, epochs=1, batch_size=16)
+    _, report = run_ipa(
+        tiny.model,
+        tiny.reward,
+        tiny.catalog.trie,
+        tiny.train,
+        tiny.world.data.user_ids,
+        tiny.codes,
+        3,
+        cfg,
+        progress=False,
+        users=pool,
+    )
+    sampled = report.sampled_users()
+    assert all(len(it.sampled_users) == 40 for it in report.iterations)
+    assert len(sampled) > 40  # three iterations drew different users ...
+    assert sampled <= set(pool.tolist())  # ... all from the pool
+    assert not sampled & set(held_out.tolist())
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="IPA does not yet raise the true affinity of held-out users reliably "
+    "(benchmarks/results/ipa.json); remove this mark when it does",
+)
+def test_ipa_raises_the_true_affinity_of_users_it_never_sampled(tiny: Tiny) -> None:
+    """The whole recipe on the tiny world: R and IPA see two thirds of the users, the rest are judged by
+    the world's true affinity, before (the base model) against after (the aligned one)."""
+    pool, held_out = holdout_users(len(tiny.train), 1 / 3, seed=0)
+    rcfg = RewardConfig(session_items=3, max_history=10, epochs=6)
+    reward, _ = train_reward([tiny.train[u] for u in pool], tiny.codes, tiny.level_sizes, rcfg, progress=False)
+    cfg = IpaConfig(share=1.0, min_users=8, n_sessions=16, lr=3e-4)
+    aligned, report = run_ipa(
+        tiny.model,
+        reward,
+        tiny.catalog.trie,
+        tiny.train,
+        tiny.world.data.user_ids,
+        tiny.codes,
+        3,
+        cfg,
+        progress=False,
+        users=pool,
+    )
+    assert not report.sampled_users() & set(held_out.tolist())
+    truth = tiny.world.true_affinity(held_out)
+    hist = [tiny.train[u] for u in held_out]
+    ids = [tiny.world.data.user_ids[u] for u in held_out]
+    before = session_affinity(truth, top_sessions(tiny.model, tiny.catalog.trie, hist, ids)).mean()
+    after = session_affinity(truth, top_sessions(aligned, tiny.catalog.trie, hist, ids)).mean()
+    assert after > 1.03 * before, f"true affinity {before:.4f} -> {after:.4f}"
 
 
 def test_build_with_one_ipa_iteration_records_it_in_the_manifest(tmp_path: Path) -> None:
