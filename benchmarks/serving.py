@@ -991,13 +991,15 @@ async def sweep(url: str, records: Sequence[TraceRecord], first_rate: float, set
     # offer until the server falls behind it, so the figure is its capacity, not the offer.
     for _ in range(1 + settings.saturation_doublings):
         saturation = await step_at(max(settings.min_rate, saturation_rate), confirm=False, timeout_s=30.0)
+        if saturation["pass"] and (best_pass is None or saturation["offered_rps"] > best_pass["offered_rps"]):
+            # Every offer while doubling counts, not only the last (which usually fails): a higher rate
+            # that met the budget shows an earlier failure was noise or the search stopped short.
+            best_pass = saturation
         over = time.perf_counter() - started > settings.time_limit_s + settings.saturation_extra_s
         if (saturation["achieved_rps"] or 0.0) < 0.9 * saturation["offered_rps"] or over:
             break
         saturation_rate = 2 * saturation["offered_rps"]
     saturation["saturation_step"] = True
-    if saturation["pass"] and (best_pass is None or saturation["offered_rps"] > best_pass["offered_rps"]):
-        best_pass = saturation  # an earlier failure was noise: the higher rate also met the budget
     curve.sort(key=lambda s: s["offered_rps"])
     return {
         "sustainable_rps": best_pass["offered_rps"] if best_pass else 0.0,
