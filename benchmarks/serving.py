@@ -1772,9 +1772,10 @@ def run_http(args: argparse.Namespace, store: Path, workdir: Path) -> dict[str, 
         },
         "method": "each server alone on the machine (one after another), driven by loadtest's open-loop "
         "replay at a fixed rate per step; latency from the scheduled send time; a step passes with zero "
-        "errors and p99 <= the row's budget; rates rise geometrically until a step fails, then bisect (not "
-        "with --quick); saturated rps = what the server completes when offered more than it keeps up "
-        "with; --quick: 2.5-4 s steps of at least 15 requests, one bisection, a failed step retried once; "
+        "errors and p99 <= the row's budget; rates rise geometrically until a step fails, then bisect; the "
+        "highest passing offer (saturation offers included) is the sustainable rate; saturated rps = "
+        "what the server completes when offered more than it keeps up with; --quick: 2.5-4 s steps of "
+        "at least 15 requests, one bisection, a failed step retried once; "
         "single-request latency = p50 of sequential requests; rps_ratio = ours / alternative "
         "sustainable rate; latency_ratio = alternative single p50 / ours",
         "rows": all_rows,
