@@ -42,10 +42,14 @@ def simulated_server(capacity_rps: float, floor_ms: float) -> Any:
     return run_step
 
 
-def run_sweep(bench: ModuleType, monkeypatch: pytest.MonkeyPatch, capacity: float, floor_ms: float, first: float):
+def run_sweep(
+    bench: ModuleType, monkeypatch: pytest.MonkeyPatch, capacity: float, floor_ms: float, first: float, **settings_kw
+):
     monkeypatch.setattr(bench, "run_step", simulated_server(capacity, floor_ms))
     monkeypatch.setattr(bench, "log", lambda message: None)
-    settings = bench.SweepSettings(budget_ms=100.0, confirm_failures=False, single_rate_hint=first or 1.0)
+    settings = bench.SweepSettings(
+        budget_ms=100.0, confirm_failures=False, single_rate_hint=first or 1.0, **settings_kw
+    )
     return asyncio.run(bench.sweep("http://127.0.0.1:1", [], first, settings))
 
 
@@ -95,3 +99,15 @@ def test_ratio_is_none_when_neither_side_meets_the_budget() -> None:
     assert not neither["goal_10x_rps_met"]
     ours_only = bench.compare(row, measured(8.0, 10.0), measured(0.0, 4.0), depth=4, session_items=5)
     assert ours_only["rps_ratio"] == pytest.approx(2.0)
+
+
+def test_a_doubling_saturation_offer_that_meets_the_budget_is_the_sustainable_rate(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A short search (one step, as --quick may end) stops far below capacity; the saturation offers
+    double from there (7.5, 15, 30 pass; 60 fails): the highest that passed is the sustainable rate."""
+    bench = load_script()
+    result = run_sweep(bench, monkeypatch, capacity=40.0, floor_ms=20.0, first=5.0, max_steps=1)
+    assert result["sustainable_rps"] == pytest.approx(30.0)
+    assert result["p99_at_sustainable_ms"] == 20.0
+    assert result["saturated_throughput_rps"] == pytest.approx(40.0)
