@@ -155,7 +155,9 @@ class EnginePool:
         slot.hello = asyncio.Event()
         slot.inbox = self.send_ctx.socket(zmq.PUSH)
         slot.inbox.setsockopt(zmq.LINGER, 0)
-        slot.inbox.bind(inbox)
+        # The engine binds its inbox and this side connects: a connecting PUSH socket queues messages
+        # at once, so nothing sent after the engine's hello can find the pipe not there yet.
+        slot.inbox.connect(inbox)
         s = self.settings
         cfg = EngineConfig(
             index=slot.index,
@@ -418,11 +420,15 @@ class EnginePool:
             asyncio.create_task(self._reload_into(slot, self.model, slot.generation))
 
     async def _reload_into(self, slot: _EngineSlot, model: ServingModel, generation: int) -> None:
+        """Give a restarted engine the serving model; it serves again once loaded."""
         try:
             reply = await self._control(slot, self._load_message(slot, model), 600.0)
-        except (asyncio.TimeoutError, ServiceError):
-            return
-        if reply.ok and slot.generation == generation and self.model is model:
+        except (asyncio.TimeoutError, ServiceError) as exc:
+            log.error("restarted engine did not load the model", extra={"engine": slot.index, "error": repr(exc)})
+            return  # it died again (the supervisor restarts it) or hangs (it stays unready: visible)
+        if not reply.ok:
+            log.error("restarted engine refused the model", extra={"engine": slot.index, "error": reply.message})
+        elif slot.generation == generation and self.model is model:
             slot.model_version = model.version
             log.info("engine serving again", extra={"engine": slot.index, "version": model.version})
 

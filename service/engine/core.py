@@ -39,7 +39,7 @@ class EngineConfig:
 
     index: int
     generation: int
-    inbox: str  # zmq address the engine pulls requests from
+    inbox: str  # zmq address the engine binds and pulls requests from
     outbox: str  # zmq address the engine pushes replies to
     device: str = "cpu"
     torch_threads: int = 1
@@ -54,7 +54,7 @@ class Engine:
         self.cfg = cfg
         self.ctx = zmq.Context()
         self.inbox = self.ctx.socket(zmq.PULL)
-        self.inbox.connect(cfg.inbox)
+        self.inbox.bind(cfg.inbox)  # the front end connects to it (see client._spawn)
         self.outbox = self.ctx.socket(zmq.PUSH)
         self.outbox.setsockopt(zmq.LINGER, 2000)
         self.outbox.connect(cfg.outbox)
