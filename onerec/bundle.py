@@ -287,14 +287,53 @@ def check_model_config(raw: Any, version: int) -> ModelConfig:
 
 
 def expected_tensors(config: ModelConfig) -> dict[str, list[int]]:
-    """Name and shape of every tensor the model of `config` has, from a model built on the meta device.
+    """Name and shape of every tensor in the state dict of ``OneRecModel(config)``, computed, not built.
 
-    The meta device allocates no storage, and the shapes come from the model's own code, so this can
-    never drift from what ``load_state_dict`` will demand.
+    Pure arithmetic, so checking a config costs nothing whatever it says (building the model on
+    torch's meta device would also allocate nothing, but its first use imports torch._dynamo: seconds
+    and tens of MB in every engine). It must follow onerec/model.py; tests/test_version_hardening.py
+    compares it with real models' state dicts, so a change there that is not made here fails a test.
     """
-    with torch.device("meta"):
-        model = OneRecModel(config)
-    return {name: list(tensor.shape) for name, tensor in model.state_dict().items()}
+    d, f, e = config.d_model, config.d_ff, config.n_experts
+    shapes: dict[str, list[int]] = {}
+
+    def attention(prefix: str) -> None:
+        shapes[f"{prefix}.q.weight"] = [d, d]
+        shapes[f"{prefix}.kv.weight"] = [2 * d, d]
+        shapes[f"{prefix}.o.weight"] = [d, d]
+
+    for level, size in enumerate(config.level_sizes):
+        shapes[f"enc_codes.{level}.weight"] = [size, d]
+    shapes["enc_pos.weight"] = [config.max_history + 1, d]
+    shapes["user.weight"] = [config.user_buckets, d]
+    for i in range(config.n_encoder_layers):
+        layer = f"encoder.{i}"
+        shapes[f"{layer}.n1.weight"] = [d]
+        attention(f"{layer}.attn")
+        shapes[f"{layer}.n2.weight"] = [d]
+        shapes[f"{layer}.ffn.gate.weight"] = [f, d]
+        shapes[f"{layer}.ffn.up.weight"] = [f, d]
+        shapes[f"{layer}.ffn.down.weight"] = [d, f]
+    shapes["enc_norm.weight"] = [d]
+    for level, size in enumerate(config.level_sizes):
+        shapes[f"dec_codes.{level}.weight"] = [size, d]
+    shapes["dec_start"] = [d]
+    shapes["dec_pos.weight"] = [config.session_positions, d]
+    for i in range(config.n_decoder_layers):
+        layer = f"decoder.{i}"
+        shapes[f"{layer}.n1.weight"] = [d]
+        attention(f"{layer}.self_attn")
+        shapes[f"{layer}.n2.weight"] = [d]
+        attention(f"{layer}.cross_attn")
+        shapes[f"{layer}.n3.weight"] = [d]
+        shapes[f"{layer}.moe.router"] = [e, d]
+        shapes[f"{layer}.moe.w_gate"] = [e, d, f]
+        shapes[f"{layer}.moe.w_up"] = [e, d, f]
+        shapes[f"{layer}.moe.w_down"] = [e, f, d]
+    shapes["dec_norm.weight"] = [d]
+    for level, size in enumerate(config.level_sizes):
+        shapes[f"heads.{level}.weight"] = [size, d]
+    return shapes
 
 
 def check_weights_fit(config: ModelConfig, tensors: dict[str, Any], version: int) -> None:

@@ -48,6 +48,7 @@ from model_store import (
 from onerec.bundle import (
     Catalog,
     check_model_config,
+    expected_tensors,
     load_bundle,
     load_newest_bundle,
     select_version_info,
@@ -242,12 +243,13 @@ _warmed: list[bool] = []
 
 
 def _warm_once() -> None:
-    """First uses of torch's meta device and of the generator import modules (tens of MB, seconds under
-    tracemalloc): pay for that once, outside the measured region, so the bound measures loading only."""
+    """First uses of the dispatch mode, the generator and the manager import modules (tens of MB, seconds
+    under tracemalloc): pay for that once, outside the measured region, so the bound measures loading only."""
     if not _warmed:
-        with tempfile.TemporaryDirectory() as tmp:
+        with tempfile.TemporaryDirectory() as tmp, TensorGuard(TENSOR_LIMIT):  # the mode's first use imports too
             publish_tiny(Path(tmp))
             load_newest_bundle(Path(tmp), NAME)[0].warmup()
+            run(make_manager(Path(tmp)).reload())
         _warmed.append(True)
 
 
@@ -600,3 +602,18 @@ def test_service_becomes_ready_on_v1_beside_a_broken_v2(
         assert "does not fit the weights" in refused[0]
     finally:
         service_launcher.stop(handle)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        TINY,
+        ModelConfig(),
+        ModelConfig(level_sizes=[5, 7, 3], session_items=3, n_encoder_layers=0, n_decoder_layers=3, d_ff=16,
+                    n_experts=3, d_model=12, n_heads=3, user_buckets=9, max_history=7),
+    ],
+)  # fmt: skip
+def test_expected_tensors_follow_the_model(config: ModelConfig) -> None:
+    """The computed shapes the config check uses must be exactly those of the model's state dict."""
+    actual = {name: list(t.shape) for name, t in OneRecModel(config).state_dict().items()}
+    assert expected_tensors(config) == actual
