@@ -531,6 +531,12 @@ class RefusalMemory:
         self._refused[rejection.version] = replace(rejection, remembered=False)
         return True
 
+    def copy(self) -> RefusalMemory:
+        """An independent copy (a caller that wants to skip a version for one attempt only adds it there)."""
+        other = RefusalMemory()
+        other._refused = dict(self._refused)
+        return other
+
     def refused_now(self, store: Path, name: str, version: int) -> bool:
         """True when `version` was refused and its files have not changed since."""
         return self.get(version, version_fingerprint(Path(store) / name / str(version))) is not None

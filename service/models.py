@@ -46,9 +46,12 @@ from service.settings import Settings
 
 log = get_logger("models")
 
-# How many versions the engines may refuse in one reload before it gives up (each refusal is
-# remembered, so the next reload goes on below them).
+# How many versions the engines may refuse in one reload before it gives up.
 MAX_ENGINE_REFUSALS = 8
+# An engine refusal may be transient (an engine restarting, a full socket at start-up): a version the
+# engines refuse is skipped for that reload (the next older one serves) and tried again on later
+# polls; only after this many refusals of the same files is it remembered as refused.
+ENGINE_ATTEMPTS = 3
 
 
 @dataclass
@@ -91,6 +94,7 @@ class ModelManager:
         self.current: Any | None = None  # onerec.bundle.VersionInfo
         self.pinned: int | None = settings.pin_version
         self.refusals = RefusalMemory()  # refused versions, skipped until their files change
+        self._engine_failures: dict[tuple[int, str], int] = {}  # (version, fingerprint) -> engine refusals
         self._lock = asyncio.Lock()
 
     # ---- reading ---------------------------------------------------------------------------------
@@ -153,11 +157,14 @@ class ModelManager:
         """
         previous = None if self.current is None else self.current.version
         rejected: list[dict[str, Any]] = []
+        attempt = self.refusals.copy()  # plus the versions the engines refused during this reload
         for _ in range(MAX_ENGINE_REFUSALS):
             try:
-                selected = await asyncio.to_thread(self._read_version, target)
+                selected = await asyncio.to_thread(self._read_version, target, attempt)
             except Exception as exc:
+                self._remember(getattr(exc, "rejections", []))
                 return self._refuse(previous, target, exc, rejected)
+            self._remember(selected.rejections)
             rejected += self._note_rejections(selected.rejections)
             info = selected.value
             if self.current is not None and info.version == self.current.version:
@@ -167,11 +174,9 @@ class ModelManager:
             try:
                 await self.engines.load(ServingModel(info.version, info.path, self._overlay_path(info.name)))
             except EngineRefused as exc:
-                refusal = Rejection(
-                    info.name, info.version, info.path, f"refused by an engine: {exc}", selected.fingerprint
-                )
-                self.refusals.add(refusal)
-                rejected += self._note_rejections([refusal])
+                refusal = self._engine_refusal(info, selected.fingerprint, exc)
+                attempt.add(refusal)
+                rejected.append(_rejection_dict(refusal))
                 if target is not None:
                     return self._refuse(previous, target, exc, rejected)
                 continue
@@ -186,7 +191,29 @@ class ModelManager:
         error = RuntimeError(f"the engines refused {MAX_ENGINE_REFUSALS} versions in a row")
         return self._refuse(previous, target, error, rejected)
 
-    def _read_version(self, pin: int | None) -> Any:
+    def _remember(self, rejections: list[Rejection]) -> None:
+        """Keep the new refusals of a selection (made on this reload's copy) in the lasting memory."""
+        for rejection in rejections:
+            if not rejection.remembered:
+                self.refusals.add(rejection)
+
+    def _engine_refusal(self, info: Any, fingerprint: str, exc: EngineRefused) -> Rejection:
+        """Count an engine refusal of a version; remembered (and counted in the metric) at the last try."""
+        key = (info.version, fingerprint)
+        tries = self._engine_failures[key] = self._engine_failures.get(key, 0) + 1
+        reason = f"refused by the engines ({tries} of {ENGINE_ATTEMPTS} tries): {exc}"
+        refusal = Rejection(info.name, info.version, info.path, reason, fingerprint)
+        if tries >= ENGINE_ATTEMPTS:
+            self.refusals.add(refusal)
+            self._note_rejections([refusal])
+        else:
+            log.warning(
+                "engines could not load this version; an older one is tried, this one again later",
+                extra={"model": info.name, "version": info.version, "reason": reason},
+            )
+        return refusal
+
+    def _read_version(self, pin: int | None, memory: RefusalMemory | None = None) -> Any:
         """Thread part: select the newest valid (or pinned) version, read its catalogue, replay the overlay.
 
         The overlay is read first: a broken overlay is an error of the model, not of any version, so it
@@ -196,7 +223,8 @@ class ModelManager:
 
         name = self.model_name()
         overlay = read_overlay(self._overlay_path(name))
-        selected = select_version_info(self.settings.model_store, name, pin=pin, memory=self.refusals)
+        memory = self.refusals if memory is None else memory
+        selected = select_version_info(self.settings.model_store, name, pin=pin, memory=memory)
         skipped = selected.value.catalog.apply_overlay(overlay)
         if skipped:
             log.warning("catalogue overlay names items this version lacks", extra={"items": skipped[:20]})

@@ -57,7 +57,7 @@ from onerec.model import ModelConfig, OneRecModel
 from service.engine.client import EngineRefused, ServingModel
 from service.errors import Conflict
 from service.metrics import ServiceMetrics
-from service.models import ModelManager
+from service.models import ENGINE_ATTEMPTS, ModelManager
 from service.settings import Settings
 from tests.plugins.servers import ServiceLauncher, copy_store, metric, scrape
 
@@ -306,16 +306,32 @@ def test_engine_refusal_falls_back_and_is_not_retried_until_files_change(tmp_pat
     outcome = run(manager.reload())
     assert manager.current is not None and manager.current.version == 1, outcome
     assert engines.calls == [2, 1]
-    assert "refused by an engine" in outcome.rejected[0]["reason"]
-    for _ in range(3):  # polls and plain reloads neither re-verify nor rebuild it
+    assert "refused by the engines (1 of 3 tries)" in outcome.rejected[0]["reason"]
+    assert rejected_total(manager) == 0  # could be transient: tried again on the next polls
+    for _ in range(ENGINE_ATTEMPTS - 1):
+        assert run(manager.poll_once()) is not None
+    assert engines.calls == [2, 1, 2, 2] and rejected_total(manager) == 1
+    for _ in range(3):  # from now on, polls and plain reloads neither re-verify nor rebuild it
         assert run(manager.poll_once()) is None
         assert run(manager.reload()).result == "unchanged"
-    assert engines.calls == [2, 1]
-    assert rejected_total(manager) == 1
+    assert engines.calls == [2, 1, 2, 2]
+    assert rejected_total(manager) == 1 and manager.current.version == 1
     engines.refuse.clear()
     touch_files(tmp_path / NAME / "2")  # an operator republished the files: worth another try
     assert run(manager.poll_once()) is not None
-    assert manager.current.version == 2 and engines.calls == [2, 1, 2]
+    assert manager.current.version == 2 and engines.calls == [2, 1, 2, 2, 2]
+
+
+def test_transient_engine_failure_at_start_does_not_refuse_the_only_version(tmp_path: Path) -> None:
+    """An engine restarting while the first version loads must not get that version remembered as bad."""
+    publish_tiny(tmp_path)
+    engines = FakeEngines(refuse={1})
+    manager = make_manager(tmp_path, engines)
+    assert run(manager.reload()).result == "refused" and manager.current is None
+    engines.refuse.clear()  # the engine is back
+    assert run(manager.reload()).result == "loaded"
+    assert manager.current is not None and manager.current.version == 1
+    assert rejected_total(manager) == 0
 
 
 def test_remembered_refusal_is_not_verified_again(tmp_path: Path) -> None:
