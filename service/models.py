@@ -50,7 +50,8 @@ log = get_logger("models")
 MAX_ENGINE_REFUSALS = 8
 # An engine refusal may be transient (an engine restarting, a full socket at start-up): a version the
 # engines refuse is skipped for that reload (the next older one serves) and tried again on later
-# polls; only after this many refusals of the same files is it remembered as refused.
+# polls; only after this many refusals of the same files, with some version serving, is it
+# remembered as refused.
 ENGINE_ATTEMPTS = 3
 
 
@@ -203,7 +204,9 @@ class ModelManager:
         tries = self._engine_failures[key] = self._engine_failures.get(key, 0) + 1
         reason = f"refused by the engines ({tries} of {ENGINE_ATTEMPTS} tries): {exc}"
         refusal = Rejection(info.name, info.version, info.path, reason, fingerprint)
-        if tries >= ENGINE_ATTEMPTS:
+        # Remembered only once the engines have shown they can load a version (one is serving): before
+        # that, a refusal says as much about the engines (starting, restarting) as about the version.
+        if tries >= ENGINE_ATTEMPTS and self.current is not None:
             self.refusals.add(refusal)
             self._note_rejections([refusal])
         else:
