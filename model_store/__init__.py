@@ -13,14 +13,18 @@ from model_store.store import (
     CorruptVersionError,
     NoValidVersionError,
     PublishedVersion,
+    RefusalMemory,
     Rejection,
+    Selected,
     VerifiedVersion,
     list_models,
     list_versions,
     load_newest_valid,
     publish_version,
     read_verified_file,
+    select_version,
     verify_version,
+    version_fingerprint,
 )
 
 __all__ = [
@@ -38,6 +42,8 @@ __all__ = [
     "NoValidVersionError",
     "PublishedVersion",
     "Rejection",
+    "RefusalMemory",
+    "Selected",
     "VerifiedVersion",
     "list_models",
     "list_versions",
@@ -46,6 +52,8 @@ __all__ = [
     "publish_version",
     "read_header",
     "read_verified_file",
+    "select_version",
     "tensor_specs",
     "verify_version",
+    "version_fingerprint",
 ]

@@ -29,12 +29,13 @@ import logging
 import os
 import re
 import shutil
+import stat
 import tempfile
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from model_store.safetensors_header import HeaderError, parse_header, read_header, tensor_specs
 
@@ -46,13 +47,17 @@ __all__ = [
     "NoValidVersionError",
     "PublishedVersion",
     "Rejection",
+    "RefusalMemory",
+    "Selected",
     "VerifiedVersion",
     "list_models",
     "list_versions",
     "load_newest_valid",
     "publish_version",
     "read_verified_file",
+    "select_version",
     "verify_version",
+    "version_fingerprint",
 ]
 
 logger = logging.getLogger("model_store")
@@ -66,6 +71,13 @@ RESERVED_KEYS = frozenset({"schema_version", "name", "version", "created", "file
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 _HASH_CHUNK = 1 << 20
+# A manifest is a few kB; the bound keeps a crafted one from costing memory before it is even parsed.
+MAX_MANIFEST_BYTES = 16 * 1024 * 1024
+# Fingerprinting looks at this many directory entries at most (a version has three files).
+_FINGERPRINT_ENTRIES = 64
+
+T = TypeVar("T")
+Fingerprint = str
 
 
 # --------------------------------------------------------------------------------------------------
@@ -106,6 +118,8 @@ class Rejection:
     version: int
     path: Path
     reason: str
+    fingerprint: Fingerprint = ""  # of the version's files when it was refused ("" = not taken)
+    remembered: bool = False  # refused before with the same files: skipped, not checked again
 
 
 class CorruptVersionError(Exception):
@@ -144,15 +158,53 @@ def _is_version_name(entry: str) -> bool:
     return entry.isascii() and entry.isdigit()
 
 
-def _sha256_file(path: Path) -> tuple[str, int]:
-    """sha256 hex digest and size, streamed so large weights do not need to fit in memory twice."""
+def _sha256_file(path: Path, fname: str) -> tuple[str, int]:
+    """sha256 hex digest and size of a version's file, streamed (large weights never sit in memory)."""
     digest = hashlib.sha256()
     size = 0
-    with path.open("rb") as handle:
+    with _open_regular(path, fname) as handle:
         while chunk := handle.read(_HASH_CHUNK):
             digest.update(chunk)
             size += len(chunk)
     return digest.hexdigest(), size
+
+
+def _resolve_inside(path: Path, fname: str) -> Path:
+    """Where `fname` of version `path` really is; refused when that is outside the version directory.
+
+    A symlink out of a version (to a file elsewhere, or into another version) would make the store
+    serve bytes nobody published under this version, so any file whose resolved path leaves the
+    directory is refused, whatever its checksum.
+    """
+    try:
+        root = path.resolve(strict=True)
+        real = (path / fname).resolve(strict=True)
+    except FileNotFoundError:
+        raise CorruptVersionError(path, f"{fname} missing") from None
+    except (OSError, RuntimeError) as exc:  # a symlink loop, a permission error
+        raise CorruptVersionError(path, f"{fname} cannot be resolved: {type(exc).__name__}: {exc}") from None
+    if root not in real.parents:
+        raise CorruptVersionError(path, f"{fname} resolves outside the version directory (a symlink out of it)")
+    return real
+
+
+@contextlib.contextmanager
+def _open_regular(path: Path, fname: str) -> Iterator[Any]:
+    """Open a file of a version for reading: inside the version directory, and a regular file.
+
+    O_NONBLOCK keeps a FIFO from blocking the open; O_NOFOLLOW refuses a symlink swapped in after
+    resolution; fstat then refuses anything that is not a plain file (a device would never end).
+    """
+    real = _resolve_inside(path, fname)
+    try:
+        fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
+    except OSError as exc:
+        raise CorruptVersionError(path, f"{fname} cannot be opened: {exc.strerror}") from None
+    handle = os.fdopen(fd, "rb")
+    with handle:
+        if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+            raise CorruptVersionError(path, f"{fname} is not a regular file")
+        yield handle
 
 
 def _write_synced(path: Path, data: bytes) -> None:
@@ -297,12 +349,17 @@ def publish_version(store: Path, name: str, files: dict[str, bytes], metadata: d
 
 
 def _load_manifest(path: Path) -> dict[str, Any]:
-    manifest_path = path / MANIFEST
+    """Read and parse manifest.json, bounded in size and nesting (a crafted one must not cost memory)."""
+    with _open_regular(path, MANIFEST) as handle:
+        size = os.fstat(handle.fileno()).st_size
+        if size > MAX_MANIFEST_BYTES:
+            raise CorruptVersionError(path, f"{MANIFEST} is {size} bytes, more than {MAX_MANIFEST_BYTES}")
+        raw = handle.read(MAX_MANIFEST_BYTES + 1)
     try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CorruptVersionError(path, f"{MANIFEST} missing") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        manifest = json.loads(raw.decode("utf-8"))
+    except RecursionError:
+        raise CorruptVersionError(path, f"{MANIFEST} is nested too deeply to parse") from None
+    except ValueError as exc:  # not UTF-8, not JSON, or an integer too long to convert
         raise CorruptVersionError(path, f"{MANIFEST} unreadable: {exc}") from None
     if not isinstance(manifest, dict):
         raise CorruptVersionError(path, f"{MANIFEST} is not a JSON object")
@@ -344,10 +401,7 @@ def _check_files(path: Path, files: dict[str, Any]) -> None:
     if unlisted:
         raise CorruptVersionError(path, f"files not in the manifest: {unlisted}")
     for fname, entry in sorted(files.items()):
-        target = path / fname
-        if not target.is_file():
-            raise CorruptVersionError(path, f"{fname} missing")
-        digest, size = _sha256_file(target)
+        digest, size = _sha256_file(path, fname)
         if size != entry["bytes"]:
             raise CorruptVersionError(path, f"{fname} is {size} bytes, manifest says {entry['bytes']}")
         if digest != entry["sha256"]:
@@ -359,7 +413,7 @@ def _check_files(path: Path, files: dict[str, Any]) -> None:
 def _check_tensors(path: Path, recorded: dict[str, Any]) -> None:
     """The weights' own header must parse and agree with the manifest's dtype/shape table exactly."""
     try:
-        actual = tensor_specs(read_header(path / WEIGHTS))
+        actual = tensor_specs(read_header(_resolve_inside(path, WEIGHTS)))
     except HeaderError as exc:
         raise CorruptVersionError(path, f"{WEIGHTS}: {exc}") from None
     if set(actual) != set(recorded):
@@ -377,11 +431,26 @@ def _check_tensors(path: Path, recorded: dict[str, Any]) -> None:
 def verify_version(path: Path) -> VerifiedVersion:
     """Verify a version directory: manifest schema, every file's sha256 and size, the tensor header.
 
-    Raises CorruptVersionError(path, reason) on the first problem found.
+    Raises CorruptVersionError(path, reason) on the first problem found. Anything else that goes
+    wrong on the way (a RecursionError, a MemoryError, an OSError) is a refusal of this version too,
+    never an exception that stops the caller from trying an older one.
     """
     path = Path(path)
+    try:
+        return _verify(path)
+    except CorruptVersionError:
+        raise
+    except RecursionError:
+        raise CorruptVersionError(path, "nested too deeply to parse") from None
+    except Exception as exc:
+        raise CorruptVersionError(path, f"verification failed: {type(exc).__name__}: {exc}") from None
+
+
+def _verify(path: Path) -> VerifiedVersion:
     if not _is_version_name(path.name):
         raise CorruptVersionError(path, "not a version directory (name is not an integer)")
+    if path.is_symlink():
+        raise CorruptVersionError(path, "version directory is a symlink (versions are published by rename)")
     if not path.is_dir():
         raise CorruptVersionError(path, "version directory missing")
     manifest = _load_manifest(path)
@@ -392,15 +461,18 @@ def verify_version(path: Path) -> VerifiedVersion:
 
 
 def read_verified_file(version: VerifiedVersion, filename: str) -> bytes:
-    """Read one file of a verified version and re-check its sha256 on the bytes actually read.
+    """Read one file of a verified version and re-check its size and sha256 on the bytes actually read.
 
     Loading through this closes the gap between verification and use: a file replaced after
-    `verify_version` is refused instead of being loaded.
+    `verify_version` (by other bytes, a bigger file or a symlink out) is refused instead of being
+    loaded, and the read never takes more than the verified size (+1 byte to notice growth).
     """
-    data = version.file(filename).read_bytes()
-    expected = version.manifest["files"][filename]["sha256"]
-    if hashlib.sha256(data).hexdigest() != expected:
-        raise CorruptVersionError(version.path, f"{filename} changed after verification (sha256 mismatch)")
+    version.file(filename)  # KeyError for a file the manifest does not list
+    expected = version.manifest["files"][filename]
+    with _open_regular(version.path, filename) as handle:
+        data = handle.read(expected["bytes"] + 1)
+    if len(data) != expected["bytes"] or hashlib.sha256(data).hexdigest() != expected["sha256"]:
+        raise CorruptVersionError(version.path, f"{filename} changed after verification (size or sha256)")
     return data
 
 
@@ -409,12 +481,89 @@ def read_verified_file(version: VerifiedVersion, filename: str) -> bytes:
 # --------------------------------------------------------------------------------------------------
 
 
+def version_fingerprint(path: Path) -> Fingerprint:
+    """A short digest of what a version directory holds, as `lstat` sees it (never raises).
+
+    Name, type, inode, size, mtime and ctime of the directory and of each entry (a symlink's target
+    too): any edit, replacement or re-link changes it. A refused version is remembered under this, so
+    it is not checked again (and does not cost a build again) until its files change.
+    """
+    parts: list[str] = []
+    try:
+        st = os.lstat(path)
+        parts.append(f".:{st.st_mode}:{st.st_ino}:{st.st_mtime_ns}:{st.st_ctime_ns}")
+        if stat.S_ISDIR(st.st_mode):
+            with os.scandir(path) as entries:
+                names = sorted(e.name for e in entries)
+            parts.append(f"#{len(names)}")
+            for name in names[:_FINGERPRINT_ENTRIES]:
+                entry = os.path.join(path, name)
+                st = os.lstat(entry)
+                parts.append(f"{name}:{st.st_mode}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}")
+                if stat.S_ISLNK(st.st_mode):
+                    parts.append(f"->{os.readlink(entry)}")
+    except OSError as exc:
+        parts.append(f"!{type(exc).__name__}:{exc.errno}")
+    return hashlib.sha256("\n".join(parts).encode("utf-8", "surrogateescape")).hexdigest()[:16]
+
+
+class RefusalMemory:
+    """Versions refused before, keyed by version number and the fingerprint of their files.
+
+    Selection skips a remembered version without verifying or building it again, so a bad version
+    costs its checks once, not on every poll; editing or replacing its files forgets the refusal.
+    Not thread-safe by itself: its users serialise loads (the service holds one lock per reload).
+    """
+
+    def __init__(self) -> None:
+        self._refused: dict[int, Rejection] = {}
+
+    def get(self, version: int, fingerprint: Fingerprint) -> Rejection | None:
+        """The remembered refusal of `version`, if its files are still the ones that were refused."""
+        known = self._refused.get(version)
+        return known if known is not None and known.fingerprint == fingerprint else None
+
+    def add(self, rejection: Rejection) -> bool:
+        """Remember a refusal; False when exactly this one (version and files) was known already."""
+        known = self._refused.get(rejection.version)
+        if known is not None and known.fingerprint == rejection.fingerprint:
+            return False
+        self._refused[rejection.version] = replace(rejection, remembered=False)
+        return True
+
+    def copy(self) -> RefusalMemory:
+        """An independent copy (a caller that wants to skip a version for one attempt only adds it there)."""
+        other = RefusalMemory()
+        other._refused = dict(self._refused)
+        return other
+
+    def refused_now(self, store: Path, name: str, version: int) -> bool:
+        """True when `version` was refused and its files have not changed since."""
+        return self.get(version, version_fingerprint(Path(store) / name / str(version))) is not None
+
+    def __contains__(self, version: object) -> bool:
+        return version in self._refused
+
+    def rejections(self) -> list[Rejection]:
+        """Every remembered refusal, newest version first."""
+        return [self._refused[v] for v in sorted(self._refused, reverse=True)]
+
+
+@dataclass(frozen=True)
+class Selected(Generic[T]):
+    """The version `select_version` chose: what `prepare` made of it, and what was refused on the way."""
+
+    value: T
+    verified: VerifiedVersion
+    fingerprint: Fingerprint
+    rejections: list[Rejection]
+
+
 def _log_rejection(rejection: Rejection) -> None:
     fields = {
         "event": "model_version_rejected",
         "model": rejection.name,
         "version": rejection.version,
-        "path": str(rejection.path),
         "reason": rejection.reason,
     }
     logger.warning(
@@ -423,24 +572,69 @@ def _log_rejection(rejection: Rejection) -> None:
     )
 
 
-def load_newest_valid(store: Path, name: str, pin: int | None = None) -> tuple[VerifiedVersion, list[Rejection]]:
-    """The newest version of `name` that verifies, plus the newer versions rejected on the way.
+def _reason(exc: BaseException) -> str:
+    """A refusal reason that names what failed but not the store's filesystem path."""
+    if isinstance(exc, CorruptVersionError):
+        return exc.reason
+    if isinstance(exc, RecursionError):
+        return "nested too deeply to parse (RecursionError)"
+    return f"{type(exc).__name__}: {exc}"
 
-    With `pin`, only that version is considered (an operator who pins a version wants exactly that one,
-    not a silent fallback). Each rejection is logged as one JSON line. Raises NoValidVersionError when
-    nothing verifies.
+
+def select_version(
+    store: Path,
+    name: str,
+    prepare: Callable[[VerifiedVersion], T],
+    *,
+    pin: int | None = None,
+    memory: RefusalMemory | None = None,
+) -> Selected[T]:
+    """The newest version of `name` that verifies *and* that `prepare` accepts, newest first.
+
+    `prepare` is whatever the caller still has to do with a version (parse its catalogue, build the
+    model): any exception it raises refuses that version like a failed checksum does, and the next
+    older one is tried. With `pin`, only that version is considered (an operator who pins wants that
+    one, not a silent fallback); a pinned version that does not exist is not a rejection. With
+    `memory`, versions refused before with unchanged files are skipped (reported with remembered=True,
+    not logged again) and new refusals are added to it. Raises NoValidVersionError when none is left.
     """
     model_dir = Path(store) / name
-    candidates = [pin] if pin is not None else sorted(list_versions(store, name), reverse=True)
+    if pin is not None:
+        if not (model_dir / str(pin)).is_dir():
+            raise NoValidVersionError(model_dir, f"pinned version {pin} does not exist")
+        candidates = [pin]
+    else:
+        candidates = sorted(list_versions(store, name), reverse=True)
     if not candidates:
         raise NoValidVersionError(model_dir, "no published versions")
     rejections: list[Rejection] = []
     for version in candidates:
+        path = model_dir / str(version)
+        fingerprint = version_fingerprint(path)
+        known = memory.get(version, fingerprint) if memory is not None else None
+        if known is not None:
+            rejections.append(replace(known, remembered=True))
+            continue
         try:
-            return verify_version(model_dir / str(version)), rejections
-        except CorruptVersionError as exc:
-            rejection = Rejection(name=name, version=version, path=exc.path, reason=exc.reason)
+            verified = verify_version(path)
+            value = prepare(verified)
+        except Exception as exc:  # anything wrong with a version refuses that version, never the store
+            rejection = Rejection(name, version, path, _reason(exc), fingerprint)
             _log_rejection(rejection)
             rejections.append(rejection)
+            if memory is not None:
+                memory.add(rejection)
+            continue
+        return Selected(value, verified, fingerprint, rejections)
     what = f"pinned version {pin} is not valid" if pin is not None else "no valid version"
     raise NoValidVersionError(model_dir, what, rejections)
+
+
+def load_newest_valid(store: Path, name: str, pin: int | None = None) -> tuple[VerifiedVersion, list[Rejection]]:
+    """The newest version of `name` that verifies, plus the newer versions rejected on the way.
+
+    With `pin`, only that version is considered. Each rejection is logged as one JSON line. Raises
+    NoValidVersionError when nothing verifies.
+    """
+    selected = select_version(store, name, lambda verified: verified, pin=pin)
+    return selected.value, selected.rejections

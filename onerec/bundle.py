@@ -22,12 +22,14 @@ from model_store import (
     CatalogOverlay,
     NoValidVersionError,
     PublishedVersion,
+    RefusalMemory,
     Rejection,
+    Selected,
     VerifiedVersion,
     list_models,
-    load_newest_valid,
     publish_version,
     read_verified_file,
+    select_version,
     verify_version,
 )
 from onerec.generate import Generator, RecRequest
@@ -36,6 +38,25 @@ from onerec.trie import TrieIndex
 
 WEIGHTS = "model.safetensors"
 CATALOG = "catalog.json"
+
+# Sane bounds of a model config: far above any model this service runs, low enough that a crafted
+# config cannot make even the shape check (a model built on the meta device) expensive. Every bound
+# is (lowest, highest), inclusive.
+CONFIG_LIMITS: dict[str, tuple[int, int]] = {
+    "session_items": (1, 64),
+    "max_history": (1, 4096),
+    "d_model": (1, 16384),
+    "n_heads": (1, 256),
+    "n_encoder_layers": (0, 64),
+    "n_decoder_layers": (1, 64),
+    "d_ff": (1, 65536),
+    "n_experts": (1, 256),
+    "experts_top_k": (1, 256),
+    "user_buckets": (1, 1 << 24),
+}
+MAX_LEVELS = 16
+MAX_LEVEL_SIZE = 1 << 20
+WEIGHT_DTYPES = frozenset({"F32", "F16", "BF16"})  # what load_state_dict can take without surprises
 
 
 @dataclass
@@ -190,47 +211,199 @@ def save_bundle(
 
 
 def load_bundle(version_dir: Path, device: str = "cpu") -> ModelBundle:
-    """Verify a version directory (checksums, shapes) and build the model, catalogue and generator."""
+    """Verify a version directory (checksums, shapes, config) and build the model, catalogue and generator."""
     return _build(verify_version(Path(version_dir)), device)
+
+
+def _only_model(store: Path, name: str | None) -> str:
+    if name is not None:
+        return name
+    models = list_models(store)
+    if len(models) != 1:
+        raise NoValidVersionError(store, f"store holds models {models}: name the one to load")
+    return models[0]
 
 
 def load_newest_bundle(
     store: Path, name: str | None = None, pin: int | None = None, device: str = "cpu"
 ) -> tuple[ModelBundle, list[Rejection]]:
-    """The newest valid version of a model (or the pinned one); corrupt versions are reported, not fatal.
+    """The newest version of a model that verifies *and builds* (or the pinned one); the rest are reported.
 
-    Without a name the store must hold exactly one model.
+    A version whose model cannot be built (a config that does not fit its weights, a broken catalogue)
+    is refused like a corrupt one and the next older version is tried. Without a name the store must
+    hold exactly one model.
     """
     store = Path(store)
-    if name is None:
-        models = list_models(store)
-        if len(models) != 1:
-            raise NoValidVersionError(store, f"store holds models {models}: name the one to load")
-        name = models[0]
-    verified, rejected = load_newest_valid(store, name, pin=pin)
-    return _build(verified, device), rejected
+    selected = select_version(store, _only_model(store, name), lambda verified: _build(verified, device), pin=pin)
+    return selected.value, selected.rejections
+
+
+def select_version_info(
+    store: Path, name: str, pin: int | None = None, memory: RefusalMemory | None = None
+) -> Selected[VersionInfo]:
+    """The newest version whose files verify and whose config and catalogue are sound, without weights.
+
+    What the front end loads: a version refused here (or remembered in `memory` as refused with the
+    same files) is never sent to the engines.
+    """
+    return select_version(Path(store), name, _version_info, pin=pin, memory=memory)
 
 
 def load_newest_version_info(store: Path, name: str, pin: int | None = None) -> tuple[VersionInfo, list[Rejection]]:
     """The newest valid version's catalogue and config (or the pinned one's), without building the model."""
-    verified, rejected = load_newest_valid(Path(store), name, pin=pin)
-    return _version_info(verified), rejected
+    selected = select_version_info(store, name, pin=pin)
+    return selected.value, selected.rejections
+
+
+def check_model_config(raw: Any, version: int) -> ModelConfig:
+    """The manifest's ``model_config`` as a ModelConfig, refused (ValueError) unless every field is sane.
+
+    Types and bounds (``CONFIG_LIMITS``) are checked before anything is built from the config, so an
+    edit like ``user_buckets: 10**7`` costs nothing; whether it fits the weights is checked next.
+    """
+    where = f"version {version}: model_config"
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where} missing or not an object")
+    config = ModelConfig.from_dict(raw)  # unknown keys are refused there
+    for key, (low, high) in CONFIG_LIMITS.items():
+        value = getattr(config, key)
+        if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+            raise ValueError(f"{where}.{key} = {value!r}: want an integer in [{low}, {high}]")
+    sizes = config.level_sizes
+    if (
+        not isinstance(sizes, list)
+        or not 1 <= len(sizes) <= MAX_LEVELS
+        or not all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= MAX_LEVEL_SIZE for v in sizes)
+    ):
+        raise ValueError(f"{where}.level_sizes = {sizes!r}: want 1..{MAX_LEVELS} integers in [1, {MAX_LEVEL_SIZE}]")
+    dropout = config.dropout
+    if not isinstance(dropout, (int, float)) or isinstance(dropout, bool) or not 0 <= dropout < 1:
+        raise ValueError(f"{where}.dropout = {dropout!r}: want a number in [0, 1)")
+    if config.d_model % config.n_heads:
+        raise ValueError(f"{where}: d_model {config.d_model} is not divisible by n_heads {config.n_heads}")
+    if config.experts_top_k > config.n_experts:
+        raise ValueError(f"{where}: experts_top_k {config.experts_top_k} > n_experts {config.n_experts}")
+    return config
+
+
+def expected_tensors(config: ModelConfig) -> dict[str, list[int]]:
+    """Name and shape of every tensor in the state dict of ``OneRecModel(config)``, computed, not built.
+
+    Pure arithmetic, so checking a config costs nothing whatever it says (building the model on
+    torch's meta device would also allocate nothing, but its first use imports torch._dynamo: seconds
+    and tens of MB in every engine). It must follow onerec/model.py; tests/test_version_hardening.py
+    compares it with real models' state dicts, so a change there that is not made here fails a test.
+    """
+    d, f, e = config.d_model, config.d_ff, config.n_experts
+    shapes: dict[str, list[int]] = {}
+
+    def attention(prefix: str) -> None:
+        shapes[f"{prefix}.q.weight"] = [d, d]
+        shapes[f"{prefix}.kv.weight"] = [2 * d, d]
+        shapes[f"{prefix}.o.weight"] = [d, d]
+
+    for level, size in enumerate(config.level_sizes):
+        shapes[f"enc_codes.{level}.weight"] = [size, d]
+    shapes["enc_pos.weight"] = [config.max_history + 1, d]
+    shapes["user.weight"] = [config.user_buckets, d]
+    for i in range(config.n_encoder_layers):
+        layer = f"encoder.{i}"
+        shapes[f"{layer}.n1.weight"] = [d]
+        attention(f"{layer}.attn")
+        shapes[f"{layer}.n2.weight"] = [d]
+        shapes[f"{layer}.ffn.gate.weight"] = [f, d]
+        shapes[f"{layer}.ffn.up.weight"] = [f, d]
+        shapes[f"{layer}.ffn.down.weight"] = [d, f]
+    shapes["enc_norm.weight"] = [d]
+    for level, size in enumerate(config.level_sizes):
+        shapes[f"dec_codes.{level}.weight"] = [size, d]
+    shapes["dec_start"] = [d]
+    shapes["dec_pos.weight"] = [config.session_positions, d]
+    for i in range(config.n_decoder_layers):
+        layer = f"decoder.{i}"
+        shapes[f"{layer}.n1.weight"] = [d]
+        attention(f"{layer}.self_attn")
+        shapes[f"{layer}.n2.weight"] = [d]
+        attention(f"{layer}.cross_attn")
+        shapes[f"{layer}.n3.weight"] = [d]
+        shapes[f"{layer}.moe.router"] = [e, d]
+        shapes[f"{layer}.moe.w_gate"] = [e, d, f]
+        shapes[f"{layer}.moe.w_up"] = [e, d, f]
+        shapes[f"{layer}.moe.w_down"] = [e, f, d]
+    shapes["dec_norm.weight"] = [d]
+    for level, size in enumerate(config.level_sizes):
+        shapes[f"heads.{level}.weight"] = [size, d]
+    return shapes
+
+
+def check_weights_fit(config: ModelConfig, tensors: dict[str, Any], version: int) -> None:
+    """Every tensor the config implies must be in the weights' header with exactly that shape (ValueError).
+
+    ``tensors`` is the manifest's table, which verification has already matched to the safetensors
+    header. Once this passes, building the model allocates what the weights file holds, no more.
+    """
+    where = f"version {version}: model_config does not fit the weights"
+    expected = expected_tensors(config)
+    missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    if missing or extra:
+        raise ValueError(f"{where} (missing tensors {missing[:5]}, unexpected {extra[:5]})")
+    for name, shape in expected.items():
+        spec = tensors[name]
+        if not isinstance(spec, dict) or spec.get("shape") != shape:
+            found = spec.get("shape") if isinstance(spec, dict) else spec
+            raise ValueError(f"{where}: tensor {name!r} is {found} in the weights, the config makes it {shape}")
+        if spec.get("dtype") not in WEIGHT_DTYPES:
+            raise ValueError(
+                f"{where}: tensor {name!r} has dtype {spec.get('dtype')!r}, want one of {sorted(WEIGHT_DTYPES)}"
+            )
+
+
+def _read_catalog(verified: VerifiedVersion, config: ModelConfig) -> Catalog:
+    """Parse and check catalog.json against the config before the trie is built from it."""
+    where = f"version {verified.version}: {CATALOG}"
+    # Bytes are read once and re-hashed (read_verified_file): a file swapped after verification is refused.
+    doc = json.loads(read_verified_file(verified, CATALOG))
+    if not isinstance(doc, dict):
+        raise ValueError(f"{where} is not a JSON object")
+    item_ids, codes, popular = doc.get("item_ids"), doc.get("codes"), doc.get("popular", [])
+    if doc.get("level_sizes") != config.level_sizes:
+        raise ValueError(f"{where}: level sizes {doc.get('level_sizes')!r} != the model's {config.level_sizes}")
+    if not isinstance(item_ids, list) or not item_ids or not all(isinstance(i, (str, int)) for i in item_ids):
+        raise ValueError(f"{where}: item_ids must be a non-empty list of ids")
+    ids = [str(i) for i in item_ids]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"{where}: item ids are not unique")
+    depth = config.depth
+    if (
+        not isinstance(codes, list)
+        or len(codes) != len(ids)
+        or not all(isinstance(row, list) and len(row) == depth for row in codes)
+        or not all(type(c) is int for row in codes for c in row)
+    ):
+        raise ValueError(f"{where}: codes must be {len(ids)} lists of {depth} integers")
+    n = len(ids)
+    if not isinstance(popular, list) or not all(type(i) is int and 0 <= i < n for i in popular):
+        raise ValueError(f"{where}: popular must list item indices in [0, {n})")
+    return Catalog.from_codes(ids, np.asarray(codes, dtype=np.int64), list(config.level_sizes), list(popular))
 
 
 def _version_info(verified: VerifiedVersion) -> VersionInfo:
-    # Bytes are read once and re-hashed (read_verified_file): a file swapped after verification is refused.
-    config = ModelConfig.from_dict(verified.manifest["model_config"])
-    catalog = Catalog.from_json(read_verified_file(verified, CATALOG))
-    if catalog.level_sizes != config.level_sizes:
-        raise ValueError(
-            f"{verified.path}: catalogue level sizes {catalog.level_sizes} != model's {config.level_sizes}"
-        )
+    """Config, shape check and catalogue of a verified version: everything but the weights.
+
+    The order matters: the config is checked against its bounds and the weights' shapes before
+    anything is allocated from it, and the catalogue is checked against the config before its trie
+    is built.
+    """
+    config = check_model_config(verified.manifest.get("model_config"), verified.version)
+    check_weights_fit(config, verified.manifest["tensors"], verified.version)
+    catalog = _read_catalog(verified, config)
     return VersionInfo(verified.name, verified.version, verified.path, verified.manifest, time.time(), config, catalog)
 
 
 def _build(verified: VerifiedVersion, device: str) -> ModelBundle:
-    info = _version_info(verified)
+    info = _version_info(verified)  # refuses a config that does not fit the weights before allocating
+    state = load(read_verified_file(verified, WEIGHTS))
     model = OneRecModel(info.config)
-    model.load_state_dict(load(read_verified_file(verified, WEIGHTS)), strict=True)
+    model.load_state_dict(state, strict=True)
     generator = Generator(model, info.catalog.trie, device=device)
     return ModelBundle(**vars(info), model=model, generator=generator)

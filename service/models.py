@@ -7,9 +7,13 @@ version its engine lacks; a request in flight finishes on the version it started
 keeps a version's rows until its last one finishes).
 
 Verification and catalogue reading run in a thread, off the event loop; the engines load in their own
-processes, so serving continues on the old model meanwhile. A version that fails verification or
-loading is refused with a log line and a metric, remembered (not retried by the poller), and the
-serving version stays. Reloads and catalogue edits are serialised by one lock.
+processes, so serving continues on the old model meanwhile. A version that fails anything (its
+checksums, its config against its weights, its catalogue, an engine's build or warm-up) is refused
+with a log line and a metric, and the next older valid version is tried, at start-up as on a reload:
+one bad version never keeps the service from becoming ready. A refusal is remembered under the
+version's number and a fingerprint of its files (``model_store.RefusalMemory``), so it is not checked
+or built again until those files change. An admin pin that is refused is undone. Reloads and
+catalogue edits are serialised by one lock.
 
 Live catalogue edits (withdraw, restore, add) are applied in every engine between two decode steps,
 then in the front end's catalogue, then written to the model's overlay file beside its versions
@@ -23,7 +27,17 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from model_store import overlay_path, read_overlay, write_overlay
+from model_store import (
+    CorruptVersionError,
+    NoValidVersionError,
+    RefusalMemory,
+    Rejection,
+    list_versions,
+    overlay_path,
+    read_overlay,
+    version_fingerprint,
+    write_overlay,
+)
 from service.engine.client import EnginePool, EngineRefused, ServingModel
 from service.errors import Conflict, InvalidArgument, NotReady
 from service.logs import get_logger
@@ -31,6 +45,14 @@ from service.metrics import ServiceMetrics
 from service.settings import Settings
 
 log = get_logger("models")
+
+# How many versions the engines may refuse in one reload before it gives up.
+MAX_ENGINE_REFUSALS = 8
+# An engine refusal may be transient (an engine restarting, a full socket at start-up): a version the
+# engines refuse is skipped for that reload (the next older one serves) and tried again on later
+# polls; only after this many refusals of the same files, with some version serving, is it
+# remembered as refused.
+ENGINE_ATTEMPTS = 3
 
 
 @dataclass
@@ -53,13 +75,14 @@ class ReloadOutcome:
         }
 
 
-def _rejection_dict(rejection: Any) -> dict[str, Any]:
-    version = getattr(rejection, "version", None)
-    path = getattr(rejection, "path", None)
-    if version is None and path is not None:
-        name = getattr(path, "name", str(path))
-        version = int(name) if str(name).isdigit() else None
-    return {"version": version, "reason": str(getattr(rejection, "reason", rejection))}
+def _rejection_dict(rejection: Rejection) -> dict[str, Any]:
+    return {"version": rejection.version, "reason": rejection.reason}
+
+
+def _unique(rejected: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One entry per version (the latest reason), newest version first: a fallback may meet one twice."""
+    by_version = {r["version"]: r for r in rejected}
+    return sorted(by_version.values(), key=lambda r: -1 if r["version"] is None else r["version"], reverse=True)
 
 
 class ModelManager:
@@ -71,7 +94,8 @@ class ModelManager:
         self.engines = engines
         self.current: Any | None = None  # onerec.bundle.VersionInfo
         self.pinned: int | None = settings.pin_version
-        self.refused: set[int] = set()
+        self.refusals = RefusalMemory()  # refused versions, skipped until their files change
+        self._engine_failures: dict[tuple[int, str], int] = {}  # (version, fingerprint) -> engine refusals
         self._lock = asyncio.Lock()
 
     # ---- reading ---------------------------------------------------------------------------------
@@ -109,41 +133,105 @@ class ModelManager:
         """Load the newest valid version (or `version`), warm it and swap it in.
 
         With pin_change, `version` becomes the pin (None clears it): an admin rollback stays put
-        until the next admin reload. Raises Conflict when an explicitly requested version is refused.
+        until the next admin reload. A pin whose version is refused is undone, so a typo cannot
+        freeze the service on its old version and keep newer ones from being picked up.
         """
         async with self._lock:
+            previous_pin = self.pinned
             if pin_change:
                 self.pinned = version
             target = self.pinned if version is None else version
-            previous = None if self.current is None else self.current.version
+            outcome = await self._load(target)
+            if pin_change and outcome.result in ("refused", "error") and self.pinned != previous_pin:
+                self.pinned = previous_pin
+                log.warning(
+                    "pin refused and undone",
+                    extra={"asked": version, "pinned": previous_pin, "reason": outcome.message},
+                )
+            return outcome
+
+    async def _load(self, target: int | None) -> ReloadOutcome:
+        """Select the newest valid version (or `target`), have the engines load it; fall back on refusal.
+
+        Without a target, a version an engine refuses is remembered as refused and the next older
+        valid one is tried; with one (a pin), the refusal is the answer.
+        """
+        previous = None if self.current is None else self.current.version
+        rejected: list[dict[str, Any]] = []
+        attempt = self.refusals.copy()  # plus the versions the engines refused during this reload
+        for _ in range(MAX_ENGINE_REFUSALS):
             try:
-                info, rejections = await asyncio.to_thread(self._read_version, target)
-                rejected = [_rejection_dict(r) for r in rejections]
-                for item in rejected:
-                    self._count_refusal(item)
-                if self.current is not None and info.version == self.current.version:
-                    self.metrics.model_reloads.labels("unchanged").inc()
-                    return ReloadOutcome("unchanged", previous, previous, rejected, "already serving this version")
-                started = time.perf_counter()
-                await self.engines.load(ServingModel(info.version, info.path, self._overlay_path(info.name)))
+                selected = await asyncio.to_thread(self._read_version, target, attempt)
             except Exception as exc:
-                return self._refuse(previous, target, exc)
+                self._remember(getattr(exc, "rejections", []))
+                return self._refuse(previous, target, exc, rejected)
+            self._remember(selected.rejections)
+            rejected += self._note_rejections(selected.rejections)
+            info = selected.value
+            if self.current is not None and info.version == self.current.version:
+                self.metrics.model_reloads.labels("unchanged").inc()
+                return ReloadOutcome("unchanged", previous, previous, _unique(rejected), "already serving this version")
+            started = time.perf_counter()
+            try:
+                await self.engines.load(ServingModel(info.version, info.path, self._overlay_path(info.name)))
+            except EngineRefused as exc:
+                refusal = self._engine_refusal(info, selected.fingerprint, exc)
+                attempt.add(refusal)
+                rejected.append(_rejection_dict(refusal))
+                if target is not None:
+                    return self._refuse(previous, target, exc, rejected)
+                continue
+            except Exception as exc:  # the engines are not there (stopping, restarting): not the version's fault
+                return self._refuse(previous, target, exc, rejected)
             log.info(
                 "model version loaded by the engines",
                 extra={"model": info.name, "version": info.version, "load_s": round(time.perf_counter() - started, 3)},
             )
             self._swap(info)
-            return ReloadOutcome("loaded", info.version, previous, rejected)
+            return ReloadOutcome("loaded", info.version, previous, _unique(rejected))
+        error = RuntimeError(f"the engines refused {MAX_ENGINE_REFUSALS} versions in a row")
+        return self._refuse(previous, target, error, rejected)
 
-    def _read_version(self, pin: int | None) -> tuple[Any, list[Any]]:
-        """Thread part: verify the newest valid (or pinned) version and read its catalogue and overlay."""
-        from onerec.bundle import load_newest_version_info
+    def _remember(self, rejections: list[Rejection]) -> None:
+        """Keep the new refusals of a selection (made on this reload's copy) in the lasting memory."""
+        for rejection in rejections:
+            if not rejection.remembered:
+                self.refusals.add(rejection)
 
-        info, rejections = load_newest_version_info(self.settings.model_store, self.model_name(), pin=pin)
-        skipped = info.catalog.apply_overlay(read_overlay(self._overlay_path(info.name)))
+    def _engine_refusal(self, info: Any, fingerprint: str, exc: EngineRefused) -> Rejection:
+        """Count an engine refusal of a version; remembered (and counted in the metric) at the last try."""
+        key = (info.version, fingerprint)
+        tries = self._engine_failures[key] = self._engine_failures.get(key, 0) + 1
+        reason = f"refused by the engines ({tries} of {ENGINE_ATTEMPTS} tries): {exc}"
+        refusal = Rejection(info.name, info.version, info.path, reason, fingerprint)
+        # Remembered only once the engines have shown they can load a version (one is serving): before
+        # that, a refusal says as much about the engines (starting, restarting) as about the version.
+        if tries >= ENGINE_ATTEMPTS and self.current is not None:
+            self.refusals.add(refusal)
+            self._note_rejections([refusal])
+        else:
+            log.warning(
+                "engines could not load this version; an older one is tried, this one again later",
+                extra={"model": info.name, "version": info.version, "reason": reason},
+            )
+        return refusal
+
+    def _read_version(self, pin: int | None, memory: RefusalMemory | None = None) -> Any:
+        """Thread part: select the newest valid (or pinned) version, read its catalogue, replay the overlay.
+
+        The overlay is read first: a broken overlay is an error of the model, not of any version, so it
+        must not get versions remembered as refused.
+        """
+        from onerec.bundle import select_version_info
+
+        name = self.model_name()
+        overlay = read_overlay(self._overlay_path(name))
+        memory = self.refusals if memory is None else memory
+        selected = select_version_info(self.settings.model_store, name, pin=pin, memory=memory)
+        skipped = selected.value.catalog.apply_overlay(overlay)
         if skipped:
             log.warning("catalogue overlay names items this version lacks", extra={"items": skipped[:20]})
-        return info, rejections
+        return selected
 
     def _overlay_path(self, name: str) -> Any:
         return overlay_path(self.settings.model_store, name)
@@ -237,29 +325,36 @@ class ModelManager:
             raise NoValidVersionError(self.settings.model_store, "no model in the store")
         raise ValueError(f"store {self.settings.model_store} holds {names}: set ONEREC_MODEL_NAME")
 
-    def _refuse(self, previous: int | None, target: int | None, exc: Exception) -> ReloadOutcome:
-        from model_store import CorruptVersionError, NoValidVersionError
-
+    def _refuse(
+        self, previous: int | None, target: int | None, exc: Exception, rejected: list[dict[str, Any]]
+    ) -> ReloadOutcome:
+        """Nothing new could be loaded: count and log it; the serving version (if any) stays."""
         refusal = (CorruptVersionError, NoValidVersionError, EngineRefused, LookupError, ValueError, OSError)
         result = "refused" if isinstance(exc, refusal) else "error"
         self.metrics.model_reloads.labels(result).inc()
-        for rejection in getattr(exc, "rejections", []):
-            self._count_refusal(_rejection_dict(rejection))
-        if isinstance(exc, CorruptVersionError) and target is not None and target not in self.refused:
-            self._count_refusal({"version": target, "reason": exc.reason})
+        if isinstance(exc, NoValidVersionError):
+            rejected = rejected + self._note_rejections(exc.rejections)
+            message = exc.reason  # the store's path stays out of answers and logs
+        else:
+            message = f"{type(exc).__name__}: {exc}"
         log.error(
             "model load refused; the serving version stays",
-            extra={"target": target, "serving": previous, "error": f"{type(exc).__name__}: {exc}"},
+            extra={"target": target, "serving": previous, "error": message, "rejected": rejected},
         )
-        message = f"{type(exc).__name__}: {exc}"
-        return ReloadOutcome(result, previous, previous, [{"version": target, "reason": message}], message)
+        if target is not None and not any(r["version"] == target for r in rejected):
+            rejected = [*rejected, {"version": target, "reason": message}]
+        return ReloadOutcome(result, previous, previous, _unique(rejected), message)
 
-    def _count_refusal(self, item: dict[str, Any]) -> None:
-        version = item.get("version")
-        if isinstance(version, int) and version not in self.refused:
-            self.refused.add(version)
-            self.metrics.versions_rejected.inc()
-            log.error("model version refused", extra={"version": version, "reason": item.get("reason")})
+    def _note_rejections(self, rejections: list[Rejection]) -> list[dict[str, Any]]:
+        """Count and log the refusals that are new (a remembered one was counted when it happened)."""
+        for rejection in rejections:
+            if not rejection.remembered:
+                self.metrics.versions_rejected.inc()
+                log.error(
+                    "model version refused",
+                    extra={"model": rejection.name, "version": rejection.version, "reason": rejection.reason},
+                )
+        return [_rejection_dict(r) for r in rejections]
 
     async def admin_reload(self, version: int | None) -> ReloadOutcome:
         """POST /v1/models/reload: version pins it; none clears the pin and loads the newest valid.
@@ -288,13 +383,26 @@ class ModelManager:
         return max(versions) if versions else None
 
     async def poll_once(self) -> ReloadOutcome | None:
-        """Load a newer version if one appeared (and was not refused before); None when idle."""
+        """Load a newer version if one appeared (refused ones count only once their files change)."""
         if self.pinned is not None or self.current is None:
             return None
-        newest = await asyncio.to_thread(self.newest_in_store)
-        if newest is None or newest <= self.current.version or newest in self.refused:
+        serving = self.current.version
+        if not await asyncio.to_thread(self._newer_candidate, serving):
             return None
         return await self.reload()
+
+    def _newer_candidate(self, serving: int) -> bool:
+        """Thread part of a poll: is there a version above `serving` that is not refused as it stands?"""
+        try:
+            name = self.model_name()
+            versions = list_versions(self.settings.model_store, name)
+        except Exception:  # no model / unreadable store: nothing newer to offer
+            return False
+        model_dir = self.settings.model_store / name
+        for version in (v for v in versions if v > serving):
+            if self.refusals.get(version, version_fingerprint(model_dir / str(version))) is None:
+                return True
+        return False
 
     async def poll_forever(self) -> None:
         """Background task: the first load (retried until it works), then polling for new versions."""

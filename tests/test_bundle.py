@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
-from onerec.bundle import load_newest_bundle
+from onerec.bundle import load_bundle, load_newest_bundle
 from onerec.generate import RecRequest
 
 
@@ -55,3 +57,39 @@ def test_catalogue_changes_apply_without_retraining(demo_bundle) -> None:
     assert restored.items == before.items
     with pytest.raises(ValueError, match="already names"):
         catalog.add("brand-new", list(catalog.trie.path_of_item(0)))
+
+
+def _copy_as_version_2(store: Path, edit) -> None:  # type: ignore[no-untyped-def]
+    shutil.copytree(store / "demo" / "1", store / "demo" / "2")
+    manifest = json.loads((store / "demo" / "2" / "manifest.json").read_text())
+    manifest["version"] = 2
+    edit(manifest)
+    (store / "demo" / "2" / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_newer_version_whose_d_model_does_not_fit_its_weights_falls_back(demo_store: Path, tmp_path: Path) -> None:
+    """Issue 12: the build used to run after the fallback loop, so a config mismatch could not fall back."""
+    store = tmp_path / "store"
+    shutil.copytree(demo_store, store)
+    _copy_as_version_2(store, lambda m: m["model_config"].update(d_model=m["model_config"]["d_model"] * 2))
+    bundle, rejected = load_newest_bundle(store, "demo")
+    assert bundle.version == 1
+    assert [r.version for r in rejected] == [2] and "does not fit the weights" in rejected[0].reason
+    with pytest.raises(ValueError, match="version 2: model_config does not fit the weights"):
+        load_bundle(store / "demo" / "2")  # what an engine told to load it says
+
+
+def test_catalogue_that_does_not_fit_the_config_falls_back(demo_store: Path, tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    shutil.copytree(demo_store, store)
+    _copy_as_version_2(store, lambda m: None)
+    catalog = store / "demo" / "2" / "catalog.json"
+    doc = json.loads(catalog.read_text())
+    doc["popular"] = [len(doc["item_ids"]) + 5]  # would answer the popularity fallback with no item
+    raw = json.dumps(doc).encode()
+    catalog.write_bytes(raw)
+    manifest = json.loads((store / "demo" / "2" / "manifest.json").read_text())
+    manifest["files"]["catalog.json"] = {"sha256": hashlib.sha256(raw).hexdigest(), "bytes": len(raw)}
+    (store / "demo" / "2" / "manifest.json").write_text(json.dumps(manifest))
+    bundle, rejected = load_newest_bundle(store, "demo")
+    assert bundle.version == 1 and "popular" in rejected[0].reason

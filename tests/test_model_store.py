@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
 import threading
 from pathlib import Path
 
@@ -13,14 +15,20 @@ from safetensors.numpy import save
 
 from model_store import (
     CorruptVersionError,
+    HeaderError,
     NoValidVersionError,
+    VerifiedVersion,
     list_models,
     list_versions,
     load_newest_valid,
+    parse_header,
     publish_version,
     read_verified_file,
+    select_version,
     verify_version,
+    version_fingerprint,
 )
+from model_store.store import MAX_MANIFEST_BYTES
 
 
 def weights(scale: float = 1.0) -> bytes:
@@ -191,3 +199,124 @@ def test_concurrent_publishers_never_clobber(tmp_path: Path) -> None:
     scales = sorted(m["metrics"]["recall@10"] for m in manifests)
     assert scales == [0.5 * i for i in range(8)]
     assert all(verify_version(tmp_path / "demo" / str(v)) for v in range(1, 9))
+
+
+# ---- issue 12: nothing about a version escapes as an exception, nothing outside it is read --------------
+
+
+def _nested(depth: int) -> bytes:
+    return ("[" * depth + "]" * depth).encode()
+
+
+def test_deeply_nested_manifest_is_refused_and_the_older_version_loads(tmp_path: Path) -> None:
+    publish(tmp_path, 1.0)
+    bad = publish(tmp_path, 2.0)
+    (bad / "manifest.json").write_bytes(b'{"files": ' + _nested(200_000) + b"}")
+    with pytest.raises(CorruptVersionError, match="nested too deeply"):
+        verify_version(bad)
+    chosen, rejected = load_newest_valid(tmp_path, "demo")
+    assert chosen.version == 1 and [r.version for r in rejected] == [2]
+
+
+def test_oversized_manifest_is_refused_before_it_is_read(tmp_path: Path) -> None:
+    path = publish(tmp_path)
+    with (path / "manifest.json").open("ab") as handle:
+        handle.truncate(MAX_MANIFEST_BYTES + 1)
+    with pytest.raises(CorruptVersionError, match="more than"):
+        verify_version(path)
+
+
+def test_deeply_nested_safetensors_header_is_a_header_error() -> None:
+    raw = b'{"a": ' + _nested(200_000) + b"}"
+    with pytest.raises(HeaderError, match="nested too deeply"):
+        parse_header(len(raw).to_bytes(8, "little") + raw, 8 + len(raw))
+
+
+def _republish_with_link(tmp_path: Path, store: Path, fname: str, target: Path) -> Path:
+    """Version 2 = a copy of version 1 whose `fname` is a symlink to `target` (same bytes, same sha256)."""
+    src, dst = store / "demo" / "1", store / "demo" / "2"
+    shutil.copytree(src, dst)
+    manifest = json.loads((dst / "manifest.json").read_text())
+    manifest["version"] = 2
+    (dst / "manifest.json").write_text(json.dumps(manifest))
+    (dst / fname).unlink()
+    os.symlink(target, dst / fname)
+    return dst
+
+
+def test_catalog_symlinked_out_of_the_store_is_refused(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    publish(store)
+    outside = tmp_path / "catalog.json"
+    shutil.copy(store / "demo" / "1" / "catalog.json", outside)
+    bad = _republish_with_link(tmp_path, store, "catalog.json", outside)
+    with pytest.raises(CorruptVersionError, match="catalog.json resolves outside the version directory"):
+        verify_version(bad)
+    assert load_newest_valid(store, "demo")[0].version == 1
+
+
+def test_weights_symlinked_into_another_version_are_refused(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    publish(store)
+    bad = _republish_with_link(tmp_path, store, "model.safetensors", Path("..") / "1" / "model.safetensors")
+    with pytest.raises(CorruptVersionError, match="model.safetensors resolves outside"):
+        verify_version(bad)
+    chosen, rejected = load_newest_valid(store, "demo")
+    assert chosen.version == 1 and "outside the version directory" in rejected[0].reason
+
+
+def test_fifo_in_place_of_a_file_is_refused_without_blocking(tmp_path: Path) -> None:
+    path = publish(tmp_path)
+    (path / "catalog.json").unlink()
+    os.mkfifo(path / "catalog.json")
+    with pytest.raises(CorruptVersionError, match="not a regular file"):
+        verify_version(path)  # and it does not block on the FIFO
+
+
+def test_symlinked_version_directory_is_refused(tmp_path: Path) -> None:
+    publish(tmp_path)
+    os.symlink(tmp_path / "demo" / "1", tmp_path / "demo" / "2")
+    chosen, rejected = load_newest_valid(tmp_path, "demo")
+    assert chosen.version == 1 and "symlink" in rejected[0].reason
+
+
+def test_file_replaced_after_verification_is_read_no_further_than_its_size(tmp_path: Path) -> None:
+    verified = verify_version(publish(tmp_path))
+    (verified.path / "catalog.json").write_bytes(b"x" * 10_000_000)
+    with pytest.raises(CorruptVersionError, match="changed after verification"):
+        read_verified_file(verified, "catalog.json")
+
+
+def test_pinned_version_that_does_not_exist_is_not_a_rejection(tmp_path: Path) -> None:
+    publish(tmp_path)
+    with pytest.raises(NoValidVersionError, match="pinned version 5 does not exist") as info:
+        load_newest_valid(tmp_path, "demo", pin=5)
+    assert info.value.rejections == []
+
+
+def test_any_exception_in_prepare_refuses_that_version_only(tmp_path: Path) -> None:
+    publish(tmp_path, 1.0)
+    publish(tmp_path, 2.0)
+    publish(tmp_path, 3.0)
+    failures: dict[int, BaseException] = {3: RecursionError("deep"), 2: MemoryError()}
+
+    def prepare(verified: VerifiedVersion) -> int:
+        if verified.version in failures:
+            raise failures[verified.version]
+        return verified.version
+
+    selected = select_version(tmp_path, "demo", prepare)
+    assert selected.value == 1
+    assert [(r.version, r.reason) for r in selected.rejections] == [
+        (3, "nested too deeply to parse (RecursionError)"),
+        (2, "MemoryError: "),
+    ]
+
+
+def test_fingerprint_follows_the_files(tmp_path: Path) -> None:
+    path = publish(tmp_path)
+    first = version_fingerprint(path)
+    assert version_fingerprint(path) == first
+    (path / "catalog.json").write_bytes((path / "catalog.json").read_bytes())
+    assert version_fingerprint(path) != first
+    assert version_fingerprint(tmp_path / "demo" / "9")  # a missing version still has one (never raises)
