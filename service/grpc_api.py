@@ -223,6 +223,7 @@ class GrpcFrontEnd:
                 # Idle or abandoned connections cost nothing for long: closed when idle, recycled by age
                 # (a stream that never sends its message ends with its connection), dead peers found
                 # by keepalive pings.
+                ("grpc.server_handshake_timeout_ms", int(s.http_header_timeout_s * 1000)),
                 ("grpc.max_connection_idle_ms", int(s.http_header_timeout_s * 6000)),
                 ("grpc.max_connection_age_ms", age_ms),
                 ("grpc.max_connection_age_grace_ms", int(s.drain_timeout_s * 1000)),

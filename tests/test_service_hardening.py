@@ -80,6 +80,16 @@ def test_silent_and_dripping_connections_are_closed(server: ServiceHandle) -> No
         assert client.get("/healthz").status_code == 200
 
 
+def test_grpc_connections_that_never_speak_are_closed(server: ServiceHandle) -> None:
+    silent = socket.create_connection(("127.0.0.1", server.grpc_port), timeout=30)
+    assert closed_within(silent, 20)[0], "a gRPC connection that never sends its preface is held"
+
+
+def test_models_answer_does_not_show_the_store_path(server: ServiceHandle, demo_store: Path) -> None:
+    answer = httpx.get(f"{server.http_url}/v1/models", timeout=30).text
+    assert str(demo_store) not in answer and '"path"' not in answer
+
+
 def test_stalled_body_gets_408_and_a_half_sent_body_is_never_acted_on(server: ServiceHandle) -> None:
     body = json.dumps({"user_id": "half", "items": ["1", "2", "3"]}).encode()
     stalled = raw_connection(server)
