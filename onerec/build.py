@@ -127,6 +127,9 @@ def sequence_file_config(path: str) -> BuildConfig:
             warmup_steps=300,
             slot_weights=[1.0, 0.5, 0.25],
             time_budget_s=40 * 60.0,
+            # One torch thread: on the shared 2-core host two threads ran this model at 1-5 s/step
+            # (threads waiting on each other whenever one is descheduled), one thread at 0.2-0.5 s/step.
+            threads=1,
         ),
         train_steps=15_000,
         eval_beam=20,
