@@ -64,7 +64,9 @@ def manifest_of_newest(store: Path) -> dict[str, Any]:
     return {"name": models[0], "version": verified.version, **verified.manifest}
 
 
-def measure_baselines(dataset: Path, sasrec: bool, progress: bool) -> dict[str, Any]:
+def measure_baselines(
+    dataset: Path, sasrec: bool, progress: bool, sasrec_minutes: float | None = None
+) -> dict[str, Any]:
     """Most popular, the co-occurrence kNN and (optionally) SASRec on the test rows of `dataset`."""
     data = load_sequence_file(dataset)
     split = leave_one_out(data)
@@ -85,7 +87,7 @@ def measure_baselines(dataset: Path, sasrec: bool, progress: bool) -> dict[str, 
     print(f"[quality] kNN: {json.dumps(out['co-occurrence item-kNN'])}", file=sys.stderr, flush=True)
     if sasrec:
         started = time.perf_counter()
-        cfg = SASRecConfig()
+        cfg = SASRecConfig(time_budget_s=None if sasrec_minutes is None else 60.0 * sasrec_minutes)
         model, rep = train_sasrec(
             split.train, data.n_items, cfg, split.valid.histories, split.valid.targets, progress=progress
         )
@@ -159,6 +161,7 @@ def main() -> None:
     p.add_argument("--baselines-from", type=Path, default=None, help="take the measured baselines from this report")
     p.add_argument("--no-baselines", action="store_true", help="only most popular, from the manifest")
     p.add_argument("--no-sasrec", action="store_true", help="skip SASRec (minutes of training)")
+    p.add_argument("--sasrec-minutes", type=float, default=None, help="cap SASRec's training time (default: none)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
@@ -185,7 +188,7 @@ def main() -> None:
         baselines = json.loads(args.baselines_from.read_text(encoding="utf-8"))["baselines"]
     elif not args.no_baselines and "path" in manifest.get("dataset", {}):  # a sequence file, not synthetic
         dataset = Path(manifest["dataset"]["path"])
-        baselines = measure_baselines(dataset, sasrec=not args.no_sasrec, progress=not args.quiet)
+        baselines = measure_baselines(dataset, not args.no_sasrec, not args.quiet, args.sasrec_minutes)
     rep = report(manifest, seconds, baselines)
     print(table(rep), file=sys.stderr)
     text = json.dumps(rep, indent=2)

@@ -131,6 +131,7 @@ class SASRecConfig:
     max_epochs: int = 200
     eval_every: int = 5  # epochs between validation checks
     patience: int = 3  # validation checks without improvement before stopping
+    time_budget_s: float | None = None  # stop after the epoch that crosses this (best checkpoint kept)
     seed: int = 0
     threads: int | None = None
 
@@ -141,6 +142,7 @@ class SASRecReport:
     best_epoch: int = 0
     seconds: float = 0.0
     valid_ndcg10: list[float] = field(default_factory=list)
+    stopped_by_time: bool = False
 
     def as_dict(self) -> dict[str, object]:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -170,9 +172,12 @@ class SASRec(nn.Module):
         nn.init.normal_(self.pos.weight, std=0.02)
 
     def hidden(self, seqs: torch.Tensor) -> torch.Tensor:
-        """seqs: (B, L) shifted item ids, left-padded with 0 -> (B, L, d)."""
+        """seqs: (B, L <= max_len) shifted item ids, left-padded with 0 -> (B, L, d)."""
         length = seqs.shape[1]
-        x = self.items(seqs) * math.sqrt(self.cfg.d_model) + self.pos(torch.arange(length, device=seqs.device))[None]
+        # Right-aligned positions: the newest item is always position max_len - 1, however many
+        # all-padding columns a training batch dropped on the left.
+        positions = torch.arange(self.cfg.max_len - length, self.cfg.max_len, device=seqs.device)
+        x = self.items(seqs) * math.sqrt(self.cfg.d_model) + self.pos(positions)[None]
         x = self.drop(x) * (seqs > 0).unsqueeze(-1)
         causal = torch.triu(torch.ones(length, length, dtype=torch.bool, device=seqs.device), 1)
         x = self.blocks(x, mask=causal)
@@ -232,8 +237,11 @@ def train_sasrec(
         model.train()
         order = rng.permutation(len(usable))
         for start in range(0, len(order), cfg.batch_size):
-            batch = torch.from_numpy(padded[order[start : start + cfg.batch_size]])
-            inputs, targets = batch[:, :-1], batch[:, 1:]
+            rows = padded[order[start : start + cfg.batch_size]]
+            first = int((rows != 0).argmax(axis=1).min())  # columns before it are padding in every row
+            keep = min(first, cfg.max_len - 1)
+            batch = torch.from_numpy(rows)
+            inputs, targets = batch[:, keep:-1], batch[:, keep + 1 :]
             real = targets > 0
             h = model.hidden(inputs)[real]  # only positions with a next item: (P, d)
             loss = F.cross_entropy(model.logits(h), targets[real] - 1)
@@ -243,7 +251,10 @@ def train_sasrec(
             bar.update(1)
             bar.set_postfix(epoch=epoch, loss=f"{loss.item():.3f}")
         report.epochs = epoch
-        if valid_histories is None or valid_targets is None or epoch % cfg.eval_every:
+        out_of_time = cfg.time_budget_s is not None and time.perf_counter() - t0 > cfg.time_budget_s
+        if valid_histories is None or valid_targets is None or (epoch % cfg.eval_every and not out_of_time):
+            if out_of_time:
+                break
             continue
         ndcg = evaluate_scorer(lambda h: sasrec_scores(model, h), valid_histories, valid_targets)["ndcg@10"]
         report.valid_ndcg10.append(ndcg)
@@ -254,6 +265,9 @@ def train_sasrec(
             stale += 1
             if stale >= cfg.patience:
                 break
+        if out_of_time:
+            report.stopped_by_time = True
+            break
     bar.close()
     if best_state is not None:
         model.load_state_dict(best_state)
