@@ -75,13 +75,13 @@ def ring_world(n_items: int = 40, users: int = 300, seed: int = 0) -> list[np.nd
 
 
 def test_sasrec_learns_a_deterministic_successor_that_popularity_cannot() -> None:
-    seqs = ring_world()
+    seqs = ring_world(users=200)
     split_train = [s[:-2] for s in seqs]
     hist = [s[:-1] for s in seqs]
     targets = [int(s[-1]) for s in seqs]
-    cfg = SASRecConfig(max_len=10, d_model=32, n_heads=2, dropout=0.1, lr=5e-3, max_epochs=30, batch_size=64)
+    cfg = SASRecConfig(max_len=10, d_model=32, n_heads=2, dropout=0.1, lr=1e-2, max_epochs=15, batch_size=64)
     model, report = train_sasrec(split_train, 40, cfg, progress=False)
-    assert report.epochs == 30 and report.best_epoch == 30
+    assert report.epochs == 15 and report.best_epoch == 15
     learned = evaluate_scorer(lambda h: sasrec_scores(model, h), hist, targets, ks=(1,))
     pop = most_popular_scores(split_train, 40)
     popular = evaluate_scorer(lambda h: np.tile(pop, (len(h), 1)), hist, targets, ks=(1,))
@@ -90,14 +90,22 @@ def test_sasrec_learns_a_deterministic_successor_that_popularity_cannot() -> Non
 
 def test_sasrec_keeps_the_best_validated_epoch_and_stops_early() -> None:
     seqs = ring_world(users=120)
-    cfg = SASRecConfig(max_len=8, d_model=16, n_heads=1, lr=5e-3, max_epochs=40, eval_every=2, patience=2)
+    cfg = SASRecConfig(max_len=8, d_model=16, n_heads=1, lr=5e-3, max_epochs=24, eval_every=2, patience=2)
     valid_h = [s[:-2] for s in seqs]
     valid_t = [int(s[-2]) for s in seqs]
     _, report = train_sasrec([s[:-2] for s in seqs], 40, cfg, valid_h, valid_t, progress=False)
     checks = report.valid_ndcg10
     assert len(checks) == report.epochs // 2
     assert report.best_epoch == 2 * (int(np.argmax(checks)) + 1)
-    assert report.epochs == 40 or report.epochs - report.best_epoch == 2 * cfg.patience
+    assert report.epochs == 24 or report.epochs - report.best_epoch == 2 * cfg.patience
+    assert not report.stopped_by_time
+
+
+def test_sasrec_time_budget_stops_after_a_checked_epoch() -> None:
+    seqs = ring_world(users=60)
+    cfg = SASRecConfig(max_len=8, d_model=8, n_heads=1, max_epochs=50, eval_every=10, time_budget_s=0.0)
+    _, report = train_sasrec([s[:-2] for s in seqs], 40, cfg, [s[:-2] for s in seqs], [int(s[-2]) for s in seqs])
+    assert report.stopped_by_time and report.epochs == 1 and len(report.valid_ndcg10) == 1 and report.best_epoch == 1
 
 
 # ---- semantic IDs --------------------------------------------------------------------------------
