@@ -10,6 +10,7 @@ the model's top session before and after alignment.
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from dataclasses import dataclass, field, replace
@@ -26,6 +27,7 @@ from onerec.data import (
     SyntheticConfig,
     SyntheticWorld,
     leave_one_out,
+    load_item_content,
     load_sequence_file,
     make_synthetic,
 )
@@ -34,7 +36,13 @@ from onerec.generate import Generator
 from onerec.ipa import IpaConfig, run_ipa, true_session_affinity
 from onerec.model import ModelConfig, OneRecModel
 from onerec.reward import RewardConfig, train_reward
-from onerec.tokenizer import item_embeddings, residual_semantic_ids
+from onerec.tokenizer import (
+    codebook_size,
+    content_embeddings,
+    item_embeddings,
+    join_embeddings,
+    residual_semantic_ids,
+)
 from onerec.train import TrainConfig, train_model
 
 
@@ -45,10 +53,14 @@ class BuildConfig:
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     embedding_dim: int = 32
     levels: int = 3
-    codes_per_level: int = 16
+    codes_per_level: int | None = 16  # None: derived from the catalogue size (tokenizer.codebook_size)
+    content: bool = True  # join content features where item2attributes.json / item_text.tsv sit beside the file
+    content_weight: float = 0.3  # share of each joined item embedding's squared norm that is content
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval_beam: int = 20
+    session_eval_users: int = 2000  # session-mode metrics on at most this many users per split
+    train_steps: int | None = None  # when set, epochs = this many optimizer steps / steps per epoch (1..200)
     eval_users: int | None = None  # evaluate on at most this many users (None = all)
     ipa_iterations: int = 0
     ipa: IpaConfig = field(default_factory=IpaConfig)
@@ -77,36 +89,62 @@ def demo_config() -> BuildConfig:
 
 
 def sequence_file_config(path: str) -> BuildConfig:
-    """A catalogue-scale model for a real sequence file (e.g. Amazon Beauty, 12k items).
+    """The one default recipe for a real sequence file (e.g. Amazon Beauty: 22k users, 12k items).
 
-    Sized after TIGER's Beauty setup (3 levels of 256 codes, history 20) with OneRec's MoE decoder;
-    on 2 CPU cores an epoch takes minutes, so use ``--device cuda`` where there is one.
+    No per-dataset knobs: the codebook size follows the catalogue size (``tokenizer.codebook_size``),
+    the number of epochs follows the number of training samples (about ``train_steps`` optimizer
+    steps in all), and training stops early enough for the whole build to fit in about an hour on
+    2 CPU cores (``TrainConfig.time_budget_s``; the schedule still decays to its end). The model is
+    small (d 64, 2+2 layers, 4 experts top-2): on a Beauty-sized file, cheap steps and many of them
+    beat a wide model that sees the data a few times. Content features are joined where
+    ``item2attributes.json`` / ``item_text.tsv`` sit beside the file. Slot 1 of the m = 3 session
+    weighs most in the loss because next-item ranking reads slot 1 only; session mode still trains.
     """
     return BuildConfig(
         dataset=path,
         name=Path(path).stem or "model",
         embedding_dim=64,
         levels=3,
-        codes_per_level=256,
+        codes_per_level=None,
+        content=True,
+        content_weight=0.2,
         model=ModelConfig(
             session_items=3,
             max_history=20,
-            d_model=128,
+            d_model=64,
             n_heads=4,
-            n_encoder_layers=4,
-            n_decoder_layers=4,
-            d_ff=256,
-            n_experts=8,
+            n_encoder_layers=2,
+            n_decoder_layers=2,
+            d_ff=128,
+            n_experts=4,
             experts_top_k=2,
             dropout=0.2,
         ),
-        train=TrainConfig(epochs=30, batch_size=256, lr=1e-3, warmup_steps=200),
+        train=TrainConfig(
+            epochs=30,
+            batch_size=256,
+            lr=2e-3,
+            warmup_steps=300,
+            slot_weights=[1.0, 0.5, 0.25],
+            time_budget_s=40 * 60.0,
+            # One torch thread: on the shared 2-core host two threads ran this model at 1-5 s/step
+            # (threads waiting on each other whenever one is descheduled), one thread at 0.2-0.5 s/step.
+            threads=1,
+        ),
+        train_steps=15_000,
         eval_beam=20,
     )
 
 
 def log(msg: str) -> None:
     print(f"[build] {msg}", file=sys.stderr, flush=True)
+
+
+def epochs_for_steps(train: list[np.ndarray], steps: int, tcfg: TrainConfig) -> int:
+    """Epochs that make about `steps` optimizer steps over these training sequences (1..200)."""
+    samples = sum(max(0, len(s) - 1) for s in train)
+    per_epoch = max(1, math.ceil(samples * (1.0 - tcfg.holdout_share) / tcfg.batch_size))
+    return int(min(200, max(1, round(steps / per_epoch))))
 
 
 def load_dataset(cfg: BuildConfig) -> tuple[InteractionData, dict[str, Any], SyntheticWorld | None]:
@@ -131,22 +169,33 @@ def build(cfg: BuildConfig, store: Path, progress: bool = True) -> tuple[Publish
     log(f"data: {data.n_users} users, {data.n_items} items, {sum(len(s) for s in data.sequences)} interactions")
 
     t = time.perf_counter()
+    popularity = split.train_popularity()
     emb = item_embeddings(split.train, data.n_items, cfg.embedding_dim, seed=cfg.seed)
-    sids = residual_semantic_ids(emb, cfg.levels, cfg.codes_per_level, seed=cfg.seed)
+    content = load_item_content(cfg.dataset, data.item_ids) if cfg.content and world is None else None
+    if content is not None:
+        tokens, used = content
+        emb = join_embeddings(emb, content_embeddings(tokens, cfg.embedding_dim, seed=cfg.seed), cfg.content_weight)
+        dataset_meta["content"] = {"files": used, "weight": cfg.content_weight}
+        log(f"content features from {', '.join(used)} joined with weight {cfg.content_weight}")
+    k = cfg.codes_per_level if cfg.codes_per_level is not None else codebook_size(data.n_items, cfg.levels)
+    sids = residual_semantic_ids(emb, cfg.levels, k, seed=cfg.seed, priority=popularity)
     timings["tokenizer"] = time.perf_counter() - t
     log(
         f"semantic ids: levels {sids.level_sizes}, utilisation {sids.report.utilisation}, "
         f"{sids.report.colliding_items} colliding items"
     )
 
-    popularity = split.train_popularity()
     catalog = Catalog.from_codes(data.item_ids, sids.codes, sids.level_sizes, popularity_ranking(popularity, 200))
     model_cfg = replace(cfg.model, level_sizes=list(sids.level_sizes))
     model = OneRecModel(model_cfg)
     log(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; training on {cfg.train.device}")
 
     t = time.perf_counter()
-    train_report = train_model(model, split.train, data.user_ids, sids.codes, cfg.train, progress=progress)
+    tcfg = cfg.train
+    if cfg.train_steps is not None:
+        tcfg = replace(tcfg, epochs=epochs_for_steps(split.train, cfg.train_steps, tcfg))
+        log(f"{tcfg.epochs} epochs for about {cfg.train_steps} steps")
+    train_report = train_model(model, split.train, data.user_ids, sids.codes, tcfg, progress=progress)
     timings["train"] = time.perf_counter() - t
     log(f"train: {train_report.steps} steps in {train_report.seconds:.1f}s, best epoch {train_report.best_epoch}")
 
@@ -165,7 +214,7 @@ def build(cfg: BuildConfig, store: Path, progress: bool = True) -> tuple[Publish
         "seed": cfg.seed,
         "semantic_ids": sids.report.as_dict(),
         "train": train_report.as_dict(),
-        "train_config": {k: getattr(cfg.train, k) for k in cfg.train.__dataclass_fields__},
+        "train_config": {k: getattr(tcfg, k) for k in tcfg.__dataclass_fields__},
         "metrics": metrics,
         "build_seconds": time.perf_counter() - t_start,
     }
@@ -248,9 +297,22 @@ def evaluate_all(
         pop = popularity_ranking(popularity, 10)
         out[f"{name}_most_popular"] = ranking_metrics([pop] * take, [int(x) for x in targets], (5, 10))
         log(f"{name}: {json.dumps(out[name])} (most popular: {json.dumps(out[f'{name}_most_popular'])})")
+        few = min(take, cfg.session_eval_users)
+        out[f"{name}_session"] = evaluate_generator(
+            generator,
+            hist[:few],
+            targets[:few],
+            users[:few],
+            beam_width=cfg.eval_beam,
+            mode="session",
+            progress=progress,
+        )
+        out[f"{name}_session"]["users"] = few
+        log(f"{name}, session mode ({few} users): {json.dumps(out[f'{name}_session'])}")
     hist = split.test.truncated(model.cfg.max_history)[:256]
-    out["legality_unconstrained"] = legality(generator, hist, [data.user_ids[u] for u in split.test.users[:256]])
-    out["legality_constrained"] = 1.0
+    test_users = [data.user_ids[u] for u in split.test.users[:256]]
+    out["legality_unconstrained"] = legality(generator, hist, test_users)
+    out["legality_constrained"] = legality(generator, hist, test_users, constrained=True)
     return out
 
 
@@ -273,6 +335,13 @@ def print_summary(summary: dict[str, Any]) -> None:
     for key in ("valid", "valid_most_popular", "test", "test_most_popular"):
         m = metrics[key]
         lines.append(f"{key:<20} {m['recall@5']:>8.4f} {m['ndcg@5']:>8.4f} {m['recall@10']:>8.4f} {m['ndcg@10']:>8.4f}")
+    for key in ("valid_session", "test_session"):
+        if key in metrics:
+            m = metrics[key]
+            lines.append(
+                f"{key:<20} {m['recall@5']:>8.4f} {m['ndcg@5']:>8.4f} {m['recall@10']:>8.4f} {m['ndcg@10']:>8.4f}"
+            )
     lines.append(f"legality (unconstrained beams valid): {metrics['legality_unconstrained']:.3f}")
+    lines.append(f"legality (constrained beams valid): {metrics['legality_constrained']:.3f}")
     lines.append("timings (s): " + ", ".join(f"{k} {v}" for k, v in summary["timings_seconds"].items()))
     print("\n".join(lines), file=sys.stderr)

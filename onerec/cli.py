@@ -67,8 +67,10 @@ def _run_build(args: argparse.Namespace) -> int:
     else:
         raise FileNotFoundError(f"--dataset {args.dataset}: no such file (or use 'synthetic')")
     cfg.name = args.name or cfg.name
-    if args.epochs is not None:
+    if args.epochs is not None:  # an explicit epoch count replaces the step target (and its time budget)
         cfg.train.epochs = args.epochs
+        cfg.train_steps = None
+        cfg.train.time_budget_s = None
     cfg.train.device = args.device
     cfg.ipa_iterations = args.ipa_iterations
     cfg.eval_users = args.eval_users

@@ -27,6 +27,8 @@ __all__ = [
     "SyntheticWorld",
     "leave_one_out",
     "load_item_attributes",
+    "load_item_content",
+    "load_item_text",
     "load_sequence_file",
     "make_synthetic",
 ]
@@ -157,6 +159,47 @@ def load_item_attributes(path: Path | str, item_ids: Sequence[str]) -> list[np.n
     if not isinstance(table, dict):
         raise ValueError(f"{path}: expected a JSON object of item id -> attribute ids")
     return [np.asarray(table.get(item, []), dtype=np.int64) for item in item_ids]
+
+
+def load_item_text(path: Path | str, item_ids: Sequence[str]) -> list[str]:
+    """Read `item_id<TAB>...<TAB>text` lines (Beauty's item_text.tsv; the last column is the text)
+    aligned to `item_ids`. A first line whose id is not a catalogue item is taken as a header; items
+    missing from the file get an empty string."""
+    known = set(item_ids)
+    text: dict[str, str] = {}
+    with Path(path).open(encoding="utf-8") as handle:
+        for line in handle:
+            parts = line.rstrip("\n").split("\t")
+            if len(parts) >= 2 and parts[0] in known:
+                text[parts[0]] = parts[-1]
+    return [text.get(item, "") for item in item_ids]
+
+
+CONTENT_FILES = ("item2attributes.json", "item_text.tsv")
+
+
+def load_item_content(sequence_path: Path | str, item_ids: Sequence[str]) -> tuple[list[list[str]], list[str]] | None:
+    """Content tokens per item from the optional files beside a sequence file, or None when there are none.
+
+    `item2attributes.json` gives tokens `a:<attribute id>`, `item_text.tsv` gives `w:<word>` per
+    lowercase word of the text. Returns (tokens per item aligned to `item_ids`, the files used).
+    """
+    folder = Path(sequence_path).parent
+    tokens: list[list[str]] = [[] for _ in item_ids]
+    used: list[str] = []
+    attributes = folder / CONTENT_FILES[0]
+    if attributes.is_file():
+        for row, attrs in zip(tokens, load_item_attributes(attributes, item_ids)):
+            row.extend(f"a:{int(a)}" for a in attrs)
+        used.append(attributes.name)
+    text = folder / CONTENT_FILES[1]
+    if text.is_file():
+        for row, words in zip(tokens, load_item_text(text, item_ids)):
+            row.extend(f"w:{w}" for w in words.lower().split())
+        used.append(text.name)
+    if not used or not any(tokens):
+        return None
+    return tokens, used
 
 
 # --------------------------------------------------------------------------------------------------

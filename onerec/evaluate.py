@@ -1,8 +1,9 @@
 """Offline evaluation: full-ranking Recall@K / NDCG@K (leave-one-out) and legality.
 
-Ranking uses the generator's ``items`` mode: the top beams of a trie-constrained search over the
-whole catalogue (no sampled negatives). Legality is measured with the trie switched off: the share
-of plain beam-search paths that name a real item (after constraints it is 100% by construction).
+Ranking uses the generator as the service answers: ``items`` mode (the top beams of a trie-constrained
+search over the whole catalogue, no sampled negatives) and none of the user's own history. Legality is
+the share of beam-search paths that name a live item, measured with the trie switched off and, as a
+check of the served search, with it on.
 """
 
 from __future__ import annotations
@@ -46,10 +47,16 @@ def evaluate_generator(
     ks: Sequence[int] = (5, 10),
     beam_width: int | None = None,
     batch_size: int = 64,
-    exclude_history: bool = False,
+    exclude_history: bool = True,
     progress: bool = True,
+    mode: str = "items",
 ) -> dict[str, float]:
-    """Full-ranking metrics of the generator's items mode over the given rows."""
+    """Full-ranking metrics of the generator over the given rows, as served: by default items mode
+    (the top beams) and no item of the user's own history (the service's default).
+
+    `mode="session"` ranks what session mode answers for `max(ks)` items: the best session's items in
+    order, then the next sessions' (the generator's top-up).
+    """
     top = max(ks)
     beam = max(beam_width or top, top)
     ranked: list[list[int]] = []
@@ -59,7 +66,7 @@ def evaluate_generator(
             RecRequest(
                 history=[int(i) for i in histories[j]],
                 num_items=top,
-                mode="items",
+                mode=mode,
                 beam_width=beam,
                 exclude_history=exclude_history,
                 user_id=user_ids[j],
@@ -80,8 +87,10 @@ def legality(
     user_ids: Sequence[str],
     beam_width: int = 10,
     batch_size: int = 64,
+    constrained: bool = False,
 ) -> float:
-    """Share of unconstrained beam-search paths (one item) that are live catalogue items."""
+    """Share of beam-search paths (one item) that are live catalogue items: with the trie switched off by
+    default, or with it on (`constrained=True`: the served search, which must reach 1.0)."""
     snap = generator.trie.tensors
     valid = total = 0
     for start in range(0, len(histories), batch_size):
@@ -95,7 +104,7 @@ def legality(
             )
             for j in range(start, min(start + batch_size, len(histories)))
         ]
-        beams = generator.search(reqs, snap, slots=1, constrained=False)
+        beams = generator.search(reqs, snap, slots=1, constrained=constrained)
         alive = torch.isfinite(beams.scores)
         items = beams.items[..., 0]
         valid += int(((items >= 0) & alive).sum())

@@ -25,6 +25,7 @@ d = d_model, H heads, dh = d/H.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -169,10 +170,17 @@ class DecoderLayer(nn.Module):
         self.n3, self.moe = RMSNorm(cfg.d_model), MoEFFN(cfg)
 
     def forward(self, x: torch.Tensor, memory: torch.Tensor, mem_mask: torch.Tensor) -> torch.Tensor:
+        return self.forward_with_router_input(x, memory, mem_mask)[0]
+
+    def forward_with_router_input(
+        self, x: torch.Tensor, memory: torch.Tensor, mem_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's output and what its MoE router saw: n3 of the input *after* both attention blocks."""
         h = self.n1(x)
         x = x + self.self_attn(h, h, causal=True)
         x = x + self.cross_attn(self.n2(x), memory, mem_mask)
-        return x + self.moe(self.n3(x))
+        routed = self.n3(x)
+        return x + self.moe(routed), routed
 
     def step(self, x: torch.Tensor, i: int, qkv_weight: torch.Tensor, batch: StepBatch) -> torch.Tensor:
         """One decoder position for every row of ``batch``; the same math as ``forward`` at that position.
@@ -347,30 +355,45 @@ class OneRecModel(nn.Module):
         user: torch.Tensor,
         target_codes: torch.Tensor,
         target_mask: torch.Tensor | None = None,
+        slot_weights: Sequence[float] | None = None,
+        label_smoothing: float = 0.0,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Teacher-forced next-token loss over sessions. Returns (mean cross-entropy, MoE balance loss).
 
         target_codes: (B, m', D); target_mask: (B, m') True where the slot holds a real item (a user's
-        last session can be shorter than m).
+        last session can be shorter than m). slot_weights (length >= m') weighs each slot's codes in the
+        mean (default: all 1); next-item quality reads slot 1 only, so training may favour it.
+        label_smoothing is passed to the cross-entropy of every code.
         """
         memory = self.encode(hist_codes, hist_mask, user)
         mem_mask = self.memory_mask(hist_mask)
         x = self.decoder_inputs(target_codes)
         balance = x.new_zeros((), dtype=torch.float32)
         for layer in self.decoder:
-            balance = balance + layer.moe.balance_loss(layer.n3(x))
-            x = layer(x, memory, mem_mask)
+            x, routed = layer.forward_with_router_input(x, memory, mem_mask)
+            balance = balance + layer.moe.balance_loss(routed)
         x = self.dec_norm(x)  # (B, T, d)
         depth = self.cfg.depth
-        flat = target_codes.reshape(target_codes.shape[0], -1)  # (B, T)
+        b, slots = target_codes.shape[:2]
+        flat = target_codes.reshape(b, -1)  # (B, T)
         if target_mask is None:
             target_mask = torch.ones(target_codes.shape[:2], dtype=torch.bool, device=x.device)
-        weight = target_mask.flatten().float()  # (B*m',)
+        weight = target_mask.float()  # (B, m')
+        if slot_weights is not None:
+            if len(slot_weights) < slots:
+                raise ValueError(f"{len(slot_weights)} slot weights for {slots} slots")
+            weight = weight * torch.tensor(list(slot_weights)[:slots], dtype=torch.float32, device=x.device)
+        weight = weight.flatten()  # (B*m',)
         loss = x.new_zeros((), dtype=torch.float32)
         for lvl, head in enumerate(self.heads):
             logits = head(x[:, lvl::depth])  # (B, m', V_lvl)
-            ce = F.cross_entropy(logits.flatten(0, 1).float(), flat[:, lvl::depth].flatten(), reduction="none")
-            loss = loss + (ce * weight).sum() / weight.sum().clamp(min=1.0)
+            ce = F.cross_entropy(
+                logits.flatten(0, 1).float(),
+                flat[:, lvl::depth].flatten(),
+                reduction="none",
+                label_smoothing=label_smoothing,
+            )
+            loss = loss + (ce * weight).sum() / weight.sum().clamp(min=1e-6)
         return loss / depth, balance / len(self.decoder)
 
     # ---- incremental decoding -----------------------------------------------------------------

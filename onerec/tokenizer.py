@@ -10,6 +10,7 @@ Everything here is numpy only and deterministic for a seed, so a build can be re
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -19,8 +20,11 @@ __all__ = [
     "SemanticIdReport",
     "SemanticIds",
     "balanced_kmeans",
+    "codebook_size",
+    "content_embeddings",
     "cooccurrence",
     "item_embeddings",
+    "join_embeddings",
     "residual_semantic_ids",
 ]
 
@@ -95,6 +99,25 @@ class _SparseSymmetric:
         return (self._matrix @ self._torch.from_numpy(np.ascontiguousarray(dense, dtype=np.float64))).numpy()
 
 
+class _SparseRows:
+    """A sparse (n, v) matrix X for products X @ dense and X^T @ dense (torch CSR kernels)."""
+
+    def __init__(self, rows: np.ndarray, cols: np.ndarray, vals: np.ndarray, n: int, v: int) -> None:
+        import torch
+
+        idx = torch.from_numpy(np.stack([rows, cols]))
+        values = torch.from_numpy(np.ascontiguousarray(vals, dtype=np.float64))
+        self._x = torch.sparse_coo_tensor(idx, values, (n, v), check_invariants=True).coalesce()
+        self._xt = self._x.t().coalesce()
+        self._torch = torch
+
+    def __matmul__(self, dense: np.ndarray) -> np.ndarray:
+        return (self._x @ self._torch.from_numpy(np.ascontiguousarray(dense, dtype=np.float64))).numpy()
+
+    def t_matmul(self, dense: np.ndarray) -> np.ndarray:
+        return (self._xt @ self._torch.from_numpy(np.ascontiguousarray(dense, dtype=np.float64))).numpy()
+
+
 def _top_eigvecs(
     rows: np.ndarray, cols: np.ndarray, vals: np.ndarray, n: int, rank: int, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -144,6 +167,60 @@ def item_embeddings(
     noise = rng.standard_normal((int(cold.sum()), dim))
     emb[cold] = noise / np.maximum(np.linalg.norm(noise, axis=1, keepdims=True), 1e-12)
     return emb.astype(np.float32)
+
+
+def content_embeddings(tokens: Sequence[Sequence[str]], dim: int, seed: int = 0) -> np.ndarray:
+    """Content item embeddings (n_items, dim), float32, rows L2 normalised (zero for items without tokens).
+
+    TF-IDF over each item's tokens (attribute ids, title words), rows L2 normalised, then the leading
+    left singular vectors of that matrix scaled by their singular values (a randomized truncated SVD),
+    so items with shared rare tokens land close together. Deterministic for `seed`.
+    """
+    n = len(tokens)
+    if n < 1 or dim < 1:
+        raise ValueError("need at least one item and dim >= 1")
+    vocab: dict[str, int] = {}
+    rows: list[int] = []
+    cols: list[int] = []
+    for item, toks in enumerate(tokens):
+        for tok in set(toks):
+            rows.append(item)
+            cols.append(vocab.setdefault(tok, len(vocab)))
+    emb = np.zeros((n, dim), dtype=np.float64)
+    if not rows:
+        return emb.astype(np.float32)
+    r, c = np.asarray(rows, dtype=np.int64), np.asarray(cols, dtype=np.int64)
+    df = np.bincount(c, minlength=len(vocab)).astype(np.float64)
+    idf = np.log((1.0 + n) / (1.0 + df)) + 1.0
+    vals = idf[c]
+    row_norm = np.sqrt(np.bincount(r, weights=vals**2, minlength=n))
+    vals = vals / row_norm[r]
+    x = _SparseRows(r, c, vals, n, len(vocab))
+    rank = min(dim, n, len(vocab))
+    rng = np.random.default_rng(seed)
+    sketch = min(n, len(vocab), rank + 16)
+    basis, _ = np.linalg.qr(x @ rng.standard_normal((len(vocab), sketch)))  # randomized range finder
+    for _ in range(3):  # power iterations on X X^T
+        basis, _ = np.linalg.qr(x @ x.t_matmul(basis))
+    small = x.t_matmul(basis).T  # (sketch, V) = basis^T X
+    u, sing, _ = np.linalg.svd(small, full_matrices=False)
+    emb[:, :rank] = (basis @ u[:, :rank]) * sing[:rank]
+    norms = np.linalg.norm(emb, axis=1, keepdims=True)
+    emb = np.where(norms > 1e-12, emb / np.maximum(norms, 1e-12), 0.0)
+    return emb.astype(np.float32)
+
+
+def join_embeddings(collaborative: np.ndarray, content: np.ndarray, content_weight: float) -> np.ndarray:
+    """Concatenate unit-norm collaborative and content rows so that the content share of each row's squared
+    norm is `content_weight` (items without content keep their collaborative direction); rows unit norm."""
+    if not 0.0 <= content_weight <= 1.0:
+        raise ValueError("content_weight must lie in [0, 1]")
+    has = (np.linalg.norm(content, axis=1) > 1e-12)[:, None]
+    a = np.where(has, np.sqrt(1.0 - content_weight), 1.0)
+    b = np.where(has, np.sqrt(content_weight), 0.0)
+    out = np.concatenate([collaborative * a, content * b], axis=1)
+    norms = np.linalg.norm(out, axis=1, keepdims=True)
+    return (out / np.maximum(norms, 1e-12)).astype(np.float32)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -324,16 +401,39 @@ class SemanticIds:
         return {tuple(int(c) for c in row): i for i, row in enumerate(self.codes)}
 
 
-def _disambiguate(paths: np.ndarray) -> tuple[np.ndarray, int, int, int]:
-    """Rank of each item within its group of identical paths; plus (colliding items, groups, max size)."""
+def _disambiguate(paths: np.ndarray, priority: np.ndarray | None = None) -> tuple[np.ndarray, int, int, int]:
+    """Rank of each item within its group of identical paths; plus (colliding items, groups, max size).
+
+    Inside a group, items are ranked by descending `priority` (e.g. training popularity), ties by item
+    order; without `priority`, by item order. Ranking by popularity gives the extra level a meaning that
+    holds across groups (code 0 = the group's most popular item) instead of an arbitrary numbering.
+    """
     _, inverse, group_sizes = np.unique(paths, axis=0, return_inverse=True, return_counts=True)
     inverse = inverse.reshape(-1)
-    order = np.argsort(inverse, kind="stable")  # items grouped by path, item order kept inside groups
+    if priority is None:
+        order = np.argsort(inverse, kind="stable")  # items grouped by path, item order kept inside groups
+    else:
+        order = np.lexsort((np.arange(len(paths)), -np.asarray(priority, dtype=np.float64), inverse))
     starts = np.cumsum(group_sizes) - group_sizes
     rank = np.empty(len(paths), dtype=np.int64)
     rank[order] = np.arange(len(paths)) - np.repeat(starts, group_sizes)
     colliding = group_sizes > 1
     return rank, int(group_sizes[colliding].sum()), int(colliding.sum()), int(group_sizes.max())
+
+
+def codebook_size(n_items: int, levels: int, max_codes: int = 256) -> int:
+    """Codes per level for a catalogue of `n_items`: the power of two nearest to 2 * n_items^(1/levels),
+    in [2, max_codes].
+
+    `levels` levels of K codes give K^levels paths; about 2^levels paths per item keep every level's
+    codes busy (each level-l code is shared by many items, so its embedding and head row learn from
+    many examples) while residual k-means still separates most items, and the popularity-ranked extra
+    level names the rest. A fixed 256 per level leaves most level-3 codes with one item (12k items).
+    """
+    if n_items < 1 or levels < 1:
+        raise ValueError("need n_items >= 1 and levels >= 1")
+    target = 2.0 * n_items ** (1.0 / levels)
+    return int(min(max_codes, max(2, 2 ** round(math.log2(target)))))
 
 
 def residual_semantic_ids(
@@ -343,11 +443,13 @@ def residual_semantic_ids(
     seed: int = 0,
     iters: int = 20,
     method: str = "sequential",
+    priority: np.ndarray | None = None,
 ) -> SemanticIds:
     """Semantic IDs by balanced residual k-means: level l clusters the residual left by levels < l.
 
     `codes_per_level` is one K for all levels or one per level; each is clamped to the item count.
-    Where full paths collide an extra level disambiguates them, so item <-> path is a bijection.
+    Where full paths collide an extra level disambiguates them, so item <-> path is a bijection; it
+    ranks the items of a group by descending `priority` when given (see `_disambiguate`).
     """
     emb = np.asarray(emb, dtype=np.float64)
     if emb.ndim != 2 or len(emb) == 0:
@@ -370,7 +472,7 @@ def residual_semantic_ids(
         columns.append(labels)
         sizes.append(min(k, n))
     paths = np.stack(columns, axis=1)
-    rank, colliding_items, colliding_groups, max_group = _disambiguate(paths)
+    rank, colliding_items, colliding_groups, max_group = _disambiguate(paths, priority)
     if max_group > 1:
         paths = np.concatenate([paths, rank[:, None]], axis=1)
     used = [int(len(np.unique(c))) for c in columns]

@@ -49,9 +49,23 @@ def beauty_manifest(recall10: float, ndcg10: float) -> dict:
 
 def test_goal_needs_both_recall_and_ndcg_and_ratios_are_to_tiger() -> None:
     quality = load_script()
-    met = quality.report(beauty_manifest(0.0800, 0.0450), seconds=None)
+    assert quality.GOAL == {"recall@10": 0.085, "ndcg@10": 0.050}  # DESIGN.md section 9
+    r, n = quality.GOAL["recall@10"], quality.GOAL["ndcg@10"]
+    met = quality.report(beauty_manifest(r + 0.001, n + 0.001), seconds=None)
     assert met["meets_goal"] is True
-    assert met["ratio_to_tiger"]["recall@10"] == round(0.0800 / 0.0648, 3)
+    assert met["ratio_to_tiger"]["recall@10"] == round((r + 0.001) / 0.0648, 3)
     assert "TIGER (Rajput et al. 2023)" in met["test"]
-    assert quality.report(beauty_manifest(0.0800, 0.0400), seconds=None)["meets_goal"] is False
-    assert quality.report(beauty_manifest(0.0700, 0.0450), seconds=None)["meets_goal"] is False
+    assert quality.report(beauty_manifest(r + 0.001, n - 0.001), seconds=None)["meets_goal"] is False
+    assert quality.report(beauty_manifest(r - 0.001, n + 0.001), seconds=None)["meets_goal"] is False
+
+
+def test_beating_the_baselines_needs_both_metrics_against_every_measured_one() -> None:
+    quality = load_script()
+    row = {"recall@5": 0.04, "ndcg@5": 0.03, "recall@10": 0.07, "ndcg@10": 0.04}
+    baselines = {"kNN": dict(row), "most popular": {k: v / 4 for k, v in row.items()}}
+    assert quality.report(beauty_manifest(0.071, 0.041), None, baselines)["beats_every_measured_baseline"] is True
+    for ours in ((0.071, 0.039), (0.069, 0.041), (0.070, 0.041)):  # a tie does not beat
+        rep = quality.report(beauty_manifest(*ours), None, baselines)
+        assert rep["beats_every_measured_baseline"] is False
+        assert rep["beats"]["most popular"] == {"recall@10": True, "ndcg@10": True}
+    assert set(rep["test"]) >= {"ours", "kNN", "most popular", "TIGER (Rajput et al. 2023)"}

@@ -1,0 +1,270 @@
+"""The quality work of issue 8 on small generated data: baselines, codebook sizing, content features,
+the MoE balance loss and slot weighting, and the build's measured legality."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from onerec.baselines import (
+    CooccurrenceKnn,
+    SASRecConfig,
+    evaluate_scorer,
+    most_popular_scores,
+    rank_all,
+    sasrec_scores,
+    train_sasrec,
+)
+from onerec.build import BuildConfig, build
+from onerec.data import load_item_content, load_sequence_file
+from onerec.model import ModelConfig, OneRecModel
+from onerec.tokenizer import codebook_size, content_embeddings, join_embeddings, residual_semantic_ids
+from onerec.train import TrainConfig
+
+# ---- baselines -----------------------------------------------------------------------------------
+
+
+def naive_knn_top(train: list[np.ndarray], history: list[int], n_items: int, k: int) -> list[int]:
+    """The kNN recipe written the slow, obvious way: pair counts by scanning every training sequence."""
+    co = np.zeros((n_items, n_items))
+    for seq in train:
+        for i in range(len(seq)):
+            for j in range(i + 1, min(i + 4, len(seq))):
+                if seq[i] != seq[j]:
+                    co[seq[i], seq[j]] += 1.0 / (j - i)
+                    co[seq[j], seq[i]] += 1.0 / (j - i)
+    pop = np.zeros(n_items)
+    for seq in train:
+        for item in seq:
+            pop[item] += 1
+    score = np.zeros(n_items)
+    for weight, item in zip((1.0, 0.5, 0.25), reversed(history)):
+        score += weight * co[item]
+    candidates = [i for i in range(n_items) if i not in set(history)]
+    return sorted(candidates, key=lambda i: (-round(score[i], 9), -pop[i], i))[:k]  # equal sums tie exactly
+
+
+def test_knn_matches_a_naive_count_of_the_recipe() -> None:
+    rng = np.random.default_rng(3)
+    n_items = 30
+    train = [rng.choice(n_items, size=rng.integers(2, 9), replace=False) for _ in range(60)]
+    knn = CooccurrenceKnn(train, n_items)
+    histories = [list(rng.choice(n_items, size=rng.integers(1, 6), replace=False)) for _ in range(25)]
+    ranked = rank_all(knn.scores([np.asarray(h) for h in histories]), [np.asarray(h) for h in histories], 10)
+    for hist, got in zip(histories, ranked):
+        assert got == naive_knn_top(train, hist, n_items, 10)
+
+
+def test_rank_all_never_returns_history_and_most_popular_is_counts() -> None:
+    train = [np.array([0, 1, 1]), np.array([1, 2])]
+    pop = most_popular_scores(train, 4)
+    assert pop.tolist() == [1.0, 3.0, 1.0, 0.0]
+    top = rank_all(np.tile(pop, (2, 1)), [np.array([1]), np.array([], dtype=np.int64)], 3)
+    assert top == [[0, 2, 3], [1, 0, 2]]
+
+
+def ring_world(n_items: int = 40, users: int = 300, seed: int = 0) -> list[np.ndarray]:
+    """Users walk a ring of items one step at a time from a random start: the next item is the last + 1."""
+    rng = np.random.default_rng(seed)
+    return [(rng.integers(n_items) + np.arange(rng.integers(5, 12))) % n_items for _ in range(users)]
+
+
+def test_sasrec_learns_a_deterministic_successor_that_popularity_cannot() -> None:
+    seqs = ring_world(users=200)
+    split_train = [s[:-2] for s in seqs]
+    hist = [s[:-1] for s in seqs]
+    targets = [int(s[-1]) for s in seqs]
+    cfg = SASRecConfig(max_len=10, d_model=32, n_heads=2, dropout=0.1, lr=1e-2, max_epochs=15, batch_size=64)
+    model, report = train_sasrec(split_train, 40, cfg, progress=False)
+    assert report.epochs == 15 and report.best_epoch == 15
+    learned = evaluate_scorer(lambda h: sasrec_scores(model, h), hist, targets, ks=(1,))
+    pop = most_popular_scores(split_train, 40)
+    popular = evaluate_scorer(lambda h: np.tile(pop, (len(h), 1)), hist, targets, ks=(1,))
+    assert learned["recall@1"] >= 0.9 > popular["recall@1"] + 0.5, (learned, popular)
+
+
+def test_sasrec_keeps_the_best_validated_epoch_and_stops_early() -> None:
+    seqs = ring_world(users=120)
+    cfg = SASRecConfig(max_len=8, d_model=16, n_heads=1, lr=5e-3, max_epochs=24, eval_every=2, patience=2)
+    valid_h = [s[:-2] for s in seqs]
+    valid_t = [int(s[-2]) for s in seqs]
+    _, report = train_sasrec([s[:-2] for s in seqs], 40, cfg, valid_h, valid_t, progress=False)
+    checks = report.valid_ndcg10
+    assert len(checks) == report.epochs // 2
+    assert report.best_epoch == 2 * (int(np.argmax(checks)) + 1)
+    assert report.epochs == 24 or report.epochs - report.best_epoch == 2 * cfg.patience
+    assert not report.stopped_by_time
+
+
+def test_sasrec_time_budget_stops_after_a_checked_epoch() -> None:
+    seqs = ring_world(users=60)
+    cfg = SASRecConfig(max_len=8, d_model=8, n_heads=1, max_epochs=50, eval_every=10, time_budget_s=0.0)
+    _, report = train_sasrec([s[:-2] for s in seqs], 40, cfg, [s[:-2] for s in seqs], [int(s[-2]) for s in seqs])
+    assert report.stopped_by_time and report.epochs == 1 and len(report.valid_ndcg10) == 1 and report.best_epoch == 1
+
+
+# ---- semantic IDs --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("levels", [1, 2, 3])
+def test_codebook_size_follows_the_catalogue(levels: int) -> None:
+    sizes = [codebook_size(n, levels) for n in (50, 400, 3_000, 12_000, 60_000, 10**6)]
+    assert sizes == sorted(sizes) and sizes[-1] <= 256
+    for n, k in zip((50, 400, 3_000, 12_000, 60_000), sizes):
+        assert k & (k - 1) == 0  # a power of two
+        target = 2 * n ** (1 / levels)
+        if k < 256:
+            assert abs(math.log2(k) - math.log2(target)) <= 0.5 + 1e-9
+            assert k**levels >= n  # enough paths for every item before the extra level
+
+
+def test_disambiguation_ranks_colliding_items_by_popularity() -> None:
+    emb = np.repeat(np.eye(4), 5, axis=0)  # 4 groups of 5 identical items: paths collide
+    popularity = np.arange(20)[::-1].astype(float)
+    popularity[[3, 8]] = 100.0
+    ids = residual_semantic_ids(emb, levels=1, codes_per_level=4, seed=0, priority=popularity)
+    assert ids.depth == 2 and len(ids.path_to_item()) == 20
+    for group in range(4):
+        members = np.arange(group * 5, group * 5 + 5)
+        expected = sorted(members, key=lambda i: (-popularity[i], i))
+        assert [int(ids.codes[i, 1]) for i in expected] == list(range(5))
+
+
+# ---- content features ----------------------------------------------------------------------------
+
+
+def test_content_embeddings_put_items_with_shared_tokens_together() -> None:
+    rng = np.random.default_rng(0)
+    groups = 6
+    tokens = [[f"a:{g}", f"w:brand{g}", f"w:x{rng.integers(1000)}"] for g in range(groups) for _ in range(10)]
+    tokens.append([])  # an item without content
+    emb = content_embeddings(tokens, dim=8, seed=0)
+    assert emb.shape == (61, 8) and np.allclose(np.linalg.norm(emb[:60], axis=1), 1.0, atol=1e-5)
+    assert np.allclose(emb[60], 0.0)
+    sim = emb[:60] @ emb[:60].T
+    same = np.equal.outer(np.arange(60) // 10, np.arange(60) // 10)
+    assert sim[same].mean() > sim[~same].mean() + 0.5
+
+
+def test_join_embeddings_weights_the_content_share() -> None:
+    rng = np.random.default_rng(1)
+    collab = rng.standard_normal((5, 4))
+    collab /= np.linalg.norm(collab, axis=1, keepdims=True)
+    content = rng.standard_normal((5, 3))
+    content /= np.linalg.norm(content, axis=1, keepdims=True)
+    content[4] = 0.0
+    joined = join_embeddings(collab, content, 0.3)
+    assert np.allclose(np.linalg.norm(joined, axis=1), 1.0, atol=1e-6)
+    assert np.allclose((joined[:4, 4:] ** 2).sum(1), 0.3, atol=1e-6)
+    assert np.allclose(joined[4, :4], collab[4], atol=1e-6) and np.allclose(joined[4, 4:], 0.0)
+
+
+def write_catalogue(folder: Path, with_content: bool) -> Path:
+    """A small Beauty-layout dataset: items of 8 families, users browse within a family in order."""
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    n_items, families = 96, 8
+    lines = []
+    for u in range(260):
+        fam = rng.integers(families)
+        start = rng.integers(12)
+        items = [1 + fam * 12 + (start + j) % 12 for j in range(rng.integers(5, 9))]
+        lines.append(f"u{u} " + " ".join(str(i) for i in items))
+    seq = folder / "sequences.txt"
+    seq.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    if with_content:
+        attrs = {str(i): [1 + (i - 1) // 12, 50] for i in range(1, n_items + 1)}
+        (folder / "item2attributes.json").write_text(json.dumps(attrs), encoding="utf-8")
+        text = ["item_id\tasin\ttext_id"] + [
+            f"{i}\tB{i:05d}\tfamily{(i - 1) // 12} thing" for i in range(1, n_items + 1)
+        ]
+        (folder / "item_text.tsv").write_text("\n".join(text) + "\n", encoding="utf-8")
+    return seq
+
+
+def test_item_content_is_read_beside_the_sequence_file_and_optional(tmp_path: Path) -> None:
+    seq = write_catalogue(tmp_path / "full", with_content=True)
+    data = load_sequence_file(seq)
+    tokens, used = load_item_content(seq, data.item_ids)
+    assert used == ["item2attributes.json", "item_text.tsv"]
+    first = data.item_ids.index("13")
+    assert tokens[first] == ["a:2", "a:50", "w:family1", "w:thing"]
+    bare = write_catalogue(tmp_path / "bare", with_content=False)
+    assert load_item_content(bare, load_sequence_file(bare).item_ids) is None
+
+
+def small_file_config(path: Path) -> BuildConfig:
+    return BuildConfig(
+        dataset=str(path),
+        name="small",
+        embedding_dim=8,
+        levels=2,
+        codes_per_level=None,
+        model=ModelConfig(
+            session_items=2, max_history=8, d_model=32, n_heads=2, d_ff=32, n_experts=2, n_encoder_layers=1,
+            n_decoder_layers=1,
+        ),
+        train=TrainConfig(epochs=1, batch_size=64, lr=3e-3, holdout_share=0.0, slot_weights=[1.0, 0.5]),
+        eval_beam=10,
+        session_eval_users=50,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("with_content", [True, False])
+def test_build_of_a_sequence_file_with_and_without_content(tmp_path: Path, with_content: bool) -> None:
+    seq = write_catalogue(tmp_path / "data", with_content=with_content)
+    published, summary = build(small_file_config(seq), tmp_path / "store", progress=False)
+    manifest = json.loads((published.path / "manifest.json").read_text())
+    assert ("content" in manifest["dataset"]) == with_content
+    levels = manifest["semantic_ids"]["level_sizes"]
+    assert levels[:2] == [codebook_size(96, 2)] * 2
+    metrics = summary["metrics"]
+    assert metrics["legality_constrained"] == 1.0  # measured on the served, constrained search
+    assert 0.0 <= metrics["legality_unconstrained"] <= 1.0
+    assert metrics["test_session"]["users"] == 50 and 0.0 <= metrics["test_session"]["recall@10"] <= 1.0
+
+
+# ---- model: balance loss and slot weights --------------------------------------------------------
+
+
+def tiny_model() -> tuple[OneRecModel, tuple[torch.Tensor, ...]]:
+    torch.manual_seed(0)
+    cfg = ModelConfig(level_sizes=[5, 6], session_items=3, max_history=4, d_model=16, n_heads=2, d_ff=16)
+    model = OneRecModel(cfg).eval()
+    g = torch.Generator().manual_seed(1)
+    hist = torch.stack([torch.randint(0, v, (3, 4), generator=g) for v in cfg.level_sizes], dim=-1)
+    target = torch.stack([torch.randint(0, v, (3, 3), generator=g) for v in cfg.level_sizes], dim=-1)
+    mask = torch.ones(3, 4, dtype=torch.bool)
+    return model, (hist, mask, torch.tensor([0, 1, 2]), target)
+
+
+def test_balance_loss_is_computed_on_what_the_router_sees() -> None:
+    model, batch = tiny_model()
+    seen: list[torch.Tensor] = []
+    hooks = [layer.moe.register_forward_hook(lambda m, args, out: seen.append(args[0])) for layer in model.decoder]
+    with torch.no_grad():
+        _, balance = model(*batch)
+    for h in hooks:
+        h.remove()
+    expected = sum(layer.moe.balance_loss(x) for layer, x in zip(model.decoder, seen)) / len(model.decoder)
+    assert torch.allclose(balance, expected)
+    stale = sum(layer.moe.balance_loss(layer.n3(model.decoder_inputs(batch[3]))) for layer in model.decoder[:1])
+    assert not torch.allclose(model.decoder[0].moe.balance_loss(seen[0]), stale)  # the old, wrong input
+
+
+def test_slot_weights_zero_reduce_the_loss_to_the_first_slot() -> None:
+    model, (hist, mask, users, target) = tiny_model()
+    with torch.no_grad():
+        first_only, _ = model(hist, mask, users, target[:, :1])
+        weighted, _ = model(hist, mask, users, target, slot_weights=[1.0, 0.0, 0.0])
+        plain, _ = model(hist, mask, users, target)
+        same, _ = model(hist, mask, users, target, slot_weights=[2.0, 2.0, 2.0])
+    assert torch.allclose(weighted, first_only, atol=1e-6)  # causal decoder: later slots do not change slot 1
+    assert torch.allclose(plain, same, atol=1e-6) and not torch.allclose(plain, weighted)
+    with pytest.raises(ValueError):
+        model(hist, mask, users, target, slot_weights=[1.0])
