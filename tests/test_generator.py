@@ -15,15 +15,18 @@ from onerec.trie import TrieIndex
 SIZES = [3, 3, 2]
 
 
-def tiny_world(n_items: int = 9, session_items: int = 2, seed: int = 0) -> tuple[OneRecModel, TrieIndex]:
+def tiny_world(
+    n_items: int = 9, session_items: int = 2, seed: int = 0, sizes: list[int] = SIZES, max_history: int = 6
+) -> tuple[OneRecModel, TrieIndex]:
+    """A random model over a random catalogue of ``n_items`` paths: small enough for many searches."""
     rng = np.random.default_rng(seed)
-    space = np.array(list(itertools.product(*[range(s) for s in SIZES])))
+    space = np.array(list(itertools.product(*[range(s) for s in sizes])))
     paths = space[rng.choice(len(space), n_items, replace=False)]
     torch.manual_seed(seed)
     cfg = ModelConfig(
-        level_sizes=SIZES,
+        level_sizes=sizes,
         session_items=session_items,
-        max_history=6,
+        max_history=max_history,
         d_model=32,
         n_heads=4,
         n_encoder_layers=1,
@@ -37,7 +40,7 @@ def tiny_world(n_items: int = 9, session_items: int = 2, seed: int = 0) -> tuple
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.6)  # sharp, varied distributions: no near-ties
-    return model, TrieIndex(paths, SIZES)
+    return model, TrieIndex(paths, sizes)
 
 
 @torch.no_grad()

@@ -16,8 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from onerec.generate import Generator, RecRequest, RecResult, StepSearch
-from onerec.model import ModelConfig, OneRecModel
-from onerec.trie import TrieIndex
+from tests.test_generator import tiny_world
 
 torch.set_num_threads(1)
 
@@ -28,28 +27,7 @@ SESSION = 3
 
 def small_world(seed: int = 0) -> Generator:
     """A demo-shaped model small enough for many searches per test; sharp weights, so no near-ties."""
-    rng = np.random.default_rng(seed)
-    space = np.array(list(itertools.product(*[range(s) for s in SIZES])))
-    paths = space[rng.choice(len(space), N_ITEMS, replace=False)]
-    torch.manual_seed(seed)
-    cfg = ModelConfig(
-        level_sizes=SIZES,
-        session_items=SESSION,
-        max_history=8,
-        d_model=32,
-        n_heads=4,
-        n_encoder_layers=1,
-        n_decoder_layers=2,
-        d_ff=32,
-        n_experts=4,
-        experts_top_k=2,
-        user_buckets=16,
-    )
-    model = OneRecModel(cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.6)
-    return Generator(model, TrieIndex(paths, SIZES))
+    return Generator(*tiny_world(N_ITEMS, SESSION, seed, sizes=SIZES, max_history=8))
 
 
 @pytest.fixture(scope="module")
