@@ -34,6 +34,17 @@ from onerec.trie import TrieIndex, TrieTensors
 MODES = ("session", "items")
 
 
+def request_cost(mode: str, beam_width: int, num_items: int, session_items: int, depth: int) -> tuple[int, int]:
+    """(rows, decode steps) of a request: the one width rule, shared by the search and admission.
+
+    Items mode needs a beam per returned item; a session needs at least enough beams to fill
+    ``num_items``, and ``session_items * depth`` steps (a top-up of a short session is not counted).
+    """
+    if mode == "items":
+        return max(beam_width, num_items), depth
+    return max(beam_width, -(-num_items // session_items)), session_items * depth
+
+
 @dataclass(frozen=True)
 class RecRequest:
     history: Sequence[int]  # internal item indices, newest last (unknown ids already dropped)
@@ -171,10 +182,7 @@ class Generator:
             raise ValueError(f"request {i}: num_items must be >= 1, got {req.num_items}")
 
     def _width(self, req: RecRequest) -> int:
-        """Items mode needs a beam per returned item; a session needs at least enough to fill num_items."""
-        if req.mode == "items":
-            return max(req.beam_width, req.num_items)
-        return max(req.beam_width, -(-req.num_items // self.cfg.session_items))
+        return request_cost(req.mode, req.beam_width, req.num_items, self.cfg.session_items, self.cfg.depth)[0]
 
     def _encoder_inputs(self, requests: list[RecRequest], snap: TrieTensors) -> tuple[torch.Tensor, ...]:
         cap = self.cfg.max_history
@@ -434,8 +442,8 @@ class StepSearch:
         A session that ends short of ``num_items`` distinct items needs ``depth`` more steps of an
         items search; that is rare and not counted here.
         """
-        steps = self._depth if request.mode == "items" else self._positions
-        return self.gen._width(request), steps
+        r = request
+        return request_cost(r.mode, r.beam_width, r.num_items, self._m, self._depth)
 
     @torch.no_grad()
     def step(self) -> list[tuple[int, RecResult]]:

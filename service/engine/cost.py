@@ -13,6 +13,8 @@ from __future__ import annotations
 import collections
 from dataclasses import dataclass
 
+from onerec.generate import request_cost as generator_cost
+
 
 @dataclass(frozen=True)
 class Cost:
@@ -25,10 +27,8 @@ class Cost:
 
 
 def request_cost(mode: str, beam_width: int, num_items: int, session_items: int, depth: int) -> Cost:
-    """Rows and decode steps of one request (the generator's own width rule: a row per returned item)."""
-    if mode == "items":
-        return Cost(max(beam_width, num_items), depth)
-    return Cost(max(beam_width, -(-num_items // session_items)), session_items * depth)
+    """Rows and decode steps of one request, by the generator's own rule (``onerec.generate.request_cost``)."""
+    return Cost(*generator_cost(mode, beam_width, num_items, session_items, depth))
 
 
 class StepTimer:

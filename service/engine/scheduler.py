@@ -38,10 +38,13 @@ class _Live:
     submit: msg.Submit
     arrived: float
     started: float = 0.0
-    rowsteps: int = 0
     steps_done: int = 0
     steps: int = 0
     rows: int = 0
+
+    @property
+    def rowsteps(self) -> int:
+        return self.rows * self.steps
 
 
 @dataclass
@@ -104,7 +107,7 @@ class Scheduler:
             self.emit(msg.Failed(m.id, "not_loaded", f"model version {m.version} is not loaded in this engine"))
             return
         rows, steps = version.search.cost(_request(m))
-        live = _Live(m, time.monotonic(), rowsteps=rows * steps, steps=steps, rows=rows)
+        live = _Live(m, time.monotonic(), steps=steps, rows=rows)
         self._received_rowsteps += live.rowsteps
         self.waiting.append(live)
 
