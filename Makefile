@@ -45,7 +45,7 @@ lint: install
 	$(VENV)/bin/check-jsonschema --builtin-schema vendor.compose-spec docker-compose.yml
 
 bench-kernels: install
-	$(PY) benchmarks/kernels.py
+	$(PY) -m benchmarks.kernel_speed
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache service/_proto

@@ -1,4 +1,4 @@
-"""`benchmarks/kernels.py` on a machine without CUDA: it says the GPU section was not run and times the CPU path."""
+"""`benchmarks.kernel_speed` on a machine without CUDA: it says the GPU section was not run and times the CPU path."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 def test_cpu_report_says_gpu_not_run_and_times_moe_both_ways(tmp_path: Path) -> None:
     out = tmp_path / "kernels.json"
     proc = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "benchmarks" / "kernels.py"), "--quick", "--out", str(out)],
+        [sys.executable, "-m", "benchmarks.kernel_speed", "--quick", "--out", str(out)],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=180,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]

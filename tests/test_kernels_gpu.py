@@ -12,18 +12,10 @@ import torch
 from hypothesis import HealthCheck, given, settings
 
 import kernels
+from benchmarks.kernel_cases import MoECase, TrieCase, build_moe_case, build_trie_case
+from benchmarks.kernel_parity import assert_trie_equal, check_align_block_size, moe_cases, trie_cases
 from kernels.pytorch.pt_moe import pt_moe, pt_route
 from kernels.pytorch.pt_trie_topk import pt_trie_topk
-from tests.test_kernels_parity import (
-    MoECase,
-    TrieCase,
-    assert_trie_equal,
-    build_moe_case,
-    build_trie_case,
-    check_align_block_size,
-    moe_cases,
-    trie_cases,
-)
 
 pytestmark = [
     pytest.mark.gpu,

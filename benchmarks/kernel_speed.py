@@ -3,7 +3,7 @@
 Prints one JSON report (and writes it with ``--out``). On a machine without CUDA the GPU section
 says it was not run and the PyTorch kernels are timed at small shapes on the CPU.
 
-    python benchmarks/kernels.py [--quick] [--tune] [--out FILE]
+    python -m benchmarks.kernel_speed [--quick] [--tune] [--out FILE]
 
 trie_topk (one beam-search step; rows = batch x beam, all at the dense root or all at deep nodes):
   triton         kernels.triton.triton_trie_topk (children only, nothing rows x V written)
@@ -39,10 +39,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from kernels.pytorch.pt_moe import pt_moe, pt_route  # noqa: E402
-from kernels.pytorch.pt_trie_topk import banned_mask, pt_trie_topk  # noqa: E402
+from benchmarks.kernel_cases import MoECase, TrieCase, build_moe_case, serving_trie_step
+from kernels.pytorch.pt_moe import pt_moe, pt_route
+from kernels.pytorch.pt_trie_topk import banned_mask, pt_trie_topk
 
 # Datasheet peaks (dense, no sparsity) by device-name substring.
 PEAKS = {
@@ -59,58 +58,12 @@ def peaks_for(name: str) -> dict[str, float] | None:
     return None
 
 
-# ---- trie inputs ---------------------------------------------------------------------------------
+# ---- full-vocabulary alternatives to trie_topk ------------------------------------------------
 
 
-def make_trie_step(
-    rows: int,
-    vocab: int,
-    scenario: str,
-    k: int,
-    beam: int = 32,
-    dtype: torch.dtype = torch.float16,
-    device: str = "cuda",
-) -> dict[str, Any]:
-    """A two-level CSR trie (root with all ``vocab`` codes, each level-1 node ~min(vocab,128) children)
-    and one decoding step's inputs with the generator's three ban groups."""
-    gen = torch.Generator().manual_seed(rows * 7 + vocab)
-    fanout = torch.randint(max(1, min(vocab, 128) // 2), min(vocab, 128) + 1, (vocab,), generator=gen)
-    counts = torch.cat([torch.tensor([vocab]), fanout])
-    num_inner = 1 + vocab
-    offsets = torch.zeros(num_inner + 1, dtype=torch.int64)
-    offsets[1:] = counts.cumsum(0)
-    # codes: a sorted random subset per level-1 node (a sorted prefix of a random permutation)
-    keys = torch.rand(vocab, vocab, generator=gen).argsort(1)
-    level1 = [keys[i, : int(c)].sort().values for i, c in enumerate(fanout)]
-    child_codes = torch.cat([torch.arange(vocab)] + level1)
-    child_nodes = torch.cat([torch.arange(1, vocab + 1), num_inner + torch.arange(int(fanout.sum()))])
-    num_nodes = num_inner + int(fanout.sum())
-    node = (
-        torch.zeros(rows, dtype=torch.int64)
-        if scenario == "root"
-        else torch.randint(1, vocab + 1, (rows,), generator=gen)
-    )
-    requests = max(1, rows // beam)
-    q_of_row = torch.arange(rows) // beam
-    row_groups = torch.stack([torch.zeros(rows, dtype=torch.int64), 1 + q_of_row, 1 + requests + torch.arange(rows)], 1)
-    dead = torch.randint(1, num_nodes, (64,), generator=gen)
-    history = num_inner + torch.randint(0, num_nodes - num_inner, (requests, 50), generator=gen)  # leaf bans
-    history[:, :2] = torch.randint(1, vocab + 1, (requests, 2), generator=gen)  # a couple of level-1 prefixes
-    session = num_inner + torch.randint(0, num_nodes - num_inner, (rows,), generator=gen)
-    banned = torch.cat(
-        [dead, ((1 + torch.arange(requests))[:, None] * num_nodes + history).flatten(),
-         (1 + requests + torch.arange(rows)) * num_nodes + session]
-    ).unique()  # fmt: skip
-    logits = (torch.randn(rows, vocab, generator=gen) * 3).to(dtype)
-    on = torch.device(device)
-    args = [logits, node, offsets, child_codes, child_nodes, k, banned, row_groups, num_nodes]
-    args = [a.to(on) if isinstance(a, torch.Tensor) else a for a in args]
-    return {"args": args, "children": int(counts[0]) if scenario == "root" else float(fanout.float().mean())}
-
-
-def allowed_mask(args: list) -> torch.Tensor:
+def allowed_mask(case: TrieCase) -> torch.Tensor:
     """(rows, V) bool of allowed codes, built once (not timed) for the full-vocabulary alternatives."""
-    logits, node, offsets, child_codes, child_nodes, _, banned, row_groups, num_nodes = args
+    logits, node, offsets, child_codes, child_nodes, _, banned, row_groups, num_nodes = case.args()
     rows, vocab = logits.shape
     start = offsets[node]
     count = offsets[node + 1] - start
@@ -153,8 +106,8 @@ def _bitmask_fill_kernel():  # built lazily: triton is only needed on the GPU pa
 # ---- moe alternatives ----------------------------------------------------------------------------
 
 
-def moe_per_expert(x, router, w_gate, w_up, w_down, top_k):  # type: ignore[no-untyped-def]
-    weights, experts = pt_route(x, router, top_k)
+def moe_per_expert(x, router, w_gate, w_up, w_down, top_k, renormalize=True):  # type: ignore[no-untyped-def]
+    weights, experts = pt_route(x, router, top_k, renormalize)
     out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     for e in range(router.shape[0]):
         tok, slot = torch.where(experts == e)
@@ -164,25 +117,17 @@ def moe_per_expert(x, router, w_gate, w_up, w_down, top_k):  # type: ignore[no-u
     return out.to(x.dtype)
 
 
-def moe_dense(x, router, w_gate, w_up, w_down, top_k):  # type: ignore[no-untyped-def]
-    weights, experts = pt_route(x, router, top_k)
+def moe_dense(x, router, w_gate, w_up, w_down, top_k, renormalize=True):  # type: ignore[no-untyped-def]
+    weights, experts = pt_route(x, router, top_k, renormalize)
     gates = torch.zeros(x.shape[0], router.shape[0], device=x.device).scatter_(1, experts, weights)
     hidden = F.silu(torch.matmul(x, w_gate)) * torch.matmul(x, w_up)  # (E, T, f)
     y = torch.matmul(hidden, w_down)  # (E, T, d)
     return torch.einsum("te,etd->td", gates.to(x.dtype), y)
 
 
-def make_moe(tokens: int, dim: int, experts: int, dtype: torch.dtype, device: str = "cuda") -> list:
-    gen = torch.Generator().manual_seed(tokens + dim + experts)
-    ffn = 2 * dim
-    tensors = [
-        torch.randn(tokens, dim, generator=gen),
-        torch.randn(experts, dim, generator=gen) / math.sqrt(dim),
-        torch.randn(experts, dim, ffn, generator=gen) / math.sqrt(dim),
-        torch.randn(experts, dim, ffn, generator=gen) / math.sqrt(dim),
-        torch.randn(experts, ffn, dim, generator=gen) / math.sqrt(ffn),
-    ]
-    return [t.to(device, dtype) for t in tensors]
+def moe_inputs(tokens: int, dim: int, experts: int, dtype: torch.dtype, device: str = "cuda") -> MoECase:
+    """Top-2 routing, f = 2d: the shape the generator's decoder runs."""
+    return build_moe_case(tokens + dim + experts, tokens, dim, 2 * dim, experts, 2, dtype=dtype, device=device)
 
 
 # ---- timing --------------------------------------------------------------------------------------
@@ -217,10 +162,10 @@ def trie_row(rows: int, vocab: int, scenario: str, k: int, quick: bool, peak: di
     from kernels.triton.triton_trie_topk import triton_trie_topk
 
     fill = _bitmask_fill_kernel()
-    step = make_trie_step(rows, vocab, scenario, k)
-    args = step["args"]
-    logits = args[0]
-    mask = allowed_mask(args)
+    case, children = serving_trie_step(rows, vocab, scenario, k)
+    args = case.args()
+    logits = case.logits
+    mask = allowed_mask(case)
     bitmask = pack_bitmask(mask)
     filled = torch.empty(logits.shape, dtype=torch.float32, device=logits.device)
     words = bitmask.shape[1]
@@ -238,7 +183,6 @@ def trie_row(rows: int, vocab: int, scenario: str, k: int, quick: bool, peak: di
         "masked_topk": gpu_ms(masked_topk, quick),
         "bitmask_topk": gpu_ms(bitmask_topk, quick),
     }
-    children = step["children"]
     useful_bytes = rows * (children * logits.element_size() + k * 20)
     gbps = useful_bytes / (times["triton"] * 1e-3) / 1e9
     row: dict[str, Any] = {"rows": rows, "vocab": vocab, "scenario": scenario, "children_per_row": children}
@@ -269,15 +213,16 @@ def moe_row(tokens: int, experts: int, dim: int, quick: bool, peak: dict[str, fl
     from kernels.triton.triton_moe import triton_moe
 
     dtype = torch.float16
-    args = make_moe(tokens, dim, experts, dtype)
-    ffn, top_k = 2 * dim, 2
+    case = moe_inputs(tokens, dim, experts, dtype)
+    args = case.args()
+    ffn, top_k = 2 * dim, case.top_k
     impls: dict[str, Callable[[], Any]] = {
-        "triton": lambda: triton_moe(*args, top_k),
-        "torch": lambda: pt_moe(*args, top_k),
-        "per_expert": lambda: moe_per_expert(*args, top_k),
+        "triton": lambda: triton_moe(*args),
+        "torch": lambda: pt_moe(*args),
+        "per_expert": lambda: moe_per_expert(*args),
     }
     if 3 * experts * tokens * max(ffn, dim) * 2 < 12 * 2**30:  # dense all-experts intermediates fit
-        impls["dense"] = lambda: moe_dense(*args, top_k)
+        impls["dense"] = lambda: moe_dense(*args)
     times = {name: gpu_ms(fn, quick) for name, fn in impls.items()}
     flops = 6.0 * tokens * top_k * dim * ffn
     row: dict[str, Any] = {"tokens": tokens, "experts": experts, "top_k": top_k, "d": dim, "f": ffn}
@@ -314,7 +259,7 @@ def tune_trie_warps(quick: bool) -> list[dict[str, Any]]:
     out = []
     for vocab in (256, 1024, 8192):
         for scenario in ("root", "deep"):
-            args = make_trie_step(4096, vocab, scenario, 32)["args"]
+            args = serving_trie_step(4096, vocab, scenario, 32)[0].args()
             times = {
                 f"warps_{w}_ms": gpu_ms(lambda a=args, w=w: triton_trie_topk(*a, num_warps=w), quick)
                 for w in (2, 4, 8, 16)
@@ -341,10 +286,10 @@ def cpu_moe_rows(quick: bool) -> list[dict[str, Any]]:
     rows = []
     for dim, experts in ((64, 4), (128, 8)):
         for tokens in (32, 2048) if quick else (32, 160, 640, 2048):
-            args = make_moe(tokens, dim, experts, torch.float32, device="cpu")
+            args = moe_inputs(tokens, dim, experts, torch.float32, device="cpu").args()
             inner = max(1, 2048 // tokens) * (1 if quick else 4)
-            grouped = cpu_ms(lambda args=args: pt_moe(*args, 2), inner=inner)
-            dense = cpu_ms(lambda args=args: moe_dense(*args, 2), inner=inner)
+            grouped = cpu_ms(lambda args=args: pt_moe(*args), inner=inner)
+            dense = cpu_ms(lambda args=args: moe_dense(*args), inner=inner)
             rows.append(
                 _rounded(
                     {"tokens": tokens, "dim": dim, "ffn": 2 * dim, "experts": experts, "top_k": 2,
@@ -355,11 +300,11 @@ def cpu_moe_rows(quick: bool) -> list[dict[str, Any]]:
 
 
 def cpu_section(quick: bool = False) -> dict[str, Any]:
-    step = make_trie_step(256, 256, "root", 32, dtype=torch.float32, device="cpu")
-    moe_args = make_moe(256, 128, 8, torch.float32, device="cpu")
+    trie_args = serving_trie_step(256, 256, "root", 32, dtype=torch.float32, device="cpu")[0].args()
+    moe_args = moe_inputs(256, 128, 8, torch.float32, device="cpu").args()
     return {
-        "pt_trie_topk_rows256_V256_k32_ms": round(cpu_ms(lambda: pt_trie_topk(*step["args"])), 3),
-        "pt_moe_T256_d128_E8_top2_ms": round(cpu_ms(lambda: pt_moe(*moe_args, 2)), 3),
+        "pt_trie_topk_rows256_V256_k32_ms": round(cpu_ms(lambda: pt_trie_topk(*trie_args)), 3),
+        "pt_moe_T256_d128_E8_top2_ms": round(cpu_ms(lambda: pt_moe(*moe_args)), 3),
         "moe_grouped_vs_dense": cpu_moe_rows(quick),
         "threads": torch.get_num_threads(),
     }
