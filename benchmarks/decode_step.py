@@ -14,7 +14,7 @@ The "legacy" path is a copy of ``Generator.search`` and ``OneRecModel.decode_ste
 before StepSearch (two caches of (layers, R, H, T, dh) reordered separately, q and kv projections
 apart, the RMSNorm spelled out, one head per step), kept here so both run side by side in one run.
 
-    .venv/bin/python benchmarks/decode_step.py > benchmarks/results/decode_step_cpu.json
+    .venv/bin/python -m benchmarks.decode_step > benchmarks/results/decode_step_cpu.json
 """
 
 from __future__ import annotations
@@ -24,9 +24,7 @@ import json
 import os
 import platform
 import statistics
-import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -34,13 +32,11 @@ import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from kernels.trie_topk import trie_topk  # noqa: E402
-from onerec.build import demo_config  # noqa: E402
-from onerec.generate import Generator, RecRequest, StepSearch  # noqa: E402
-from onerec.model import OneRecModel  # noqa: E402
-from onerec.trie import TrieIndex, TrieTensors  # noqa: E402
+from kernels.trie_topk import trie_topk
+from onerec.build import demo_config
+from onerec.generate import Generator, RecRequest, StepSearch
+from onerec.model import OneRecModel
+from onerec.trie import TrieIndex, TrieTensors
 
 
 def build(n_items: int, seed: int) -> Generator:

@@ -1,6 +1,6 @@
 """IPA benchmark: what preference alignment buys on the synthetic world, judged by the TRUE affinity.
 
-    python benchmarks/ipa.py [--quick] [--seeds 0 1 2] [--iterations N] [--set KEY=VALUE ...] [--out FILE]
+    python -m benchmarks.ipa [--quick] [--seeds 0 1 2] [--iterations N] [--set KEY=VALUE ...] [--out FILE]
                              [--cache DIR] [--reward learned|popularity-oracle]
 
 For each seed: generate the demo synthetic world (``onerec.build.demo_config``, world seed = seed),
@@ -42,21 +42,15 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-# Run as a script, Python puts benchmarks/ first on sys.path, where benchmarks/kernels.py would shadow
-# the kernels package: drop it and put the repository root first.
-BENCH_DIR = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != BENCH_DIR]
-sys.path.insert(0, str(BENCH_DIR.parent))
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from safetensors.torch import load_file, save_file  # noqa: E402
-
-from onerec.build import BuildConfig, demo_config  # noqa: E402
-from onerec.bundle import Catalog  # noqa: E402
-from onerec.data import Split, SyntheticWorld, leave_one_out, make_synthetic  # noqa: E402
-from onerec.evaluate import popularity_ranking  # noqa: E402
-from onerec.ipa import (  # noqa: E402
+from onerec.build import BuildConfig, demo_config
+from onerec.bundle import Catalog
+from onerec.data import Split, SyntheticWorld, leave_one_out, make_synthetic
+from onerec.evaluate import popularity_ranking
+from onerec.ipa import (
     IpaConfig,
     UserMeasures,
     compare,
@@ -65,10 +59,10 @@ from onerec.ipa import (  # noqa: E402
     reward_truth_agreement,
     run_ipa,
 )
-from onerec.model import OneRecModel  # noqa: E402
-from onerec.reward import RewardConfig, RewardModel, heldout_auc, train_reward  # noqa: E402
-from onerec.tokenizer import SemanticIds, item_embeddings, residual_semantic_ids  # noqa: E402
-from onerec.train import train_model  # noqa: E402
+from onerec.model import OneRecModel
+from onerec.reward import RewardConfig, RewardModel, heldout_auc, train_reward
+from onerec.tokenizer import SemanticIds, item_embeddings, residual_semantic_ids
+from onerec.train import train_model
 
 HELD_OUT_SHARE = 1 / 3  # users kept out of the reward model and IPA; every figure is measured on them
 

@@ -6,7 +6,7 @@ joins the running rows at the next step and leaves after its own ``D`` steps. Wh
 p99 latency of the ``items`` requests (and of the sessions) under the same open-loop Poisson arrivals
 at a share of the continuous scheduler's measured capacity.
 
-    python benchmarks/join_time.py --store model-store [--load 0.7] [--duration 30] [--items-share 0.3]
+    python -m benchmarks.join_time --store model-store [--load 0.7] [--duration 30] [--items-share 0.3]
 
 Capacity is measured first: a closed loop of ``--concurrency`` clients sending the same mix back to
 back to the continuous server for ``--capacity-seconds``. Prints one JSON report (and writes it with
@@ -27,11 +27,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import httpx
 
-import httpx  # noqa: E402
-
-from service.launcher import start_service  # noqa: E402
+from loadtest.launcher import start_service
 
 TIMEOUT_MS = 30000  # the deadline of every request: latency is what is measured, not shedding
 

@@ -1,7 +1,7 @@
 """Overload and soak benchmark: does the service shed load cleanly, and does it stay healthy for long?
 
 1. Sustainable rate: given by ``--rate`` or found by a short open-loop sweep (highest rate whose p99
-   stays under the budget with no errors; the same method as benchmarks/serving.py).
+   stays under the budget with no errors; the serving benchmark's search, ``benchmarks.rate_sweep``).
 2. Overload: open-loop replay at 2x that rate. The service should answer the excess with 429 at
    once (queue full), keep the p99 of the requests it admits within the budget, and give no 5xx
    and no client timeouts. A batching server often completes far more than its p99-sustainable
@@ -13,13 +13,14 @@
    of p99 between the first and last windows.
 
 Prints a JSON report (stdout) and a short summary (stderr); ``--quick`` shortens every phase.
+
+    python -m benchmarks.overload [--model-store STORE] [--quick] [--rate RPS] [--mode items] [--out FILE]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib.util
 import json
 import math
 import os
@@ -30,30 +31,15 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
-
-def _load_serving() -> ModuleType:
-    """benchmarks/serving.py by path: putting benchmarks/ on sys.path would shadow the kernels package."""
-    path = Path(__file__).resolve().parent / "serving.py"
-    spec = importlib.util.spec_from_file_location("onerec_benchmark_serving", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up here
-    spec.loader.exec_module(module)
-    return module
-
-
-serving = _load_serving()
-CPU_BUDGET_MS = serving.CPU_BUDGET_MS
-Row, SweepSettings = serving.Row, serving.SweepSettings
-load_spec, log, make_records = serving.load_spec, serving.log, serving.make_records
-onerec_server, single_latency, sweep = serving.onerec_server, serving.single_latency, serving.sweep
-
-from loadtest.replay import ReplayConfig, replay_async  # noqa: E402
-from loadtest.report import Sample, latency_summary_ms  # noqa: E402
-from loadtest.trace import TraceRecord  # noqa: E402
+from benchmarks.rate_sweep import SweepSettings, single_latency, sweep
+from benchmarks.servers import onerec_env, start_onerec
+from benchmarks.serving import CPU_BUDGET_MS
+from benchmarks.workload import Row, load_spec, log, make_records
+from loadtest.replay import ReplayConfig, replay_async
+from loadtest.report import Sample, latency_summary_ms
+from loadtest.trace import TraceRecord
 
 
 def rss_mb(pid: int) -> float | None:
@@ -169,11 +155,10 @@ async def run(args: argparse.Namespace, store: Path, workdir: Path) -> dict[str,
     extra_env = dict(item.split("=", 1) for item in args.service_env)
     if args.max_queue:
         extra_env["ONEREC_MAX_QUEUE"] = str(args.max_queue)
-    server, url = onerec_server(store, args.model_name, "cpu", args.threads, workdir, extra_env)
     budget = args.budget_ms
     log("starting the service")
-    server.start()
-    assert server.pid is not None
+    server = start_onerec(store, onerec_env(args.model_name, "cpu", args.threads, extra_env), workdir)
+    url = server.http_url
     report: dict[str, Any] = {
         "benchmark": "overload",
         "quick": bool(args.quick),

@@ -1,6 +1,6 @@
 """Quality benchmark: full-ranking Recall/NDCG on a real sequence file, ours beside strong simple baselines.
 
-    python benchmarks/quality.py [--dataset ../shared/data/amazon-beauty/sequences.txt]
+    python -m benchmarks.quality [--dataset ../shared/data/amazon-beauty/sequences.txt]
                                  [--store DIR] [--epochs N] [--device cpu|cuda] [--reuse]
                                  [--baselines-from REPORT.json] [--no-sasrec] [--out FILE]
 
@@ -30,12 +30,8 @@ from typing import Any
 
 import numpy as np
 
-BENCH_DIR = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != BENCH_DIR]  # benchmarks/kernels.py shadows kernels
-sys.path.insert(0, str(BENCH_DIR.parent))
-
-from model_store.store import list_models, load_newest_valid  # noqa: E402
-from onerec.baselines import (  # noqa: E402
+from model_store.store import list_models, load_newest_valid
+from onerec.baselines import (
     CooccurrenceKnn,
     SASRecConfig,
     evaluate_scorer,
@@ -43,10 +39,11 @@ from onerec.baselines import (  # noqa: E402
     sasrec_scores,
     train_sasrec,
 )
-from onerec.build import build, sequence_file_config  # noqa: E402
-from onerec.data import leave_one_out, load_sequence_file  # noqa: E402
+from onerec.build import build, sequence_file_config
+from onerec.data import leave_one_out, load_sequence_file
 
-DEFAULT_DATASET = BENCH_DIR.parent.parent / "shared" / "data" / "amazon-beauty" / "sequences.txt"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_DATASET = REPO_ROOT.parent / "shared" / "data" / "amazon-beauty" / "sequences.txt"
 METRICS = ("recall@5", "ndcg@5", "recall@10", "ndcg@10")
 # Published on Amazon Beauty, leave-one-out, full ranking (../shared/data/amazon-beauty/README.md).
 REFERENCES = {

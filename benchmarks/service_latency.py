@@ -10,7 +10,7 @@ What it measures, against real `onerec serve` subprocesses on loopback:
 The client runs on the same machine as the server and shares its cores: on a 2-core machine the
 throughput numbers are a lower bound of what the server does with the client elsewhere.
 
-    python benchmarks/service_latency.py --store model-store [--requests 200] [--concurrency 16]
+    python -m benchmarks.service_latency --store model-store [--requests 200] [--concurrency 16]
 """
 
 from __future__ import annotations
@@ -28,11 +28,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import httpx
 
-import httpx  # noqa: E402
-
-from service.launcher import ServiceHandle, start_service  # noqa: E402
+from loadtest.launcher import ServiceHandle, start_service
 
 
 def percentiles(samples_s: list[float]) -> dict[str, float]:

@@ -1,4 +1,4 @@
-"""`benchmarks/serving.py --quick` runs end to end on the demo model and writes a valid report.
+"""`python -m benchmarks.serving --quick` runs end to end on the demo model and writes a valid report.
 
 One row (items mode, beam 32) against all three servers keeps it to a minute or two; the full
 `--quick` run covers four rows.
@@ -21,7 +21,7 @@ pytestmark = pytest.mark.slow
 def test_serving_benchmark_quick_writes_a_valid_report(demo_store: Path, tmp_path: Path) -> None:
     out = tmp_path / "serving.json"
     proc = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "benchmarks" / "serving.py"), "--quick", "--model-store", str(demo_store),
+        [sys.executable, "-m", "benchmarks.serving", "--quick", "--model-store", str(demo_store),
          "--modes", "items", "--beams", "32", "--out", str(out)],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=280,
     )  # fmt: skip
@@ -29,6 +29,7 @@ def test_serving_benchmark_quick_writes_a_valid_report(demo_store: Path, tmp_pat
     report = json.loads(out.read_text())
     assert json.loads(proc.stdout) == report  # the same JSON on stdout
     assert report["benchmark"] == "serving" and report["quick"] is True
+    assert report["command"].startswith("python -m benchmarks.serving --quick")  # what reruns it
     assert report["workload"]["history_length"] > 0
     assert "random" in report["alternatives"]["weights"]
     assert report["rows"], "no rows"

@@ -1,29 +1,20 @@
-"""`benchmarks/quality.py`: the report carries the model's own recorded metrics and judges the goal right."""
+"""`benchmarks.quality`: the report carries the model's own recorded metrics and judges the goal right."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
-from types import ModuleType
+
+from benchmarks import quality
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-SCRIPT = REPO_ROOT / "benchmarks" / "quality.py"
-
-
-def load_script() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("onerec_benchmark_quality", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_reuse_reports_the_manifest_metrics_without_beauty_references(demo_store: Path) -> None:
     proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--store", str(demo_store), "--reuse"],
+        [sys.executable, "-m", "benchmarks.quality", "--store", str(demo_store), "--reuse"],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -48,7 +39,6 @@ def beauty_manifest(recall10: float, ndcg10: float) -> dict:
 
 
 def test_goal_needs_both_recall_and_ndcg_and_ratios_are_to_tiger() -> None:
-    quality = load_script()
     assert quality.GOAL == {"recall@10": 0.085, "ndcg@10": 0.050}  # DESIGN.md section 9
     r, n = quality.GOAL["recall@10"], quality.GOAL["ndcg@10"]
     met = quality.report(beauty_manifest(r + 0.001, n + 0.001), seconds=None)
@@ -60,7 +50,6 @@ def test_goal_needs_both_recall_and_ndcg_and_ratios_are_to_tiger() -> None:
 
 
 def test_beating_the_baselines_needs_both_metrics_against_every_measured_one() -> None:
-    quality = load_script()
     row = {"recall@5": 0.04, "ndcg@5": 0.03, "recall@10": 0.07, "ndcg@10": 0.04}
     baselines = {"kNN": dict(row), "most popular": {k: v / 4 for k, v in row.items()}}
     assert quality.report(beauty_manifest(0.071, 0.041), None, baselines)["beats_every_measured_baseline"] is True

@@ -18,7 +18,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from service.launcher import ServiceHandle
+from loadtest.launcher import ServiceHandle
 from service.metrics import FAMILIES
 from service.proto import pb2
 from tests.plugins.servers import ServiceLauncher, grpc_stub, metric, scrape

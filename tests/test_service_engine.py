@@ -22,7 +22,7 @@ import grpc
 import httpx
 import pytest
 
-from service.launcher import ServiceHandle
+from loadtest.launcher import ServiceHandle
 from service.proto import pb2
 from tests.plugins.servers import ServiceLauncher, copy_store, grpc_stub, metric, scrape
 

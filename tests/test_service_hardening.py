@@ -20,7 +20,7 @@ import grpc
 import httpx
 import pytest
 
-from service.launcher import ServiceHandle
+from loadtest.launcher import ServiceHandle
 from service.proto import pb2
 from service.recommend import RecommendService
 from service.settings import Settings

@@ -17,8 +17,8 @@ import grpc
 import httpx
 import pytest
 
+from loadtest.launcher import ServiceHandle
 from model_store import list_versions, publish_version
-from service.launcher import ServiceHandle
 from service.proto import pb2
 from tests.plugins.servers import ServiceLauncher, copy_store, grpc_stub, metric, scrape
 

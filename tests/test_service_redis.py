@@ -18,8 +18,8 @@ import httpx
 import pytest
 import redis
 
+from loadtest.launcher import REPO_ROOT, ServiceHandle
 from service.features import history_key
-from service.launcher import REPO_ROOT, ServiceHandle
 from tests.plugins.servers import RedisServer, ServiceLauncher, metric, redis_binary, scrape
 
 

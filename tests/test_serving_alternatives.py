@@ -1,4 +1,4 @@
-"""The pure logic of `benchmarks/serving.py` that the HF batched alternative and the CPU split rest on.
+"""The pure logic of the serving benchmark that the HF batched alternative and the CPU split rest on.
 
 No server is started: the grouping, the queue (with a fake model), the per-process CPU split (on a
 fake /proc and on this process), and, when transformers is installed, a tiny random HF model that
@@ -16,18 +16,15 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
 
-from tests.test_serving_sweep import load_script
-
-
-@pytest.fixture(scope="module")
-def bench() -> ModuleType:
-    return load_script()
-
+from benchmarks.hf_baseline import HFRecommender, StaticBatcher, effective_beams, take_batch
+from benchmarks.process_cpu import CLOCK_TICK, CpuMonitor, cpu_split, process_tree_cpu
+from benchmarks.server_metrics import batch_histogram_delta
+from benchmarks.serving import compare, saturation_cores, table
+from benchmarks.workload import Row
 
 # ---- grouping ------------------------------------------------------------------------------------
 
@@ -36,49 +33,49 @@ def shape_of(request: tuple[str, str, int]) -> tuple[str, int]:
     return request[1], request[2]
 
 
-def take(bench: ModuleType, waiting: list[tuple[str, str, int]], max_requests: int = 16, max_rows: int = 2048):
-    return bench.take_batch(waiting, shape_of, lambda r: r[2], max_requests, max_rows)
+def take(waiting: list[tuple[str, str, int]], max_requests: int = 16, max_rows: int = 2048):
+    return take_batch(waiting, shape_of, lambda r: r[2], max_requests, max_rows)
 
 
-def test_a_batch_is_the_oldest_requests_group_in_arrival_order(bench: ModuleType) -> None:
+def test_a_batch_is_the_oldest_requests_group_in_arrival_order() -> None:
     waiting = [("a", "session", 32), ("b", "items", 32), ("c", "session", 32), ("d", "session", 128),
                ("e", "session", 32), ("f", "items", 32)]  # fmt: skip
-    batch, rest = take(bench, waiting)
+    batch, rest = take(waiting)
     assert [r[0] for r in batch] == ["a", "c", "e"]
     assert [r[0] for r in rest] == ["b", "d", "f"]
-    batch, rest = take(bench, rest)
+    batch, rest = take(rest)
     assert [r[0] for r in batch] == ["b", "f"] and [r[0] for r in rest] == ["d"]
 
 
-def test_a_batch_stops_at_the_request_and_row_limits_without_overtaking(bench: ModuleType) -> None:
+def test_a_batch_stops_at_the_request_and_row_limits_without_overtaking() -> None:
     waiting = [(str(i), "items", 128) for i in range(6)]
-    batch, rest = take(bench, waiting, max_requests=4)
+    batch, rest = take(waiting, max_requests=4)
     assert [r[0] for r in batch] == ["0", "1", "2", "3"] and [r[0] for r in rest] == ["4", "5"]
-    batch, rest = take(bench, waiting, max_rows=300)  # 2 x 128 fit, a third would not
+    batch, rest = take(waiting, max_rows=300)  # 2 x 128 fit, a third would not
     assert [r[0] for r in batch] == ["0", "1"] and [r[0] for r in rest] == ["2", "3", "4", "5"]
     mixed = [("big", "items", 256), ("small", "items", 32)]
-    batch, rest = bench.take_batch(mixed, lambda r: r[1], lambda r: r[2], 16, 260)
+    batch, rest = take_batch(mixed, lambda r: r[1], lambda r: r[2], 16, 260)
     # "small" would fit the rows left, but it arrived after "big", which did not: it does not overtake.
     assert [r[0] for r in batch] == ["big"] and [r[0] for r in rest] == ["small"]
 
 
-def test_the_oldest_request_goes_even_alone_over_the_row_budget(bench: ModuleType) -> None:
-    batch, rest = take(bench, [("huge", "session", 512), ("next", "session", 512)], max_rows=100)
+def test_the_oldest_request_goes_even_alone_over_the_row_budget() -> None:
+    batch, rest = take([("huge", "session", 512), ("next", "session", 512)], max_rows=100)
     assert [r[0] for r in batch] == ["huge"] and [r[0] for r in rest] == ["next"]
-    assert take(bench, []) == ([], [])
+    assert take([]) == ([], [])
 
 
-def test_effective_beams_fill_num_items(bench: ModuleType) -> None:
-    assert bench.effective_beams("items", 8, 10, 5) == 10
-    assert bench.effective_beams("items", 32, 10, 5) == 32
-    assert bench.effective_beams("session", 1, 10, 5) == 2
-    assert bench.effective_beams("session", 32, 10, 5) == 32
+def test_effective_beams_fill_num_items() -> None:
+    assert effective_beams("items", 8, 10, 5) == 10
+    assert effective_beams("items", 32, 10, 5) == 32
+    assert effective_beams("session", 1, 10, 5) == 2
+    assert effective_beams("session", 32, 10, 5) == 32
 
 
 # ---- the queue of the batched server ----------------------------------------------------------------
 
 
-def test_static_batcher_groups_what_queued_during_a_batch_and_answers_each_request(bench: ModuleType) -> None:
+def test_static_batcher_groups_what_queued_during_a_batch_and_answers_each_request() -> None:
     started = threading.Event()
     release = threading.Event()
     batches: list[list[str]] = []
@@ -95,7 +92,7 @@ def test_static_batcher_groups_what_queued_during_a_batch_and_answers_each_reque
 
     async def scenario() -> list[dict[str, Any]]:
         with ThreadPoolExecutor(max_workers=1) as worker:
-            batcher = bench.StaticBatcher(run_batch, shape, 3, 2048, worker)
+            batcher = StaticBatcher(run_batch, shape, 3, 2048, worker)
             driver = asyncio.create_task(batcher.run())
             first = asyncio.create_task(batcher.submit({"id": "first", "mode": "items", "beams": 32}))
             await asyncio.to_thread(started.wait, 10)
@@ -116,7 +113,7 @@ def test_static_batcher_groups_what_queued_during_a_batch_and_answers_each_reque
     assert batches == [["first"], ["s1", "s2", "s3"], ["i1"], ["s4"]]
 
 
-def test_static_batcher_fails_every_request_of_a_failed_batch_and_keeps_serving(bench: ModuleType) -> None:
+def test_static_batcher_fails_every_request_of_a_failed_batch_and_keeps_serving() -> None:
     def run_batch(bodies: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if any(b.get("boom") for b in bodies):
             raise RuntimeError("generate failed")
@@ -124,7 +121,7 @@ def test_static_batcher_fails_every_request_of_a_failed_batch_and_keeps_serving(
 
     async def scenario() -> None:
         with ThreadPoolExecutor(max_workers=1) as worker:
-            batcher = bench.StaticBatcher(run_batch, lambda b: ("items", 8), 4, 2048, worker)
+            batcher = StaticBatcher(run_batch, lambda b: ("items", 8), 4, 2048, worker)
             driver = asyncio.create_task(batcher.run())
             with pytest.raises(RuntimeError, match="generate failed"):
                 await asyncio.wait_for(batcher.submit({"boom": True}), 10)
@@ -149,31 +146,31 @@ def fake_proc(root: Path, pid: int, ticks: int, cmdline: list[str], children: di
         (base / "task" / str(tid) / "children").write_text(" ".join(map(str, kids)) + (" " if kids else ""))
 
 
-def test_process_tree_finds_engines_forked_by_any_thread_and_names_them(bench: ModuleType, tmp_path: Path) -> None:
-    tick = bench.CLOCK_TICK
+def test_process_tree_finds_engines_forked_by_any_thread_and_names_them(tmp_path: Path) -> None:
+    tick = CLOCK_TICK
     engine = ["python", "-m", "service.engine.core", json.dumps({"index": 1, "generation": 3})]
     fake_proc(tmp_path, 100, tick, ["python", "-m", "service", "serve"], {100: [200], 101: [300]})
     fake_proc(tmp_path, 200, 2 * tick, engine[:3] + [json.dumps({"index": 0})], {200: []})
     fake_proc(tmp_path, 300, 3 * tick, engine, {300: [400]})
     fake_proc(tmp_path, 400, tick, ["sh", "-c", "true"], {400: []})
-    tree = bench.process_tree_cpu(100, tmp_path)
+    tree = process_tree_cpu(100, tmp_path)
     assert tree == {
         100: ("front_end", pytest.approx(2.0)),
         200: ("engine0", pytest.approx(4.0)),
         300: ("engine1", pytest.approx(6.0)),
         400: ("child", pytest.approx(2.0)),
     }
-    assert bench.process_tree_cpu(999, tmp_path) == {}
+    assert process_tree_cpu(999, tmp_path) == {}
 
 
-def test_cpu_split_is_per_role_and_counts_a_restarted_engine_from_zero(bench: ModuleType) -> None:
+def test_cpu_split_is_per_role_and_counts_a_restarted_engine_from_zero() -> None:
     before = {1: ("front_end", 10.0), 2: ("engine0", 50.0), 3: ("engine1", 5.0)}
     after = {1: ("front_end", 12.0), 2: ("engine0", 53.0), 4: ("engine1", 1.0), 5: ("child", 0.5), 6: ("child", 0.5)}
-    split = bench.cpu_split(before, after, wall_s=2.0)
+    split = cpu_split(before, after, wall_s=2.0)
     assert split == {"child": 0.5, "engine0": 1.5, "engine1": 0.5, "front_end": 1.0}
 
 
-def test_process_tree_of_this_process_sees_a_busy_child(bench: ModuleType) -> None:
+def test_process_tree_of_this_process_sees_a_busy_child() -> None:
     child = subprocess.Popen(
         [sys.executable, "-c", "import time\nend = time.time() + 20\nwhile time.time() < end: pass"]
     )
@@ -181,7 +178,7 @@ def test_process_tree_of_this_process_sees_a_busy_child(bench: ModuleType) -> No
         deadline = time.monotonic() + 10
         tree: dict[int, tuple[str, float]] = {}
         while time.monotonic() < deadline:
-            tree = bench.process_tree_cpu(os.getpid())
+            tree = process_tree_cpu(os.getpid())
             if child.pid in tree and tree[child.pid][1] > 0.05:
                 break
             time.sleep(0.05)
@@ -192,8 +189,8 @@ def test_process_tree_of_this_process_sees_a_busy_child(bench: ModuleType) -> No
         child.wait(10)
 
 
-def test_cpu_monitor_reports_the_split_and_the_load(bench: ModuleType) -> None:
-    monitor = bench.CpuMonitor(os.getpid())
+def test_cpu_monitor_reports_the_split_and_the_load() -> None:
+    monitor = CpuMonitor(os.getpid())
     end = time.process_time() + 0.2
     while time.process_time() < end:
         pass
@@ -214,9 +211,9 @@ def measured(sustainable: float, saturated: float, p50: float = 50.0, server_cor
     return {"sweep": sweep, "single_request_ms": {"p50": p50, "p99": p50}, "budget_ms": 100.0}
 
 
-def test_compare_reports_both_alternatives_with_their_goals(bench: ModuleType) -> None:
-    row = bench.Row(device="cpu", mode="items", beam_width=32)
-    out = bench.compare(row, measured(100.0, 150.0, server_cores=1.7), measured(5.0, 6.0, p50=100.0), 4, 5,
+def test_compare_reports_both_alternatives_with_their_goals() -> None:
+    row = Row(device="cpu", mode="items", beam_width=32)
+    out = compare(row, measured(100.0, 150.0, server_cores=1.7), measured(5.0, 6.0, p50=100.0), 4, 5,
                         hf_batched=measured(40.0, 45.0))  # fmt: skip
     assert out["rps_ratio"] == pytest.approx(20.0) and out["goal_10x_rps_met"]
     assert out["latency_ratio"] == pytest.approx(2.0)
@@ -224,17 +221,17 @@ def test_compare_reports_both_alternatives_with_their_goals(bench: ModuleType) -
     assert not out["goal_3x_vs_batched_rps_met"]
     assert out["hf_batched"]["sustainable_rps"] == 40.0
     assert out["onerec"]["cpu_cores_at_saturation"]["server"] == 1.7
-    cores = bench.saturation_cores([out])
+    cores = saturation_cores([out])
     assert cores["max_server_cores"] == 1.7 and cores["goal_met"]
-    low = bench.compare(row, measured(100.0, 150.0, server_cores=1.2), measured(5.0, 6.0), 4, 5)
-    assert "hf_batched" not in low and not bench.saturation_cores([low])["goal_met"]
-    assert "x hfB" in bench.table([out, low])
+    low = compare(row, measured(100.0, 150.0, server_cores=1.2), measured(5.0, 6.0), 4, 5)
+    assert "hf_batched" not in low and not saturation_cores([low])["goal_met"]
+    assert "x hfB" in table([out, low])
 
 
-def test_batch_histogram_delta(bench: ModuleType) -> None:
-    delta = bench.batch_histogram_delta({"1": 5, "4": 1}, {"1": 7, "4": 3, "16": 1})
+def test_batch_histogram_delta() -> None:
+    delta = batch_histogram_delta({"1": 5, "4": 1}, {"1": 7, "4": 3, "16": 1})
     assert delta == {"by_size": {"1": 2, "4": 2, "16": 1}, "batches": 5, "mean_size": 5.2, "max_size": 16}
-    assert bench.batch_histogram_delta({"1": 1}, {"1": 1})["mean_size"] is None
+    assert batch_histogram_delta({"1": 1}, {"1": 1})["mean_size"] is None
 
 
 # ---- HF generate, batched: same answers as alone, each row under its own bans ---------------------------
@@ -257,12 +254,12 @@ def tiny_spec() -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def hf(bench: ModuleType) -> Any:
+def hf() -> Any:
     pytest.importorskip("transformers")
     import torch
 
     torch.set_num_threads(1)
-    return bench.HFRecommender(tiny_spec())
+    return HFRecommender(tiny_spec())
 
 
 def item_ids(answer: dict[str, Any]) -> list[str]:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from service.launcher import ServiceHandle, free_port, start_service
+from loadtest.launcher import ServiceHandle, free_port, start_service
 
 
 @dataclass
