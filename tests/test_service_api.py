@@ -18,9 +18,9 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from onerec_proto import pb2
 from service.launcher import ServiceHandle
 from service.metrics import FAMILIES
-from service.proto import pb2
 from tests.plugins.servers import ServiceLauncher, grpc_stub, metric, scrape
 
 MAX_BEAM = 64

@@ -22,8 +22,8 @@ import grpc
 import httpx
 import pytest
 
+from onerec_proto import pb2
 from service.launcher import ServiceHandle
-from service.proto import pb2
 from tests.plugins.servers import ServiceLauncher, copy_store, grpc_stub, metric, scrape
 
 TOKEN = "engine-test-token"

@@ -20,8 +20,8 @@ import grpc
 import httpx
 import pytest
 
+from onerec_proto import pb2
 from service.launcher import ServiceHandle
-from service.proto import pb2
 from service.recommend import RecommendService
 from service.settings import Settings
 from tests.plugins.servers import ServiceLauncher, grpc_stub, metric, scrape

@@ -18,8 +18,8 @@ import httpx
 import pytest
 
 from model_store import list_versions, publish_version
+from onerec_proto import pb2
 from service.launcher import ServiceHandle
-from service.proto import pb2
 from tests.plugins.servers import ServiceLauncher, copy_store, grpc_stub, metric, scrape
 
 TOKEN = "test-admin-token"
