@@ -32,23 +32,24 @@ RUN case "${RUNTIME}" in \
 WORKDIR /src
 COPY pyproject.toml constraints.txt README.md ./
 COPY proto ./proto
+COPY onerec_proto ./onerec_proto
 COPY kernels ./kernels
 COPY model_store ./model_store
 COPY onerec ./onerec
 COPY service ./service
 COPY loadtest ./loadtest
 
-# 1. the dependencies (and the package, replaced below); 2. the gRPC stubs into service/_proto, so
+# 1. the dependencies (and the package, replaced below); 2. the gRPC stubs into onerec_proto/_generated, so
 # the wheel carries them: the root filesystem is read-only at run time; 3. the wheel, installed in
 # place of the first install; 4. checks that fail the build: stubs current, the package imports from
 # the venv (python -P: not from the source tree here), triton present only in the CUDA variant.
 RUN extras=""; if [ "${RUNTIME}" = "cuda" ]; then extras="[gpu]"; fi \
  && pip install -c constraints.txt ".${extras}" \
- && python -m service.proto_gen \
+ && python -m onerec_proto.generate \
  && pip wheel --no-deps --wheel-dir /wheels . \
  && pip install --no-deps --force-reinstall /wheels/onerec_serving-*.whl \
- && python -P -m service.proto_gen --check \
- && python -P -c "import kernels, onerec, service.proto, service.server" \
+ && python -P -m onerec_proto.generate --check \
+ && python -P -c "import kernels, onerec, service.server; from onerec_proto import pb2, pb2_grpc" \
  && if [ "${RUNTIME}" = "cpu" ]; then python -P -c "import importlib.util as u; assert u.find_spec('triton') is None, 'triton in the CPU image'"; \
     else python -P -c "import triton"; fi
 

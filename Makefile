@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml constraints.txt
 
 # gRPC stubs are generated from proto/ at install time, never committed.
 proto: $(STAMP)
-	$(PY) -m service.proto_gen
+	$(PY) -m onerec_proto.generate
 
 demo-model: install
 	@if [ -z "$$(ls -A $(STORE)/$(MODEL) 2>/dev/null)" ]; then \
@@ -40,7 +40,7 @@ test-deploy: install
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy service model_store kernels
+	$(VENV)/bin/mypy service model_store kernels onerec_proto
 	$(VENV)/bin/hadolint Dockerfile
 	$(VENV)/bin/check-jsonschema --builtin-schema vendor.compose-spec docker-compose.yml
 
@@ -48,4 +48,4 @@ bench-kernels: install
 	$(PY) -m benchmarks.kernel_speed
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache service/_proto
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache onerec_proto/_generated

@@ -76,7 +76,7 @@ def http_latency(server: ServiceHandle, bodies: list[dict[str, Any]]) -> dict[st
 def grpc_latency(server: ServiceHandle, bodies: list[dict[str, Any]]) -> dict[str, float]:
     import grpc
 
-    from service.proto import pb2, pb2_grpc
+    from onerec_proto import pb2, pb2_grpc
 
     with grpc.insecure_channel(server.grpc_target) as channel:
         stub = pb2_grpc.RecommenderStub(channel)

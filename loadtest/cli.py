@@ -64,9 +64,32 @@ def _add_replay(subparsers: Any) -> None:
 def _add_synth(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "synth",
-        help="synthesise a trace: Poisson arrivals, Zipf users from a dataset, a mix of request shapes",
+        help="synthesise a trace: Poisson arrivals, Zipf users, a mix of request shapes",
+        description="Users come from a sequence file (--users) or are made up over the item ids that a "
+        "running service lists (--service); nothing of the model is needed.",
     )
-    parser.add_argument("--dataset", required=True, help="'synthetic' (the demo world) or a sequence file")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument(
+        "--users",
+        type=Path,
+        metavar="FILE",
+        help="sequence file 'user item item ...' (oldest first, as `onerec build --dataset` reads): "
+        "its users, and their last --history-length items",
+    )
+    source.add_argument(
+        "--service",
+        metavar="URL",
+        help="http://HOST:PORT of a running service: made-up users u0, u1, ... whose histories are drawn "
+        "from the catalogue's most popular live items (GET /v1/models?popular_items=N)",
+    )
+    parser.add_argument("--num-users", type=int, default=1000, help="with --service: how many users")
+    parser.add_argument(
+        "--catalog-sample",
+        type=int,
+        default=1000,
+        help="with --service: draw histories from this many of the most popular items",
+    )
+    parser.add_argument("--allow-remote", action="store_true", help="with --service: allow a non-loopback one")
     parser.add_argument("--rate", type=float, required=True, help="mean requests per second")
     parser.add_argument("--duration", type=float, required=True, help="seconds of traffic")
     parser.add_argument("--out", type=Path, required=True, help="trace file to write (JSON Lines)")
@@ -83,8 +106,7 @@ def _add_synth(subparsers: Any) -> None:
         default=50,
         help="carry each user's last N items in the request (0: use the feature store)",
     )
-    parser.add_argument("--world-seed", type=int, default=0, help="seed of the synthetic world")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the trace")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the trace (and of made-up histories)")
     parser.set_defaults(func=run_synth)
 
 
@@ -130,11 +152,22 @@ def run_replay(args: argparse.Namespace) -> int:
 
 def run_synth(args: argparse.Namespace) -> int:
     """Handler of ``onerec traffic synth``."""
-    from loadtest.synth import load_user_pool, parse_int_list, parse_mode_mix, synthesize
+    from loadtest.synth import (
+        fetch_popular_items,
+        made_up_user_pool,
+        parse_int_list,
+        parse_mode_mix,
+        read_user_pool,
+        synthesize,
+    )
     from loadtest.trace import write_trace
 
     try:
-        pool = load_user_pool(args.dataset, history_length=args.history_length, world_seed=args.world_seed)
+        if args.users is not None:
+            pool = read_user_pool(args.users, history_length=args.history_length)
+        else:
+            items = fetch_popular_items(args.service, args.catalog_sample, allow_remote=args.allow_remote)
+            pool = made_up_user_pool(items, args.num_users, args.history_length, seed=args.seed)
         records = synthesize(
             pool,
             args.rate,
@@ -148,7 +181,7 @@ def run_synth(args: argparse.Namespace) -> int:
             zipf=args.zipf,
         )
         count = write_trace(args.out, records)
-    except (ValueError, OSError) as exc:
+    except (ValueError, OSError) as exc:  # RemoteTargetError is a ValueError
         print(f"onerec traffic synth: error: {exc}", file=sys.stderr)
         return 2
     users = len({record.user_id for record in records})

@@ -4,16 +4,25 @@ Why not uniform users at a constant rate: real traffic has bursts (Poisson gaps,
 a few very active users (Zipf), and a daily swell; a replay that lacks them flatters the batcher and
 the feature-store cache. Each request can carry the user's recent history (external item ids,
 newest last) so a replay works against a service whose feature store is empty.
+
+The users come from a sequence file (``read_user_pool``) or are made up over the item ids that the
+running service lists (``fetch_popular_items`` + ``made_up_user_pool``): the load tester needs only
+the wire, never the model's dataset readers.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import urllib.error
+import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
+from loadtest.targets import check_target_allowed, parse_target
 from loadtest.trace import MODES, TraceRecord
 
 
@@ -31,19 +40,83 @@ class UserPool:
             raise ValueError("histories must align with user_ids")
 
 
-def load_user_pool(dataset: str, history_length: int = 50, world_seed: int = 0) -> UserPool:
-    """Users and their last ``history_length`` items, from ``synthetic`` (the demo world) or a file."""
-    from onerec import data as onerec_data  # lazy: only synth needs the dataset readers
+class UserPoolError(ValueError):
+    """A user-pool file that cannot be read; names the file and the 1-based line."""
 
-    if dataset == "synthetic":
-        interactions = onerec_data.make_synthetic(onerec_data.SyntheticConfig(seed=world_seed)).data
-    else:
-        interactions = onerec_data.load_sequence_file(dataset)
-    histories = None
-    if history_length > 0:
-        item_ids = interactions.item_ids
-        histories = [tuple(item_ids[int(i)] for i in seq[-history_length:]) for seq in interactions.sequences]
-    return UserPool(user_ids=list(interactions.user_ids), histories=histories)
+    def __init__(self, path: str | Path, line: int, reason: str) -> None:
+        super().__init__(f"{path}:{line}: {reason}")
+
+
+def read_user_pool(path: str | Path, history_length: int = 50) -> UserPool:
+    """Users and their last ``history_length`` items from a sequence file: ``user item item ...``.
+
+    The format of the datasets (``onerec build --dataset``) and of ``ONEREC_FEATURES_PRELOAD``: one
+    user a line, whitespace separated, oldest item first. A line with a user alone is a user without
+    a history (its requests use the stored one). A user named twice is refused, since a replay would
+    silently carry only one of the two histories.
+    """
+    user_ids: list[str] = []
+    histories: list[tuple[str, ...]] = []
+    first_line: dict[str, int] = {}
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            tokens = line.split()
+            if not tokens:
+                continue
+            user, items = tokens[0], tokens[1:]
+            if user in first_line:
+                raise UserPoolError(path, number, f"user {user!r} already appeared on line {first_line[user]}")
+            first_line[user] = number
+            user_ids.append(user)
+            histories.append(tuple(items[-history_length:]) if history_length > 0 else ())
+    if not user_ids:
+        raise UserPoolError(path, 0, "file holds no users")
+    return UserPool(user_ids=user_ids, histories=histories if history_length > 0 else None)
+
+
+def fetch_popular_items(service_url: str, count: int, allow_remote: bool = False, timeout_s: float = 10.0) -> list[str]:
+    """Up to ``count`` live item ids of the serving catalogue, most popular first (GET /v1/models).
+
+    Why ask the service: the load tester runs where only the wire is, without the dataset or the
+    model, and the ids it sends must be ones the serving version knows.
+    """
+    address = parse_target(service_url)
+    if address.scheme != "http":
+        raise ValueError(f"the catalogue is read over HTTP: want http://HOST:PORT, got {service_url!r}")
+    check_target_allowed(address, allow_remote)
+    url = f"{address.url}/v1/models?popular_items={count}"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as response:
+            described = json.load(response)
+    except urllib.error.URLError as exc:  # HTTPError is one too
+        raise ValueError(f"cannot read the catalogue from {url}: {exc}") from None
+    if not described.get("loaded"):
+        raise ValueError(f"{address.url} has no model loaded yet: nothing to draw items from")
+    items = described.get("popular_items")
+    if not isinstance(items, list) or not items or not all(isinstance(item, str) for item in items):
+        raise ValueError(f"{url} did not list item ids (a service older than this load tester?)")
+    return items
+
+
+def made_up_user_pool(items: Sequence[str], num_users: int, history_length: int, seed: int = 0) -> UserPool:
+    """``num_users`` users ``u0``, ``u1``, ... each with ``history_length`` distinct items drawn from ``items``.
+
+    For a service whose users the load tester does not know: the histories only need ids the
+    catalogue has and a realistic length (what a request costs), not a real user's taste. Items are
+    drawn uniformly; deterministic for ``seed``.
+    """
+    if num_users <= 0:
+        raise ValueError("the number of users must be positive")
+    if not items:
+        raise ValueError("no items to draw histories from")
+    user_ids = [f"u{i}" for i in range(num_users)]
+    if history_length <= 0:
+        return UserPool(user_ids=user_ids)
+    rng = np.random.default_rng(seed)
+    pool = np.asarray(items, dtype=object)
+    length = min(history_length, len(items))
+    histories = [tuple(str(item) for item in rng.choice(pool, size=length, replace=False)) for _ in user_ids]
+    return UserPool(user_ids=user_ids, histories=histories)
 
 
 def parse_mode_mix(text: str) -> dict[str, float]:
@@ -149,7 +222,7 @@ def synthesize(
             TraceRecord(
                 t=float(t),
                 user_id=pool.user_ids[user],
-                history=pool.histories[user] if pool.histories is not None else None,
+                history=(pool.histories[user] or None) if pool.histories is not None else None,
                 num_items=int(counts[i]) if counts is not None else None,
                 mode=modes[i] if modes is not None else None,
                 beam_width=int(beams[i]) if beams is not None else None,

@@ -10,12 +10,10 @@ status line, the headers and the body length.
 from __future__ import annotations
 
 import asyncio
-import importlib
 import ipaddress
 import json
 import socket
 from dataclasses import dataclass
-from types import ModuleType
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
@@ -211,34 +209,18 @@ class HttpTarget:
         self._idle.clear()
 
 
-def load_grpc_stubs() -> tuple[ModuleType, ModuleType]:
-    """The generated ``recommender_pb2`` and ``recommender_pb2_grpc`` modules (made from the proto).
-
-    They live in ``service/_proto/`` (generated at install time). Importing them is the one
-    dependency on ``service/`` that loadtest allows itself: the wire contract, nothing else.
-    """
-    candidates = ("service._proto.onerec.v1", "service._proto")
-    errors = []
-    for package in candidates:
-        try:
-            messages = importlib.import_module(f"{package}.recommender_pb2")
-            services = importlib.import_module(f"{package}.recommender_pb2_grpc")
-            return messages, services
-        except ImportError as exc:
-            errors.append(f"{package}: {exc}")
-    raise ImportError("generated gRPC stubs not found (run `make proto`): " + "; ".join(errors))
-
-
 class GrpcTarget:
     """Calls ``onerec.v1.Recommender/Recommend`` on one ``grpc.aio`` channel (HTTP/2 streams)."""
 
     def __init__(self, address: TargetAddress, timeout_s: float) -> None:
-        import grpc
+        import grpc  # here, not at the top: an HTTP-only replay never loads grpc or the stubs
+
+        from onerec_proto import pb2, pb2_grpc
 
         self._grpc = grpc
-        self._messages, services = load_grpc_stubs()
+        self._messages = pb2
         self._channel = grpc.aio.insecure_channel(f"{address._host_for_url()}:{address.port}")
-        self._stub = services.RecommenderStub(self._channel)
+        self._stub = pb2_grpc.RecommenderStub(self._channel)
         self._timeout_s = timeout_s
 
     def _request(self, record: TraceRecord) -> Any:

@@ -2,21 +2,24 @@
 
 A line looks like ``{"t": 0.25, "user_id": "u42", "history": ["17", "3"], "num_items": 10,
 "mode": "session", "beam_width": 32}``. Only ``t`` and ``user_id`` are required. ``t`` is seconds
-from the start of the trace. The optional fields mirror the body of ``POST /v1/recommend`` so a
-replayed request is the request that was captured. Unknown keys are ignored (a capture may carry
-bookkeeping such as a request id), but every known key is validated, and a bad line is reported
-with its line number so a broken capture is found at once instead of half-way through a replay.
+from the start of the trace. The optional fields are those of the body of ``POST /v1/recommend``
+(``exclude``, ``timeout_ms`` and ``exclude_history`` too) so a replayed request is the request that
+was captured. Unknown keys are ignored (a capture may carry bookkeeping such as a request id), but
+every known key is validated, and a bad line is reported with its line number so a broken capture is
+found at once instead of half-way through a replay.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+# The request modes. loadtest may not import the model, so this is a copy of onerec.generate.MODES;
+# tests/test_wire_contract.py asserts the two agree.
 MODES = ("session", "items")
 MAX_LINE_BYTES = 1 << 20
 
@@ -33,7 +36,13 @@ class TraceError(ValueError):
 
 @dataclass(frozen=True)
 class TraceRecord:
-    """One request of a trace, at ``t`` seconds from the trace's start."""
+    """One request of a trace, at ``t`` seconds from the trace's start.
+
+    The fields after ``t`` are the recommend request's, named as in ``POST /v1/recommend`` and the
+    proto's ``RecommendRequest`` (tests/test_wire_contract.py holds the three to each other); None
+    means absent, so the service's default applies. ``REQUEST_FIELDS`` is read from this class, so a
+    field added here is written, read and sent without another list to update.
+    """
 
     t: float
     user_id: str
@@ -43,24 +52,24 @@ class TraceRecord:
     beam_width: int | None = None
     exclude: tuple[str, ...] | None = None
     timeout_ms: int | None = None
+    exclude_history: bool | None = None
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def request_body(self) -> dict[str, Any]:
         """The JSON body of ``POST /v1/recommend`` for this record (only the fields that are set)."""
-        body: dict[str, Any] = {"user_id": self.user_id}
-        if self.history is not None:
-            body["history"] = list(self.history)
-        for name in ("num_items", "mode", "beam_width", "timeout_ms"):
+        body: dict[str, Any] = {}
+        for name in REQUEST_FIELDS:
             value = getattr(self, name)
             if value is not None:
-                body[name] = value
-        if self.exclude is not None:
-            body["exclude"] = list(self.exclude)
+                body[name] = list(value) if isinstance(value, tuple) else value
         return body
 
     def to_json(self) -> dict[str, Any]:
         """The trace line for this record (``t`` first, then the request fields)."""
         return {"t": round(self.t, 6), **self.request_body()}
+
+
+REQUEST_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(TraceRecord) if f.name not in ("t", "extra"))
 
 
 def _id_list(value: Any, name: str) -> tuple[str, ...]:
@@ -81,6 +90,30 @@ def _positive_int(value: Any, name: str) -> int:
     return value
 
 
+def _mode(value: Any, name: str) -> str:
+    if value not in MODES:
+        raise ValueError(f"'{name}' must be one of {MODES}, got {value!r}")
+    return str(value)
+
+
+def _boolean(value: Any, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"'{name}' must be true or false, got {value!r}")
+    return value
+
+
+# How each optional request field of a trace line is checked (user_id is required and read apart).
+_PARSERS: dict[str, Callable[[Any, str], Any]] = {
+    "history": _id_list,
+    "num_items": _positive_int,
+    "mode": _mode,
+    "beam_width": _positive_int,
+    "exclude": _id_list,
+    "timeout_ms": _positive_int,
+    "exclude_history": _boolean,
+}
+
+
 def parse_record(obj: Any) -> TraceRecord:
     """Validate one decoded trace line; raises ValueError with a message naming the field."""
     if not isinstance(obj, dict):
@@ -95,19 +128,16 @@ def parse_record(obj: Any) -> TraceRecord:
         user_id = str(user_id)
     if not isinstance(user_id, str) or not user_id:
         raise ValueError(f"'user_id' must be a non-empty string, got {user_id!r}")
-    mode = obj.get("mode")
-    if mode is not None and mode not in MODES:
-        raise ValueError(f"'mode' must be one of {MODES}, got {mode!r}")
-    known = {"t", "user_id", "history", "num_items", "mode", "beam_width", "exclude", "timeout_ms"}
+    optional = {
+        name: _PARSERS[name](obj[name], name)
+        for name in REQUEST_FIELDS
+        if name != "user_id" and obj.get(name) is not None
+    }
+    known = {"t", *REQUEST_FIELDS}
     return TraceRecord(
         t=float(t),
         user_id=user_id,
-        history=_id_list(obj["history"], "history") if obj.get("history") is not None else None,
-        num_items=_positive_int(obj["num_items"], "num_items") if obj.get("num_items") is not None else None,
-        mode=mode,
-        beam_width=_positive_int(obj["beam_width"], "beam_width") if obj.get("beam_width") is not None else None,
-        exclude=_id_list(obj["exclude"], "exclude") if obj.get("exclude") is not None else None,
-        timeout_ms=_positive_int(obj["timeout_ms"], "timeout_ms") if obj.get("timeout_ms") is not None else None,
+        **optional,
         extra={key: value for key, value in obj.items() if key not in known},
     )
 

@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load, save
 
 from model_store import (
+    WEIGHTS,
     CatalogOverlay,
     NoValidVersionError,
     PublishedVersion,
@@ -36,7 +37,6 @@ from onerec.generate import Generator, RecRequest
 from onerec.model import ModelConfig, OneRecModel
 from onerec.trie import TrieIndex
 
-WEIGHTS = "model.safetensors"
 CATALOG = "catalog.json"
 
 # Sane bounds of a model config: far above any model this service runs, low enough that a crafted

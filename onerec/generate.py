@@ -23,6 +23,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
+from typing import Literal, get_args
 
 import numpy as np
 import torch
@@ -31,7 +32,11 @@ from kernels.trie_topk import trie_topk
 from onerec.model import CrossGroup, DecodeWeights, OneRecModel, StepBatch, hash_user
 from onerec.trie import TrieIndex, TrieTensors
 
-MODES = ("session", "items")
+# The request modes: "session" (m items per beam, a slate) and "items" (point-wise). The one
+# definition: the service's request schema and engine messages import it; the load tester, which may
+# not import the model, keeps a copy that tests/test_wire_contract.py holds to this one.
+Mode = Literal["session", "items"]
+MODES: tuple[Mode, ...] = get_args(Mode)
 
 
 def request_cost(mode: str, beam_width: int, num_items: int, session_items: int, depth: int) -> tuple[int, int]:
@@ -49,7 +54,7 @@ def request_cost(mode: str, beam_width: int, num_items: int, session_items: int,
 class RecRequest:
     history: Sequence[int]  # internal item indices, newest last (unknown ids already dropped)
     num_items: int = 10
-    mode: str = "session"  # "session" | "items"
+    mode: Mode = "session"
     beam_width: int = 32
     exclude: Sequence[int] = ()  # internal item indices
     exclude_history: bool = True

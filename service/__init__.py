@@ -6,5 +6,5 @@ share), engine/ (the engine processes that run the model: scheduler, continuous 
 and the front end's client with admission), features.py (Redis / embedded feature store),
 models.py (model lifecycle, hot swap and live catalogue edits), metrics.py, capture.py (traffic
 capture), logs.py, server.py (process wiring and shutdown), cli.py (`onerec serve`,
-`onerec features load`), proto_gen.py (gRPC stubs).
+`onerec features load`). The gRPC stubs come from the top-level package onerec_proto.
 """

@@ -2,9 +2,11 @@
 
 Format (DESIGN.md section 8), one request per line:
     {"t": seconds_from_start, "user_id": "...", "history": [...]?, "num_items": N, "mode": "...",
-     "beam_width": B}
-`history` appears only when the request carried one (otherwise replay uses the stored history, as
-the original request did). `t` counts from the moment capture started in this process.
+     "beam_width": B, "exclude": [...]?, "timeout_ms": T?, "exclude_history": false?}
+that is, the fields of the recommend request (service.schemas.RecommendBody) that the caller set,
+with the server's defaults written out for num_items, mode and beam_width. `history` appears only
+when the request carried one (otherwise replay uses the stored history, as the original request
+did). `t` counts from the moment capture started in this process.
 
 The request path only samples and puts a small dict on a bounded queue (never blocks, never does
 I/O); a daemon thread serialises and appends. When the queue is full the record is dropped and
@@ -25,9 +27,24 @@ from typing import Any
 
 from service.logs import get_logger
 from service.metrics import ServiceMetrics
+from service.schemas import RecommendBody
 
 log = get_logger("capture")
 _STOP = object()
+
+
+def request_record(body: RecommendBody, num_items: int, beam_width: int) -> dict[str, Any]:
+    """The capture record of one request (without ``t``): the fields its caller set, by the body's names.
+
+    Derived from the body model, so a field added to RecommendBody is captured (and replayed) without
+    touching this; ``num_items``, ``mode`` and ``beam_width`` are written out with the values the
+    server used, so a replay asks for the same work even where the server's defaults differ.
+    """
+    record = body.model_dump(exclude_defaults=True)
+    if not record.get("history"):
+        record.pop("history", None)  # empty means "the stored history", as an absent field
+    record.update(num_items=num_items, mode=body.mode, beam_width=beam_width)
+    return record
 
 
 class CaptureWriter:

@@ -21,11 +21,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from pydantic import ValidationError
 
+from onerec_proto import pb2, pb2_grpc
 from service.auth import check_admin_token
 from service.errors import InvalidArgument, NotReady, ServiceError, events_write_failed, outcome_for_status
 from service.features import FeatureStoreError
 from service.logs import get_logger, request_id_var
-from service.proto import pb2, pb2_grpc
 from service.recommend import new_request_id
 from service.schemas import CatalogAddBody, CatalogItemsBody, EventsBody, RecommendBody, format_validation_errors
 from service.state import AppState
@@ -33,17 +33,29 @@ from service.state import AppState
 log = get_logger("grpc")
 SERVICE_NAME = pb2.DESCRIPTOR.services_by_name["Recommender"].full_name
 
-_OPTIONAL_FIELDS = ("num_items", "mode", "beam_width", "timeout_ms", "exclude_history")
+
+def _is_repeated(field: Any) -> bool:
+    """Newer protobuf says so with ``is_repeated`` (and has dropped ``label``); older ones with ``label``."""
+    if hasattr(field, "is_repeated"):
+        return bool(field.is_repeated)
+    return bool(field.label == field.LABEL_REPEATED)
 
 
 def recommend_body_from_proto(message: Any) -> RecommendBody:
-    """The HTTP body model from a RecommendRequest (unset optional fields = absent JSON fields)."""
-    data: dict[str, Any] = {"user_id": message.user_id, "exclude": list(message.exclude)}
-    if message.history:
-        data["history"] = list(message.history)
-    for name in _OPTIONAL_FIELDS:
-        if message.HasField(name):
-            data[name] = getattr(message, name)
+    """The HTTP body model from a RecommendRequest, read field by field from the message's descriptor.
+
+    An unset ``optional`` field and an empty repeated one are absent JSON fields (the server's
+    default applies); a plain scalar (``user_id``) is always passed, so an empty one is refused by
+    the same validation as over HTTP. Reading the descriptor keeps this in step with the proto.
+    """
+    data: dict[str, Any] = {}
+    for field in message.DESCRIPTOR.fields:
+        value = getattr(message, field.name)
+        if _is_repeated(field):
+            if value:
+                data[field.name] = list(value)
+        elif not field.has_presence or message.HasField(field.name):
+            data[field.name] = value
     return _validate(RecommendBody, data)
 
 

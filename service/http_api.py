@@ -13,7 +13,7 @@ import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -35,6 +35,7 @@ from service.features import FeatureStoreError
 from service.logs import get_logger, request_id_var
 from service.recommend import new_request_id
 from service.schemas import (
+    MAX_POPULAR_ITEMS,
     CatalogAddBody,
     CatalogEditResponse,
     CatalogItemsBody,
@@ -296,9 +297,23 @@ def _add_routes(app: FastAPI, state: AppState) -> None:
         return EventsResponse(request_id=request_id_var.get() or "", user_id=body.user_id, history=history)
 
     @app.get("/v1/models", tags=["models"])
-    async def models() -> dict[str, Any]:
-        """The loaded model, version, catalogue size, semantic-ID shape and load time."""
-        return state.models.describe()
+    async def models(
+        popular_items: int = Query(
+            0,
+            ge=0,
+            le=MAX_POPULAR_ITEMS,
+            description="also list up to this many live item ids, most popular first (load-test traffic)",
+        ),
+    ) -> dict[str, Any]:
+        """The loaded model, version, catalogue size, semantic-ID shape and load time.
+
+        With ``?popular_items=N`` it also lists item ids of the live catalogue, so a load tester can
+        make plausible requests knowing nothing but the wire.
+        """
+        described = state.models.describe()
+        if popular_items and described["loaded"]:
+            described["popular_items"] = state.models.popular_items(popular_items)
+        return described
 
     async def require_admin(request: Request) -> None:
         """A dependency, so the token is checked before the body is validated: no schema for strangers."""

@@ -23,6 +23,7 @@ then in the front end's catalogue, then written to the model's overlay file besi
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -127,6 +128,27 @@ class ModelManager:
             "engines": len(self.engines.slots),
             "engines_ready": self.engines.ready_engines(),
         }
+
+    def popular_items(self, limit: int) -> list[str]:
+        """Up to ``limit`` live item ids, most popular first, then the others in catalogue order.
+
+        What a load tester draws request histories from when it has only the wire (GET
+        /v1/models?popular_items=N); withdrawn items are left out, as no answer would contain them.
+        """
+        bundle = self.current
+        if bundle is None or limit <= 0:
+            return []
+        catalog = bundle.catalog
+        chosen: list[str] = []
+        seen: set[int] = set()
+        for index in itertools.chain(catalog.popular, range(len(catalog.item_ids))):
+            if index in seen or not catalog.trie.is_live(index):
+                continue
+            seen.add(index)
+            chosen.append(catalog.item_ids[index])
+            if len(chosen) == limit:
+                break
+        return chosen
 
     # ---- loading ---------------------------------------------------------------------------------
     async def reload(self, version: int | None = None, *, pin_change: bool = False) -> ReloadOutcome:

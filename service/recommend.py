@@ -16,7 +16,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from service.capture import CaptureWriter
+from service.capture import CaptureWriter, request_record
 from service.engine.client import EnginePool
 from service.engine.cost import request_cost
 from service.engine.messages import Submit
@@ -122,17 +122,7 @@ class RecommendService:
     def _capture(self, body: RecommendBody, num_items: int, beam_width: int) -> None:
         if self.capture is None:
             return
-        record: dict[str, Any] = {"user_id": body.user_id}
-        if body.history:
-            record["history"] = list(body.history)
-        record.update({"num_items": num_items, "mode": body.mode, "beam_width": beam_width})
-        if body.exclude:
-            record["exclude"] = list(body.exclude)
-        if body.timeout_ms is not None:
-            record["timeout_ms"] = body.timeout_ms
-        if not body.exclude_history:
-            record["exclude_history"] = False
-        self.capture.offer(record)
+        self.capture.offer(request_record(body, num_items, beam_width))
 
     async def _resolve_history(self, body: RecommendBody, limit: int) -> ResolvedHistory:
         if body.history:

@@ -8,15 +8,18 @@ checked against the Settings by `check_limits`, with the same kind of message.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
+from onerec.generate import Mode
 from service.errors import InvalidArgument
 from service.settings import Settings
 
 ItemId = Annotated[str, StringConstraints(min_length=1, max_length=256)]
 UserId = Annotated[str, StringConstraints(min_length=1, max_length=256)]
+# GET /v1/models?popular_items=N lists at most this many item ids (a load tester's catalogue sample).
+MAX_POPULAR_ITEMS = 10000
 
 
 class RecommendBody(BaseModel):
@@ -29,7 +32,7 @@ class RecommendBody(BaseModel):
         default=None, description="item ids, newest last; when non-empty it replaces the stored history"
     )
     num_items: int | None = Field(default=None, ge=1, description="how many items to return (default from settings)")
-    mode: Literal["session", "items"] = Field(default="session", description="session (m items per beam) or items")
+    mode: Mode = Field(default="session", description="session (m items per beam) or items")
     beam_width: int | None = Field(default=None, ge=1, description="beam width (default from settings)")
     exclude: list[ItemId] = Field(default_factory=list, description="item ids never to return")
     exclude_history: bool = Field(default=True, description="never return an item of the user's own history")

@@ -130,7 +130,8 @@ def _build_context(dest: Path) -> None:
         for source in sources:
             src = ROOT / source.rstrip("/")
             if src.is_dir():
-                shutil.copytree(src, dest / src.name, ignore=shutil.ignore_patterns("__pycache__", "_proto", "*.pyc"))
+                skip = shutil.ignore_patterns("__pycache__", "_generated", "*.pyc")
+                shutil.copytree(src, dest / src.name, ignore=skip)
             else:
                 shutil.copy2(src, dest / src.name)
 
@@ -152,10 +153,10 @@ def test_the_wheel_carries_the_stubs_and_imports_without_triton_or_sources(tmp_p
     context = tmp_path / "context"
     context.mkdir()
     _build_context(context)
-    for needed in ("pyproject.toml", "service", "kernels", "onerec", "model_store", "proto"):
+    for needed in ("pyproject.toml", "service", "kernels", "onerec", "onerec_proto", "model_store", "proto"):
         assert (context / needed).exists(), f"the Dockerfile does not copy {needed}"
     env = {**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1", "PYTHONDONTWRITEBYTECODE": "1"}
-    generate = "import sys; sys.path.insert(0, '.'); import service.proto_gen; service.proto_gen.generate()"
+    generate = "import sys; sys.path.insert(0, '.'); import onerec_proto.generate as g; g.generate()"
     gen = subprocess.run(
         [sys.executable, "-P", "-c", generate],
         cwd=context, capture_output=True, text=True, timeout=120, env=env,
@@ -172,7 +173,8 @@ def test_the_wheel_carries_the_stubs_and_imports_without_triton_or_sources(tmp_p
         names = set(zf.namelist())
         metadata = next(zf.read(n).decode() for n in names if n.endswith(".dist-info/METADATA"))
         zf.extractall(tmp_path / "installed")
-    assert "service/_proto/recommender_pb2.py" in names and "service/_proto/recommender_pb2_grpc.py" in names
+    stubs = ("onerec_proto/_generated/recommender_pb2.py", "onerec_proto/_generated/recommender_pb2_grpc.py")
+    assert set(stubs) <= names, sorted(n for n in names if n.startswith("onerec_proto/"))
     requires = [line for line in metadata.splitlines() if line.startswith("Requires-Dist: triton")]
     assert requires and all('extra == "gpu"' in line for line in requires), requires
 
@@ -183,11 +185,12 @@ def test_the_wheel_carries_the_stubs_and_imports_without_triton_or_sources(tmp_p
 import importlib.util, sys
 assert importlib.util.find_spec("triton") is None, "triton still importable"
 import torch
-import kernels, onerec, service.server, service.proto, service.proto_gen as g
-from kernels.dispatch import choose_backend, KernelBackendError
-for module in (kernels, onerec, service.server):
-    assert "/installed/" in module.__file__, module.__file__
+import kernels, onerec, service.server, onerec_proto.generate as g
 assert g.stubs_current() and not g.PROTO_FILE.is_file()
+from onerec_proto import pb2_grpc
+from kernels.dispatch import choose_backend, KernelBackendError
+for module in (kernels, onerec, service.server, pb2_grpc):
+    assert "/installed/" in module.__file__, module.__file__
 assert choose_backend(torch.zeros(1)) == "torch"
 x = torch.randn(4, 8)
 out = kernels.moe(x, torch.randn(3, 8), torch.randn(3, 8, 16), torch.randn(3, 8, 16), torch.randn(3, 16, 8), top_k=2)

@@ -19,8 +19,8 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from loadtest.launcher import ServiceHandle
+from onerec_proto import pb2
 from service.metrics import FAMILIES
-from service.proto import pb2
 from tests.plugins.servers import ServiceLauncher, grpc_stub, metric, scrape
 
 MAX_BEAM = 64
@@ -376,6 +376,21 @@ def test_probes_models_health_and_reflection(http: httpx.Client, server: Service
         services = {s.name for s in answers[0].list_services_response.service}
     assert {"onerec.v1.Recommender", "grpc.health.v1.Health"} <= services
     assert http.get("/openapi.json").json()["paths"]["/v1/recommend"]["post"]
+
+
+def test_models_lists_live_items_most_popular_first(http: httpx.Client, demo_store: Path) -> None:
+    """GET /v1/models?popular_items=N: what a load tester that has only the wire draws requests from."""
+    model = http.get("/v1/models").json()
+    assert "popular_items" not in model  # only when asked
+    catalog = json.loads((demo_store / "demo" / model["version"] / "catalog.json").read_text())
+    by_popularity = [str(catalog["item_ids"][i]) for i in catalog["popular"]]
+    listed = http.get("/v1/models", params={"popular_items": 7}).json()["popular_items"]
+    assert listed == by_popularity[:7]
+    everything = http.get("/v1/models", params={"popular_items": 10000}).json()["popular_items"]
+    assert len(everything) == len(set(everything)) == model["live_items"]
+    assert set(everything) == {str(i) for i in catalog["item_ids"]}
+    assert http.get("/v1/models", params={"popular_items": 10001}).status_code == 422
+    assert http.get("/v1/models", params={"popular_items": -1}).status_code == 422
 
 
 def test_capture_writes_replayable_trace(http: httpx.Client, stub: Any, capture_path: Path) -> None:

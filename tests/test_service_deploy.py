@@ -106,7 +106,7 @@ def live(service_launcher: ServiceLauncher, demo_store: Path) -> Any:
 @pytest.fixture(scope="module")
 def exposition(live: Any) -> str:
     """/metrics after an HTTP and a gRPC recommend, an event, and a request refused as invalid."""
-    from service.proto import pb2
+    from onerec_proto import pb2
 
     with httpx.Client(base_url=live.http_url, timeout=30) as http:
         ok = http.post("/v1/recommend", json={"user_id": "deploy-1", "history": ["1", "2"], "num_items": 3})

@@ -23,7 +23,7 @@ import httpx
 import pytest
 
 from loadtest.launcher import ServiceHandle
-from service.proto import pb2
+from onerec_proto import pb2
 from tests.plugins.servers import ServiceLauncher, copy_store, grpc_stub, metric, scrape
 
 TOKEN = "engine-test-token"

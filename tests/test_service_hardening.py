@@ -21,7 +21,7 @@ import httpx
 import pytest
 
 from loadtest.launcher import ServiceHandle
-from service.proto import pb2
+from onerec_proto import pb2
 from service.recommend import RecommendService
 from service.settings import Settings
 from tests.plugins.servers import ServiceLauncher, grpc_stub, metric, scrape

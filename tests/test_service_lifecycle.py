@@ -19,7 +19,7 @@ import pytest
 
 from loadtest.launcher import ServiceHandle
 from model_store import list_versions, publish_version
-from service.proto import pb2
+from onerec_proto import pb2
 from tests.plugins.servers import ServiceLauncher, copy_store, grpc_stub, metric, scrape
 
 TOKEN = "test-admin-token"

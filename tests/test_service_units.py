@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from service import proto_gen
+from onerec_proto import generate as proto_gen
 from service.capture import CaptureWriter
 from service.cli import settings_from_args
 from service.features import EmbeddedFeatureStore, FeatureStoreError, RedisFeatureStore, history_key
@@ -86,7 +88,7 @@ def test_capture_drops_instead_of_blocking_when_queue_full(tmp_path: Path) -> No
 
 
 def test_stubs_regenerate_when_stale(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    out = tmp_path / "_proto"
+    out = tmp_path / "_generated"
     monkeypatch.setattr(proto_gen, "OUT_DIR", out)
     monkeypatch.setattr(proto_gen, "STAMP_FILE", out / "STAMP")
     assert not proto_gen.stubs_current()
@@ -100,8 +102,22 @@ def test_stubs_regenerate_when_stale(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert proto_gen.stubs_current()
 
 
+def test_check_reports_missing_stubs_without_making_them(tmp_path: Path) -> None:
+    """`python -m onerec_proto.generate --check` imports the package first: that must not regenerate."""
+    root = Path(__file__).resolve().parent.parent
+    shutil.copytree(root / "proto", tmp_path / "proto")
+    shutil.copytree(root / "onerec_proto", tmp_path / "onerec_proto", ignore=shutil.ignore_patterns("_generated"))
+    check = subprocess.run(
+        [sys.executable, "-m", "onerec_proto.generate", "--check"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert check.returncode == 1, check.stdout + check.stderr
+    assert "missing or stale" in check.stdout
+    assert not (tmp_path / "onerec_proto" / "_generated").exists()
+
+
 def test_checked_out_stubs_match_the_proto() -> None:
-    from service.proto import pb2
+    from onerec_proto import pb2
 
     assert proto_gen.stubs_current()
     fields = {f.name for f in pb2.RecommendRequest.DESCRIPTOR.fields}

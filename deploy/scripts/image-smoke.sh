@@ -24,18 +24,18 @@ python3 -m venv "$WORK/venv"
 export PATH="$WORK/venv/bin:$PATH" PIP_DISABLE_PIP_VERSION_CHECK=1
 pip install -q torch==2.13.0 || pip install -q --index-url https://download.pytorch.org/whl/cpu torch==2.13.0
 mkdir -p "$WORK/src"
-for part in pyproject.toml constraints.txt README.md proto kernels model_store onerec service loadtest; do
+for part in pyproject.toml constraints.txt README.md proto onerec_proto kernels model_store onerec service loadtest; do
   cp -r "$ROOT/$part" "$WORK/src/"
 done
-rm -rf "$WORK/src/service/_proto"
+rm -rf "$WORK/src/onerec_proto/_generated"
 find "$WORK/src" -name __pycache__ -prune -exec rm -rf {} +
 cd "$WORK/src"
 pip install -q -c constraints.txt .
-python -m service.proto_gen
+python -m onerec_proto.generate
 pip wheel -q --no-deps --wheel-dir "$WORK/wheels" .
 pip install -q --no-deps --force-reinstall "$WORK"/wheels/onerec_serving-*.whl
-python -P -m service.proto_gen --check
-python -P -c "import kernels, onerec, service.proto, service.server"
+python -P -m onerec_proto.generate --check
+python -P -c "import kernels, onerec, service.server; from onerec_proto import pb2, pb2_grpc"
 python -P -c "import importlib.util as u; assert u.find_spec('triton') is None, 'triton in the CPU image'"
 echo "build stage: ok"
 

@@ -13,8 +13,7 @@ from typing import Literal
 
 import msgspec
 
-Mode = Literal["session", "items"]
-
+from onerec.generate import Mode
 
 # ---- front end -> engine ---------------------------------------------------------------------------
 

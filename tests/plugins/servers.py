@@ -182,7 +182,7 @@ def grpc_stub(target: str):  # type: ignore[no-untyped-def]
     """(channel, RecommenderStub) for a service's gRPC port."""
     import grpc
 
-    from service.proto import pb2_grpc
+    from onerec_proto import pb2_grpc
 
     channel = grpc.insecure_channel(target)
     return channel, pb2_grpc.RecommenderStub(channel)

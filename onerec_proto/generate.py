@@ -1,14 +1,14 @@
-"""Generate the Python gRPC stubs of proto/onerec/v1/recommender.proto into service/_proto/.
+"""Generate the Python gRPC stubs of proto/onerec/v1/recommender.proto into onerec_proto/_generated/.
 
 Why generated and not checked in: the stubs depend on the installed grpcio-tools/protobuf pair, so
-they are made at install time (`make proto` runs `python -m service.proto_gen`) and again on import
-whenever they are missing or stale (a stamp file holds the sha256 of the .proto and the tool
-versions), so a fresh clone works without a build step. service/_proto/ is gitignored.
+they are made at install time (`make proto` runs `python -m onerec_proto.generate`) and again on
+first use whenever they are missing or stale (a stamp file holds the sha256 of the .proto and the
+tool versions), so a fresh clone works without a build step. onerec_proto/_generated/ is gitignored.
 
 protoc writes `from onerec.v1 import recommender_pb2` into the _grpc module, which would resolve to
 this project's `onerec` package; the import is rewritten to a relative one, and the files are
-written flat into service/_proto/. The descriptor keeps its proto path (onerec/v1/recommender.proto),
-which is what reflection clients see.
+written flat into onerec_proto/_generated/. The descriptor keeps its proto path
+(onerec/v1/recommender.proto), which is what reflection clients see.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PROTO_ROOT = REPO_ROOT / "proto"
 PROTO_FILE = PROTO_ROOT / "onerec" / "v1" / "recommender.proto"
-OUT_DIR = Path(__file__).resolve().parent / "_proto"
+OUT_DIR = Path(__file__).resolve().parent / "_generated"
 STAMP_FILE = OUT_DIR / "STAMP"
 GENERATED = ("recommender_pb2.py", "recommender_pb2.pyi", "recommender_pb2_grpc.py")
 
@@ -83,7 +83,7 @@ def generate() -> Path:
         )
         init = OUT_DIR / "__init__.py"
         if not init.exists():
-            init.write_text('"""Generated gRPC stubs (see service/proto_gen.py). Do not edit."""\n')
+            init.write_text('"""Generated gRPC stubs (see onerec_proto/generate.py). Do not edit."""\n')
         for name in GENERATED:
             # rename is atomic: a concurrent importer sees the old or the new file, never half.
             os.replace(produced / name, OUT_DIR / name)
@@ -100,7 +100,7 @@ def ensure_stubs() -> None:
 
 
 def main() -> int:
-    """`python -m service.proto_gen [--check]`: generate, or only report staleness (exit 1)."""
+    """`python -m onerec_proto.generate [--check]`: generate, or only report staleness (exit 1)."""
     if "--check" in sys.argv[1:]:
         current = stubs_current()
         print("stubs current" if current else "stubs missing or stale")

@@ -1,8 +1,8 @@
 """A tiny grpcurl stand-in for the Recommender service (grpcurl is not always installed).
 
-    python -m service.grpc_client localhost:50051 Recommend '{"user_id": "u42", "history": ["17", "3"]}'
-    python -m service.grpc_client localhost:50051 RecordEvents '{"user_id": "u42", "items": ["8"]}'
-    python -m service.grpc_client localhost:50051 health
+    python -m loadtest.grpc_client localhost:50051 Recommend '{"user_id": "u42", "history": ["17", "3"]}'
+    python -m loadtest.grpc_client localhost:50051 RecordEvents '{"user_id": "u42", "items": ["8"]}'
+    python -m loadtest.grpc_client localhost:50051 health
 
 is the same call as
     grpcurl -plaintext -d '{"user_id": "u42", ...}' localhost:50051 onerec.v1.Recommender/Recommend
@@ -18,7 +18,7 @@ import sys
 import grpc
 from google.protobuf import json_format
 
-from service.proto import pb2, pb2_grpc
+from onerec_proto import pb2, pb2_grpc
 
 METHODS = {
     "Recommend": (pb2.RecommendRequest, "Recommend"),
@@ -27,7 +27,7 @@ METHODS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m service.grpc_client", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m loadtest.grpc_client", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     parser.add_argument("target", help="host:port of the gRPC front end")
     parser.add_argument("method", choices=[*METHODS, "health"])
