@@ -34,7 +34,6 @@ diagnostic reward read from the world's hidden popularity (``PopularityOracle``)
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -46,6 +45,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from benchmarks.report import emit
 from onerec.build import BuildConfig, demo_config
 from onerec.bundle import Catalog
 from onerec.data import Split, SyntheticWorld, leave_one_out, make_synthetic
@@ -319,10 +319,7 @@ def main() -> None:
         "per_seed": per_seed,
         "seconds": round(time.perf_counter() - t0, 1),
     }
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from typing import Any
 
 import httpx
 
+from benchmarks.report import emit
 from loadtest.launcher import start_service
 
 TIMEOUT_MS = 30000  # the deadline of every request: latency is what is measured, not shedding
@@ -151,10 +152,7 @@ def main() -> None:
     report["session_p99_ratio_batch_over_continuous"] = round(batch["session"]["p99_ms"] / cont["session"]["p99_ms"], 2)
     report["goal_items_p99_ratio"] = 3.0
     report["loadavg_end"] = os.getloadavg()
-    text = json.dumps(report, indent=1)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    emit(report, args.out)
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.kernel_cases import MoECase, TrieCase, build_moe_case, serving_trie_step
+from benchmarks.report import emit
 from kernels.pytorch.pt_moe import pt_moe, pt_route
 from kernels.pytorch.pt_trie_topk import banned_mask, pt_trie_topk
 
@@ -343,11 +344,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             report["gpu"]["moe"] = bench_moe(opts.quick, peak)
         if opts.tune:
             report["gpu"]["trie_warps_sweep"] = tune_trie_warps(opts.quick)
-    text = json.dumps(report, indent=1)
-    print(text)
-    if opts.out:
-        opts.out.parent.mkdir(parents=True, exist_ok=True)
-        opts.out.write_text(text + "\n")
+    emit(report, opts.out)
     return report
 
 

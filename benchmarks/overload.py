@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.rate_sweep import SweepSettings, single_latency, sweep
+from benchmarks.report import emit
 from benchmarks.servers import onerec_env, start_onerec
 from benchmarks.serving import CPU_BUDGET_MS
 from benchmarks.workload import Row, load_spec, log, make_records
@@ -328,11 +329,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             log(f"no --model-store: building the demo model into {store}")
             build_demo(store)
         report = asyncio.run(run(args, store, workdir))
-    text = json.dumps(report, indent=2)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
-    print(text)
+    emit(report, args.out)
     o, b, s = report["overload"], report["overload_beyond_capacity"], report["soak"]
     print(
         f"sustainable {report['sustainable_rps']:.1f} rps (p99 budget {report['budget_ms']} ms)\n"

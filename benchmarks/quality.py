@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks.report import emit
 from model_store.store import list_models, load_newest_valid
 from onerec.baselines import (
     CooccurrenceKnn,
@@ -188,10 +189,7 @@ def main() -> None:
         baselines = measure_baselines(dataset, not args.no_sasrec, not args.quiet, args.sasrec_minutes)
     rep = report(manifest, seconds, baselines)
     print(table(rep), file=sys.stderr)
-    text = json.dumps(rep, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n", encoding="utf-8")
+    emit(rep, args.out)
 
 
 if __name__ == "__main__":

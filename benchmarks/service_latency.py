@@ -30,6 +30,7 @@ from typing import Any
 
 import httpx
 
+from benchmarks.report import emit
 from loadtest.launcher import ServiceHandle, start_service
 
 
@@ -223,7 +224,7 @@ def main() -> int:
         bodies = make_bodies(args.store, args.name, args.requests, beam)
         report["latency"][f"beam_{beam}"]["model_only"] = model_only_latency(args.store, args.name, bodies)
     report["load_average_end"] = [round(x, 2) for x in os.getloadavg()]  # other work on the machine skews it
-    print(json.dumps(report, indent=2))
+    emit(report)
     return 0
 
 

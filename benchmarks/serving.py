@@ -73,6 +73,7 @@ from typing import Any
 from benchmarks.in_process import model_only, profile_batch
 from benchmarks.random_store import RANDOM_PRESETS, make_random_store
 from benchmarks.rate_sweep import SweepSettings, single_latency, sweep
+from benchmarks.report import emit
 from benchmarks.server_metrics import batch_histogram_delta, batch_stats, breakdown_step
 from benchmarks.servers import onerec_env, start_hf, start_onerec
 from benchmarks.workload import NUM_ITEMS, Row, load_spec, log, make_records
@@ -566,11 +567,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             report = run_http(args, store, workdir)
             print(table(list(report["rows"])), file=sys.stderr)
-    text = json.dumps(report, indent=2)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
-    print(text)
+    emit(report, args.out)
     return 0
 
 

@@ -58,12 +58,6 @@ def server(service_launcher: ServiceLauncher, demo_store: Path, capture_path: Pa
 
 
 @pytest.fixture(scope="module")
-def http(server: ServiceHandle) -> Any:
-    with httpx.Client(base_url=server.http_url, timeout=30.0) as client:
-        yield client
-
-
-@pytest.fixture(scope="module")
 def stub(server: ServiceHandle) -> Any:
     channel, stub = grpc_stub(server.grpc_target)
     yield stub

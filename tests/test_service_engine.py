@@ -57,12 +57,6 @@ def server(service_launcher: ServiceLauncher, store: Path) -> Any:
     service_launcher.stop(handle)
 
 
-@pytest.fixture(scope="module")
-def http(server: ServiceHandle) -> Any:
-    with httpx.Client(base_url=server.http_url, timeout=60.0) as client:
-        yield client
-
-
 def recommend(http: httpx.Client, **body: Any) -> list[str]:
     response = http.post("/v1/recommend", json={"user_id": "u", "timeout_ms": LONG, **body})
     assert response.status_code == 200, response.text

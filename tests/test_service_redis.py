@@ -46,12 +46,6 @@ def server(service_launcher: ServiceLauncher, demo_store: Path, own_redis: Redis
     service_launcher.stop(handle)
 
 
-@pytest.fixture(scope="module")
-def http(server: ServiceHandle) -> Any:
-    with httpx.Client(base_url=server.http_url, timeout=30.0) as client:
-        yield client
-
-
 def items_of(response: httpx.Response) -> list[str]:
     assert response.status_code == 200, response.text
     return [it["item_id"] for it in response.json()["items"]]

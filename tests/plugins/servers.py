@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import httpx
 import pytest
 
 from loadtest.launcher import ServiceHandle, free_port, start_service
@@ -148,6 +149,13 @@ def service_launcher(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servi
     launcher = ServiceLauncher(tmp_path_factory.mktemp("service-logs"))
     yield launcher
     launcher.stop_all()
+
+
+@pytest.fixture(scope="module")
+def http(server: ServiceHandle) -> Iterator[httpx.Client]:
+    """An HTTP client of the module's ``server`` fixture (each service test module starts its own)."""
+    with httpx.Client(base_url=server.http_url, timeout=60.0) as client:
+        yield client
 
 
 def copy_store(src: Path, dst: Path) -> Path:
