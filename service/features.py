@@ -293,13 +293,3 @@ def make_feature_store(settings: Any, metrics: ServiceMetrics | None) -> Feature
         )
     return EmbeddedFeatureStore(metrics, max_users=s.embedded_max_users)
 
-
-def read_sequence_file(path: str | Any) -> dict[str, list[str]]:
-    """Parse `user item item ...` lines (chronological, as ../shared/data/*/sequences.txt)."""
-    histories: dict[str, list[str]] = {}
-    with open(path, encoding="utf-8") as handle:
-        for line in handle:
-            parts = line.split()
-            if len(parts) >= 2:
-                histories.setdefault(parts[0], []).extend(parts[1:])
-    return histories
