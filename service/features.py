@@ -292,4 +292,3 @@ def make_feature_store(settings: Any, metrics: ServiceMetrics | None) -> Feature
             ttl_s=s.redis_history_ttl_s,
         )
     return EmbeddedFeatureStore(metrics, max_users=s.embedded_max_users)
-
