@@ -24,6 +24,7 @@ from model_store import PublishedVersion
 from onerec.bundle import Catalog, save_bundle
 from onerec.data import (
     InteractionData,
+    Split,
     SyntheticConfig,
     SyntheticWorld,
     leave_one_out,
@@ -31,7 +32,7 @@ from onerec.data import (
     load_sequence_file,
     make_synthetic,
 )
-from onerec.evaluate import evaluate_generator, legality, popularity_ranking, ranking_metrics
+from onerec.evaluate import evaluate_split, legality, popularity_ranking
 from onerec.generate import Generator
 from onerec.ipa import IpaConfig, run_ipa, true_session_affinity
 from onerec.model import ModelConfig, OneRecModel
@@ -280,34 +281,39 @@ def evaluate_all(
     model: OneRecModel,
     catalog: Catalog,
     data: InteractionData,
-    split: Any,
+    split: Split,
     cfg: BuildConfig,
     popularity: np.ndarray,
     progress: bool,
 ) -> dict[str, Any]:
+    """Both splits in items mode (with the most-popular baseline) and session mode, then legality."""
     generator = Generator(model, catalog.trie, device=cfg.train.device)
     out: dict[str, Any] = {}
     for name in ("valid", "test"):
         rows = split.eval_set(name)
-        take = len(rows) if cfg.eval_users is None else min(len(rows), cfg.eval_users)
-        hist = rows.truncated(model.cfg.max_history)[:take]
-        users = [data.user_ids[u] for u in rows.users[:take]]
-        targets = rows.targets[:take]
-        out[name] = evaluate_generator(generator, hist, targets, users, beam_width=cfg.eval_beam, progress=progress)
-        pop = popularity_ranking(popularity, 10)
-        out[f"{name}_most_popular"] = ranking_metrics([pop] * take, [int(x) for x in targets], (5, 10))
-        log(f"{name}: {json.dumps(out[name])} (most popular: {json.dumps(out[f'{name}_most_popular'])})")
-        few = min(take, cfg.session_eval_users)
-        out[f"{name}_session"] = evaluate_generator(
+        ranked = evaluate_split(
             generator,
-            hist[:few],
-            targets[:few],
-            users[:few],
+            rows,
+            data.user_ids,
+            popularity,
             beam_width=cfg.eval_beam,
+            max_users=cfg.eval_users,
+            progress=progress,
+        )
+        out[name], out[f"{name}_most_popular"] = ranked.model, ranked.most_popular
+        log(f"{name}: {json.dumps(out[name])} (most popular: {json.dumps(out[f'{name}_most_popular'])})")
+        few = min(ranked.users, cfg.session_eval_users)
+        session = evaluate_split(
+            generator,
+            rows,
+            data.user_ids,
+            popularity,
+            beam_width=cfg.eval_beam,
+            max_users=few,
             mode="session",
             progress=progress,
         )
-        out[f"{name}_session"]["users"] = few
+        out[f"{name}_session"] = {**session.model, "users": few}
         log(f"{name}, session mode ({few} users): {json.dumps(out[f'{name}_session'])}")
     hist = split.test.truncated(model.cfg.max_history)[:256]
     test_users = [data.user_ids[u] for u in split.test.users[:256]]
