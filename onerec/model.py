@@ -25,7 +25,7 @@ d = d_model, H heads, dh = d/H.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -163,6 +163,13 @@ class EncoderLayer(nn.Module):
 
 
 class DecoderLayer(nn.Module):
+    """Pre-norm causal self-attention, cross-attention to the memory, and the MoE FFN, each residual.
+
+    Training (``forward``: every position at once, teacher-forced) and incremental decoding (``step``:
+    one position per row, against a cache) differ only in how the two attentions are computed;
+    ``_blocks`` is the layer's one structure, and both paths run through it.
+    """
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n1, self.self_attn = RMSNorm(cfg.d_model), Attention(cfg)
@@ -175,47 +182,81 @@ class DecoderLayer(nn.Module):
     def forward_with_router_input(
         self, x: torch.Tensor, memory: torch.Tensor, mem_mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The layer's output and what its MoE router saw: n3 of the input *after* both attention blocks."""
-        h = self.n1(x)
-        x = x + self.self_attn(h, h, causal=True)
-        x = x + self.cross_attn(self.n2(x), memory, mem_mask)
-        routed = self.n3(x)
-        return x + self.moe(routed), routed
+        """The layer's output and what its MoE router saw: n3 of the input *after* both attention blocks.
+
+        x: (B, T, d) every decoder position at once; memory: (B, S+1, d); mem_mask: (B, 1, 1, S+1).
+        """
+        return self._blocks(
+            x,
+            _module_norm,
+            lambda h: self.self_attn(h, h, causal=True),
+            lambda h: self.cross_attn(h, memory, mem_mask),
+        )
 
     def step(self, x: torch.Tensor, i: int, qkv_weight: torch.Tensor, batch: StepBatch) -> torch.Tensor:
         """One decoder position for every row of ``batch``; the same math as ``forward`` at that position.
 
         x: (R, d); i: this layer's index in the cache; qkv_weight: (3d, d) fused [q / sqrt(dh); k; v].
-        Self-attention writes the row's K/V at its own position and reads positions <= it (an additive
-        mask, since rows sit at different positions). With one query per row it is done elementwise
-        (multiply, sum over dh, softmax over positions): on CPU that beats SDPA, whose kernels are
-        tuned for long sequences, 2-3x at 32-512 rows. Cross-attention puts each request's beams on
-        the query axis against that request's memory K/V, one SDPA call per beam-width group.
+        Norms take ``rms`` (one fused op) where training keeps the module's own ops.
         """
-        rows, d = x.shape
+        return self._blocks(
+            x,
+            rms,
+            lambda h: self._cached_self_attention(h, i, qkv_weight, batch),
+            lambda h: self._grouped_cross_attention(h, i, batch),
+        )[0]
+
+    def _blocks(
+        self,
+        x: torch.Tensor,
+        norm: Callable[[RMSNorm, torch.Tensor], torch.Tensor],
+        self_attend: Callable[[torch.Tensor], torch.Tensor],
+        cross_attend: Callable[[torch.Tensor], torch.Tensor],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The residual structure of the layer: returns its output and the MoE router's input."""
+        x = x + self_attend(norm(self.n1, x))
+        x = x + cross_attend(norm(self.n2, x))
+        routed = norm(self.n3, x)
+        return x + self.moe(routed), routed
+
+    def _cached_self_attention(
+        self, h: torch.Tensor, i: int, qkv_weight: torch.Tensor, batch: StepBatch
+    ) -> torch.Tensor:
+        """Self-attention of one new position per row, (R, d) -> (R, d), output projection included.
+
+        It writes the row's K/V at its own position and reads positions <= it (an additive mask, since
+        rows sit at different positions). With one query per row it is done elementwise (multiply, sum
+        over dh, softmax over positions): on CPU that beats SDPA, whose kernels are tuned for long
+        sequences, 2-3x at 32-512 rows.
+        """
+        rows, d = h.shape
         sa = self.self_attn
-        h, dh, t_hi = sa.h, sa.dh, batch.t_hi
-        qkv = F.linear(rms(self.n1, x), qkv_weight)  # (R, 3d)
+        heads, dh, t_hi = sa.h, sa.dh, batch.t_hi
+        qkv = F.linear(h, qkv_weight)  # (R, 3d)
         cache = batch.cache[:, i]  # (R, 2, T, d)
         cache[batch.rows, :, batch.pos] = qkv[:, d:].view(rows, 2, d)
-        k, v = cache[:, 0, :t_hi].view(rows, t_hi, h, dh), cache[:, 1, :t_hi].view(rows, t_hi, h, dh)
-        score = (qkv[:, :d].view(rows, 1, h, dh) * k).sum(-1)  # (R, t_hi, H)
+        k, v = cache[:, 0, :t_hi].view(rows, t_hi, heads, dh), cache[:, 1, :t_hi].view(rows, t_hi, heads, dh)
+        score = (qkv[:, :d].view(rows, 1, heads, dh) * k).sum(-1)  # (R, t_hi, H)
         if batch.self_mask is not None:
             score = score + batch.self_mask
         prob = torch.softmax(score, dim=1, dtype=torch.float32)  # (R, t_hi, H)
-        prob = prob if prob.dtype == x.dtype else prob.to(x.dtype)
+        prob = prob if prob.dtype == h.dtype else prob.to(h.dtype)
         att = (prob[..., None] * v).sum(1)  # (R, H, dh)
-        x = x + F.linear(att.view(rows, d), sa.o.weight)
+        return F.linear(att.view(rows, d), sa.o.weight)
+
+    def _grouped_cross_attention(self, h: torch.Tensor, i: int, batch: StepBatch) -> torch.Tensor:
+        """Cross-attention of one position per row, (R, d) -> (R, d): each request's beams sit on the
+        query axis against that request's memory K/V, one SDPA call per beam-width group."""
+        d = h.shape[1]
         ca = self.cross_attn
-        q = F.linear(rms(self.n2, x), ca.q.weight)  # (R, d)
+        q = F.linear(h, ca.q.weight)  # (R, d)
         outs = []
         for g in batch.groups:
             n_req = (g.stop - g.start) // g.width
-            qg = q[g.start : g.stop].view(n_req, g.width, h, dh).transpose(1, 2)  # (Q_w, H, w, dh)
+            qg = q[g.start : g.stop].view(n_req, g.width, ca.h, ca.dh).transpose(1, 2)  # (Q_w, H, w, dh)
             att = F.scaled_dot_product_attention(qg, g.k[i], g.v[i], attn_mask=g.mask)  # (Q_w, H, w, dh)
             outs.append(att.transpose(1, 2).reshape(g.stop - g.start, d))
-        x = x + F.linear(outs[0] if len(outs) == 1 else torch.cat(outs), ca.o.weight)
-        return x + self.moe(rms(self.n3, x))
+        return F.linear(outs[0] if len(outs) == 1 else torch.cat(outs), ca.o.weight)
 
 
 @dataclass
@@ -288,6 +329,11 @@ def rms(norm: RMSNorm, x: torch.Tensor) -> torch.Tensor:
     """``norm(x)`` in one fused op where the dtype allows (the module spells it out in five)."""
     if x.dtype == torch.float32:
         return F.rms_norm(x, (x.shape[-1],), norm.weight, norm.eps)
+    return norm(x)
+
+
+def _module_norm(norm: RMSNorm, x: torch.Tensor) -> torch.Tensor:
+    """``norm(x)`` by the module's own ops: what training differentiates (``rms`` is for decoding)."""
     return norm(x)
 
 

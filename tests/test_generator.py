@@ -114,6 +114,30 @@ def test_session_mode_equals_brute_force_over_ordered_pairs() -> None:
     np.testing.assert_allclose([v for v, _ in got], [v for v, _ in expected], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_decode_step_logits_equal_the_training_forward_at_every_position(seed: int) -> None:
+    """The two paths of ``DecoderLayer`` (every position at once, one cached position per row) agree."""
+    model, trie = tiny_world(n_items=12, session_items=3, seed=seed)
+    steps: list[torch.Tensor] = []
+    decode_step = model.decode_step
+
+    def recorded(*args: object, **kwargs: object) -> torch.Tensor:
+        logits = decode_step(*args, **kwargs)  # type: ignore[arg-type]
+        steps.append(logits.clone())
+        return logits
+
+    model.decode_step = recorded  # type: ignore[method-assign]
+    history = [4, 1]
+    req = RecRequest(history=history, num_items=3, mode="session", beam_width=1, user_id="u7")
+    (result,), _ = Generator(model, trie).generate([req])  # one beam: one row, one path
+    session = [it.item for it in result.items]
+    assert len(session) == 3 and len(steps) == 3 * trie.depth
+    forward = teacher_forced_logprobs(model, history, "u7", trie, session)
+    for t, (step, want) in enumerate(zip(steps, forward, strict=True)):
+        got = torch.log_softmax(step[0, : want.shape[0]], -1)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-5, msg=f"position {t}")
+
+
 @pytest.mark.parametrize("mode", ["session", "items"])
 def test_returned_items_are_valid_unique_and_not_excluded(mode: str) -> None:
     model, trie = tiny_world(n_items=16, session_items=3, seed=1)
