@@ -202,7 +202,7 @@ class HFRecommender:
         self.level_sizes: list[int] = list(cfg["level_sizes"])
         self.depth = len(self.level_sizes)
         self.session_items = int(cfg["session_items"])
-        self.max_history = int(cfg["max_history"])
+        self.history_window = int(cfg["history_window"])
         self.user_buckets = int(cfg["user_buckets"])
         self.level_offset = [2 + sum(self.level_sizes[:level]) for level in range(self.depth)]
         t5_kwargs: dict[str, Any] = {
@@ -286,7 +286,7 @@ class HFRecommender:
         from onerec.model import hash_user
 
         torch = self.torch
-        hist = history[-self.max_history :][::-1]  # newest first
+        hist = history[-self.history_window :][::-1]  # newest first
         shared = self.model.shared.weight
         user = self.user_embedding.weight[hash_user(user_id, self.user_buckets)][None]
         if not hist:
@@ -1517,13 +1517,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 RANDOM_PRESETS: dict[str, dict[str, Any]] = {
     "medium": {
         "items": 20000,
-        "model": {"level_sizes": [256, 256, 256], "session_items": 5, "max_history": 50, "d_model": 256,
+        "model": {"level_sizes": [256, 256, 256], "session_items": 5, "history_window": 50, "d_model": 256,
                   "n_heads": 8, "n_encoder_layers": 4, "n_decoder_layers": 4, "d_ff": 512, "n_experts": 8,
                   "experts_top_k": 2, "user_buckets": 10000, "dropout": 0.0},
     },
     "large": {
         "items": 100000,
-        "model": {"level_sizes": [1024, 1024, 1024], "session_items": 5, "max_history": 100, "d_model": 512,
+        "model": {"level_sizes": [1024, 1024, 1024], "session_items": 5, "history_window": 100, "d_model": 512,
                   "n_heads": 8, "n_encoder_layers": 6, "n_decoder_layers": 6, "d_ff": 1024, "n_experts": 16,
                   "experts_top_k": 2, "user_buckets": 10000, "dropout": 0.0},
     },
@@ -1638,7 +1638,7 @@ def run_http(args: argparse.Namespace, store: Path, workdir: Path) -> dict[str, 
     load_start = os.getloadavg()
     spec = load_spec(store, args.model_name)
     cfg = spec["model_config"]
-    history_length = args.history_length or int(cfg["max_history"])
+    history_length = args.history_length or int(cfg["history_window"])
     live_items = sum(spec["live"])
     history_length = min(history_length, live_items // 2)
     spec_path = workdir / "hf_spec.json"
@@ -1800,7 +1800,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
             torch.set_num_threads(args.threads)
             cfg = load_spec(store, args.model_name)["model_config"]
-            history = args.history_length or int(cfg["max_history"])
+            history = args.history_length or int(cfg["history_window"])
             report: dict[str, Any] = {
                 "benchmark": "serving-profile",
                 "profiles": [
@@ -1823,7 +1823,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 args.model_name,
                 device,
                 rows,
-                args.history_length or int(spec_cfg["max_history"]),
+                args.history_length or int(spec_cfg["history_window"]),
                 args.reps,
                 args.batch,
             )

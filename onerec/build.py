@@ -75,7 +75,7 @@ def demo_config() -> BuildConfig:
     return BuildConfig(
         model=ModelConfig(
             session_items=5,
-            max_history=20,
+            history_window=20,
             d_model=64,
             n_heads=4,
             n_encoder_layers=2,
@@ -111,7 +111,7 @@ def sequence_file_config(path: str) -> BuildConfig:
         content_weight=0.2,
         model=ModelConfig(
             session_items=3,
-            max_history=20,
+            history_window=20,
             d_model=64,
             n_heads=4,
             n_encoder_layers=2,
@@ -246,7 +246,9 @@ def align(
 ) -> tuple[OneRecModel, dict[str, Any]]:
     """Reward model on the training sequences, then IPA; returns the aligned model and its manifest section."""
     model.to("cpu")  # IPA runs on the CPU in float32 (its batches are small); evaluation moves it back
-    rcfg = replace(cfg.reward, session_items=model.cfg.session_items, max_history=model.cfg.max_history, seed=cfg.seed)
+    rcfg = replace(
+        cfg.reward, session_items=model.cfg.session_items, history_window=model.cfg.history_window, seed=cfg.seed
+    )
     reward, reward_report = train_reward(split.train, codes, level_sizes, rcfg, progress=progress)
     log(f"reward: {reward_report.samples} sessions, loss {reward_report.train_loss[-1]:.4f}")
     eval_users = np.arange(min(cfg.ipa_eval_users, data.n_users))
@@ -315,7 +317,7 @@ def evaluate_all(
         )
         out[f"{name}_session"] = {**session.model, "users": few}
         log(f"{name}, session mode ({few} users): {json.dumps(out[f'{name}_session'])}")
-    hist = split.test.truncated(model.cfg.max_history)[:256]
+    hist = split.test.truncated(model.cfg.history_window)[:256]
     test_users = [data.user_ids[u] for u in split.test.users[:256]]
     out["legality_unconstrained"] = legality(generator, hist, test_users)
     out["legality_constrained"] = legality(generator, hist, test_users, constrained=True)

@@ -44,7 +44,7 @@ CATALOG = "catalog.json"
 # is (lowest, highest), inclusive.
 CONFIG_LIMITS: dict[str, tuple[int, int]] = {
     "session_items": (1, 64),
-    "max_history": (1, 4096),
+    "history_window": (1, 4096),
     "d_model": (1, 16384),
     "n_heads": (1, 256),
     "n_encoder_layers": (0, 64),
@@ -164,8 +164,8 @@ class VersionInfo:
         return self.catalog.popular
 
     @property
-    def max_history(self) -> int:
-        return self.config.max_history
+    def history_window(self) -> int:
+        return self.config.history_window
 
     @property
     def session_items(self) -> int:
@@ -304,7 +304,7 @@ def expected_tensors(config: ModelConfig) -> dict[str, list[int]]:
 
     for level, size in enumerate(config.level_sizes):
         shapes[f"enc_codes.{level}.weight"] = [size, d]
-    shapes["enc_pos.weight"] = [config.max_history + 1, d]
+    shapes["enc_pos.weight"] = [config.history_window + 1, d]
     shapes["user.weight"] = [config.user_buckets, d]
     for i in range(config.n_encoder_layers):
         layer = f"encoder.{i}"

@@ -234,9 +234,9 @@ class EvalSet:
     def __len__(self) -> int:
         return len(self.targets)
 
-    def truncated(self, max_history: int) -> list[np.ndarray]:
-        """The histories cut to their newest `max_history` items (what the model's encoder reads)."""
-        return [h[-max_history:] for h in self.histories]
+    def truncated(self, history_window: int) -> list[np.ndarray]:
+        """The histories cut to their newest `history_window` items (what the model's encoder reads)."""
+        return [h[-history_window:] for h in self.histories]
 
 
 @dataclass

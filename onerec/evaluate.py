@@ -117,7 +117,7 @@ def evaluate_split(
     a miss for both rankers, and an unknown popular item keeps its place in the baseline's list.
     """
     take = len(rows) if max_users is None else min(len(rows), max_users)
-    histories = rows.truncated(generator.model.cfg.max_history)[:take]
+    histories = rows.truncated(generator.model.cfg.history_window)[:take]
     targets = np.asarray(rows.targets[:take], dtype=np.int64)
     popular = np.asarray(popularity_ranking(train_popularity, max(ks)), dtype=np.int64)
     if model_index is not None:

@@ -185,7 +185,7 @@ class Generator:
         return request_cost(req.mode, req.beam_width, req.num_items, self.cfg.session_items, self.cfg.depth)[0]
 
     def _encoder_inputs(self, requests: list[RecRequest], snap: TrieTensors) -> tuple[torch.Tensor, ...]:
-        cap = self.cfg.max_history
+        cap = self.cfg.history_window
         n_items = snap.item_codes.shape[0]
         hists = [[i for i in r.history if 0 <= i < n_items][-cap:][::-1] for r in requests]  # newest first
         s = max(1, max(len(h) for h in hists))

@@ -215,7 +215,7 @@ def collect_pairs(
     """
     generator = Generator(model, trie, device=str(next(model.parameters()).device))
     snap = trie.tensors
-    m, cap = model.cfg.session_items, model.cfg.max_history
+    m, cap = model.cfg.session_items, model.cfg.history_window
     n_items = snap.item_codes.shape[0]
     out: dict[str, list[torch.Tensor]] = {k: [] for k in ("hist", "mask", "user", "c", "r", "rc", "rr", "ci", "ri")}
     avail: list[torch.Tensor] = []
@@ -234,7 +234,7 @@ def collect_pairs(
         hist_codes, hist_mask = history_tensors(newest_first, codes, cap)  # what the policy reads
         pad = cap - hist_codes.shape[1]  # every batch to the full width, so pairs of all batches stack
         hist_codes, hist_mask = F.pad(hist_codes, (0, 0, 0, pad)), F.pad(hist_mask, (0, pad))
-        r_codes, r_mask = history_tensors(newest_first, codes, reward.cfg.max_history)  # what R reads
+        r_codes, r_mask = history_tensors(newest_first, codes, reward.cfg.history_window)  # what R reads
         for q, req in enumerate(reqs):
             ok = torch.isfinite(beams.scores[q]) & (beams.items[q] >= 0).all(1)  # (W,)
             if int(ok.sum()) < 2:
@@ -518,7 +518,7 @@ def measure_users(
     for start in range(0, len(test_targets), batch_size):
         reqs = [
             RecRequest(
-                history=[int(i) for i in h][-model.cfg.max_history :],
+                history=[int(i) for i in h][-model.cfg.history_window :],
                 num_items=10,
                 mode="items",
                 beam_width=ranking_beam,

@@ -35,12 +35,15 @@ from torch import nn
 
 from kernels.moe import moe
 
+# Keys of a stored model config that were renamed: old name -> current name (``ModelConfig.from_dict``).
+RENAMED_CONFIG_KEYS = {"max_history": "history_window"}
+
 
 @dataclass
 class ModelConfig:
     level_sizes: list[int] = field(default_factory=lambda: [64, 64, 64])  # code vocabulary per level
     session_items: int = 5  # m: items per generated session
-    max_history: int = 50  # encoder reads at most this many recent items
+    history_window: int = 50  # the encoder reads at most this many recent items
     d_model: int = 64
     n_heads: int = 4
     n_encoder_layers: int = 2
@@ -64,6 +67,14 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        """The config of a manifest, old or new: ``history_window`` was called ``max_history`` by the
+        first published versions, whose manifests still load."""
+        data = dict(data)
+        for old, new in RENAMED_CONFIG_KEYS.items():
+            if old in data:
+                if new in data:
+                    raise ValueError(f"model config has both {old!r} and its new name {new!r}")
+                data[new] = data.pop(old)
         known = {f for f in cls.__dataclass_fields__}
         unknown = set(data) - known
         if unknown:
@@ -345,7 +356,7 @@ class OneRecModel(nn.Module):
         self.cfg = cfg
         d = cfg.d_model
         self.enc_codes = nn.ModuleList(nn.Embedding(v, d) for v in cfg.level_sizes)
-        self.enc_pos = nn.Embedding(cfg.max_history + 1, d)  # 0 = user token, 1.. = recency
+        self.enc_pos = nn.Embedding(cfg.history_window + 1, d)  # 0 = user token, 1.. = recency
         self.user = nn.Embedding(cfg.user_buckets, d)
         self.encoder = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.n_encoder_layers))
         self.enc_norm = RMSNorm(d)

@@ -7,7 +7,7 @@ One interface, two implementations:
   by a timeout of a few ms. Key layout (one key per user, a Redis list):
 
       onerec:hist:<user_id>   LIST of item ids (strings), oldest first / newest last,
-                              trimmed with LTRIM to the model's history length on every append.
+                              trimmed with LTRIM to the model's history_window on every append.
 
   Reads are one LRANGE of the last `limit` entries; an append is RPUSH + LTRIM + LRANGE in one
   MULTI/EXEC pipeline (one round trip, atomic); the bulk loader pipelines DEL + RPUSH + LTRIM per

@@ -179,7 +179,7 @@ class ServiceProcess:
         from onerec.data import read_histories  # the one sequence-file parser; numpy, only when preloading
 
         histories = await asyncio.to_thread(read_histories, path, strict=False)
-        written = await self.state.features.load_histories(histories, self.settings.max_history)
+        written = await self.state.features.load_histories(histories, self.settings.max_request_history)
         log.info("feature store preloaded", extra={"users": written, "path": str(path)})
 
     async def _lifecycle(self) -> None:

@@ -32,7 +32,7 @@ def test_split_metrics_are_the_generator_and_the_popularity_baseline_on_the_firs
     assert got.most_popular == pytest.approx(
         {"recall@1": 0, "ndcg@1": 0, "recall@2": 2 / 3, "ndcg@2": (2 / 3) / np.log2(3)}
     )
-    window = generator.model.cfg.max_history
+    window = generator.model.cfg.history_window
     want = evaluate_generator(
         generator, [h[-window:] for h in rows().histories[:3]], [4, 3, 4], ["u0", "u1", "u3"], (1, 2), 4, progress=False
     )

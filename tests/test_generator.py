@@ -16,7 +16,7 @@ SIZES = [3, 3, 2]
 
 
 def tiny_world(
-    n_items: int = 9, session_items: int = 2, seed: int = 0, sizes: list[int] = SIZES, max_history: int = 6
+    n_items: int = 9, session_items: int = 2, seed: int = 0, sizes: list[int] = SIZES, history_window: int = 6
 ) -> tuple[OneRecModel, TrieIndex]:
     """A random model over a random catalogue of ``n_items`` paths: small enough for many searches."""
     rng = np.random.default_rng(seed)
@@ -26,7 +26,7 @@ def tiny_world(
     cfg = ModelConfig(
         level_sizes=sizes,
         session_items=session_items,
-        max_history=max_history,
+        history_window=history_window,
         d_model=32,
         n_heads=4,
         n_encoder_layers=1,

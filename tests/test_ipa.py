@@ -33,7 +33,7 @@ from onerec.train import SessionSamples, TrainConfig, train_model
 TINY_WORLD = SyntheticConfig(n_users=120, n_items=80, n_topics=8)
 TINY_MODEL = ModelConfig(
     session_items=3,
-    max_history=10,
+    history_window=10,
     d_model=32,
     n_heads=2,
     n_encoder_layers=1,
@@ -68,7 +68,7 @@ def tiny() -> Tiny:
     catalog = Catalog.from_codes(world.data.item_ids, sids.codes, level_sizes, [0])
     model = OneRecModel(replace(TINY_MODEL, level_sizes=level_sizes))
     train_model(model, split.train, world.data.user_ids, sids.codes, TrainConfig(epochs=2, batch_size=64), False)
-    rcfg = RewardConfig(session_items=3, max_history=10, epochs=3, batch_size=128)
+    rcfg = RewardConfig(session_items=3, history_window=10, epochs=3, batch_size=128)
     reward, _ = train_reward(split.train[:TRAIN_USERS], sids.codes, level_sizes, rcfg, progress=False)
     return Tiny(world, split.train, sids.codes, level_sizes, catalog, model, reward, rcfg)
 
