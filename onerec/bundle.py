@@ -210,9 +210,12 @@ def save_bundle(
     return publish_version(Path(store), name, files, meta)
 
 
-def load_bundle(version_dir: Path, device: str = "cpu") -> ModelBundle:
-    """Verify a version directory (checksums, shapes, config) and build the model, catalogue and generator."""
-    return _build(verify_version(Path(version_dir)), device)
+def load_bundle(version_dir: Path, device: str = "cpu", kernel_backend: str | None = None) -> ModelBundle:
+    """Verify a version directory (checksums, shapes, config) and build the model, catalogue and generator.
+
+    ``kernel_backend`` ("torch", "triton", None = auto) is the generator's, see ``onerec.generate.Generator``.
+    """
+    return _build(verify_version(Path(version_dir)), device, kernel_backend)
 
 
 def _only_model(store: Path, name: str | None) -> str:
@@ -400,10 +403,10 @@ def _version_info(verified: VerifiedVersion) -> VersionInfo:
     return VersionInfo(verified.name, verified.version, verified.path, verified.manifest, time.time(), config, catalog)
 
 
-def _build(verified: VerifiedVersion, device: str) -> ModelBundle:
+def _build(verified: VerifiedVersion, device: str, kernel_backend: str | None = None) -> ModelBundle:
     info = _version_info(verified)  # refuses a config that does not fit the weights before allocating
     state = load(read_verified_file(verified, WEIGHTS))
     model = OneRecModel(info.config)
     model.load_state_dict(state, strict=True)
-    generator = Generator(model, info.catalog.trie, device=device)
+    generator = Generator(model, info.catalog.trie, device=device, kernel_backend=kernel_backend)
     return ModelBundle(**vars(info), model=model, generator=generator)

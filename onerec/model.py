@@ -142,6 +142,7 @@ class MoEFFN(nn.Module):
         super().__init__()
         e, d, f = cfg.n_experts, cfg.d_model, cfg.d_ff
         self.top_k = cfg.experts_top_k
+        self.kernel_backend: str | None = None  # passed to kernels.moe; set by OneRecModel.use_kernel_backend
         self.router = nn.Parameter(torch.randn(e, d) * 0.02)  # (E, d)
         self.w_gate = nn.Parameter(torch.randn(e, d, f) / math.sqrt(d))  # (E, d, f)
         self.w_up = nn.Parameter(torch.randn(e, d, f) / math.sqrt(d))  # (E, d, f)
@@ -150,7 +151,9 @@ class MoEFFN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])  # (tokens, d)
-        return moe(flat, self.router, self.w_gate, self.w_up, self.w_down, self.top_k).view(shape)
+        return moe(
+            flat, self.router, self.w_gate, self.w_up, self.w_down, self.top_k, backend=self.kernel_backend
+        ).view(shape)
 
     def balance_loss(self, x: torch.Tensor) -> torch.Tensor:
         """Switch-style load balancing: E * sum_e (share of tokens routed to e) * (mean gate prob of e)."""
@@ -367,6 +370,16 @@ class OneRecModel(nn.Module):
         self.dec_norm = RMSNorm(d)
         self.heads = nn.ModuleList(nn.Linear(d, v, bias=False) for v in cfg.level_sizes)
         self.apply(self._init)
+
+    def use_kernel_backend(self, backend: str | None) -> None:
+        """The kernel backend every MoE layer asks ``kernels.moe`` for ("torch", "triton", None = auto).
+
+        The holder of the setting (the generator, given it by the engine) passes it down here; the
+        dispatcher then decides alone, from it and the tensors.
+        """
+        for module in self.modules():
+            if isinstance(module, MoEFFN):
+                module.kernel_backend = backend
 
     @staticmethod
     def _init(m: nn.Module) -> None:

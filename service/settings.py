@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field, model_validator
+from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -52,6 +52,10 @@ class Settings(BaseSettings):
         description="how often to look for a newer version (0 = never; admin reload still works)",
     )
     device: str = Field(default="cpu", description="torch device for the model: cpu or cuda")
+    kernels: Literal["auto", "torch", "triton"] = Field(
+        default="auto",
+        description="kernel backend of the model's hot path: auto (Triton on CUDA, PyTorch elsewhere), or force one",
+    )
     torch_threads: int | None = Field(
         default=None, ge=1, description="torch intra-op threads (None = usable cores - 1, at least 1)"
     )
@@ -129,6 +133,14 @@ class Settings(BaseSettings):
         default=64 * 1024 * 1024, ge=1024, description="rotate the capture file (one .1 kept) at this size"
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(default="INFO", description="log level")
+
+    @field_validator("kernels", mode="before")
+    @classmethod
+    def _kernels_spelling(cls, value: object) -> object:
+        """ONEREC_KERNELS as kernels/ read it before it became a setting: any case, empty = auto."""
+        if isinstance(value, str):
+            return value.strip().lower() or "auto"
+        return value
 
     @model_validator(mode="after")
     def _check_consistency(self) -> Settings:
