@@ -468,15 +468,24 @@ def true_session_affinity(
 
 
 def holdout_users(n_users: int, share: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(IPA pool, held-out users): a seeded random partition with ``share`` of the users held out.
-
-    The reward model trains on the pool's sequences and ``run_ipa(users=pool)`` samples only the pool,
-    so everything measured on the held-out users is measured on users alignment never saw.
-    """
+    """(IPA pool, held-out users) with ``share`` of the users held out: see ``held_out_partition``."""
     if not 0.0 < share < 1.0:
         raise ValueError(f"held-out share must lie in (0, 1), got {share}")
+    return held_out_partition(n_users, int(round(share * n_users)), seed)
+
+
+def held_out_partition(n_users: int, n_held_out: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(IPA pool, held-out users): a seeded random partition with ``n_held_out`` users held out (at
+    least one, and at least one left in the pool).
+
+    The reward model trains on the pool's sequences and ``run_ipa(users=pool)`` samples only the pool,
+    so everything measured on the held-out users is measured on users alignment never saw (the
+    build's true-affinity check and ``benchmarks/ipa.py`` both measure that way).
+    """
+    if n_users < 2:
+        raise ValueError(f"holding users out of IPA needs at least 2 users, got {n_users}")
     perm = np.random.default_rng(10_000 + seed).permutation(n_users)
-    n_out = min(n_users - 1, max(1, int(round(share * n_users))))
+    n_out = min(n_users - 1, max(1, n_held_out))
     return np.sort(perm[n_out:]), np.sort(perm[:n_out])
 
 
