@@ -109,7 +109,7 @@ class HFRecommender:
         self.level_sizes: list[int] = list(cfg["level_sizes"])
         self.depth = len(self.level_sizes)
         self.session_items = int(cfg["session_items"])
-        self.max_history = int(cfg["max_history"])
+        self.history_window = int(cfg["history_window"])
         self.user_buckets = int(cfg["user_buckets"])
         self.level_offset = [2 + sum(self.level_sizes[:level]) for level in range(self.depth)]
         t5_kwargs: dict[str, Any] = {
@@ -193,7 +193,7 @@ class HFRecommender:
         from onerec.model import hash_user
 
         torch = self.torch
-        hist = history[-self.max_history :][::-1]  # newest first
+        hist = history[-self.history_window :][::-1]  # newest first
         shared = self.model.shared.weight
         user = self.user_embedding.weight[hash_user(user_id, self.user_buckets)][None]
         if not hist:

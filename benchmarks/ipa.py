@@ -140,7 +140,9 @@ def setup(cfg: BuildConfig, seed: int, n_sessions: int, cache: Path | None = Non
     timings["generator"] = time.perf_counter() - t
     pool, held_out = holdout_users(world.data.n_users, HELD_OUT_SHARE, seed)
     t = time.perf_counter()
-    rcfg = replace(cfg.reward, session_items=cfg.model.session_items, max_history=cfg.model.max_history, seed=seed)
+    rcfg = replace(
+        cfg.reward, session_items=cfg.model.session_items, history_window=cfg.model.history_window, seed=seed
+    )
     level_sizes = list(sids.level_sizes)
     reward, report = train_reward([split.train[u] for u in pool], sids.codes, level_sizes, rcfg, progress=False)
     timings["reward_train"] = time.perf_counter() - t
@@ -170,8 +172,8 @@ class PopularityOracle:
     does 0.89 of the time (the learned R: about 0.54), so it shows what IPA's machinery (pairs, DPO,
     NTP, the held-out evaluation) makes of a good reward. Never a recipe: it sees the ground truth."""
 
-    def __init__(self, codes: np.ndarray, popularity: np.ndarray, max_history: int):
-        self.cfg = RewardConfig(max_history=max_history)
+    def __init__(self, codes: np.ndarray, popularity: np.ndarray, history_window: int):
+        self.cfg = RewardConfig(history_window=history_window)
         self.log_pop = {tuple(c): float(np.log(v)) for c, v in zip(np.asarray(codes).tolist(), popularity)}
 
     def score(self, hist_codes: torch.Tensor, hist_mask: torch.Tensor, session_codes: torch.Tensor) -> torch.Tensor:
@@ -212,7 +214,7 @@ def run_seed(
 ) -> dict[str, Any]:
     s = setup(cfg, seed, ipa_cfg.n_sessions, cache)
     if oracle:  # the learned R is still trained and measured (reward_info); IPA uses the oracle
-        s.reward = PopularityOracle(s.sids.codes, s.world.item_popularity, cfg.model.max_history)  # type: ignore[assignment]
+        s.reward = PopularityOracle(s.sids.codes, s.world.item_popularity, cfg.model.history_window)  # type: ignore[assignment]
     t = time.perf_counter()
     before = s.measure(s.base)
     s.timings["evaluate_before"] = time.perf_counter() - t

@@ -14,7 +14,6 @@ tests/test_kernels_parity.py and tests/test_kernels_gpu.py.
 from __future__ import annotations
 
 import argparse
-import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -160,7 +159,7 @@ def check_generator_parity(store: str) -> None:
     trie_module.triton_trie_topk, moe_module.triton_moe = counted_trie, counted_moe  # type: ignore[assignment]
     answers = {}
     for backend in ("torch", "triton"):
-        os.environ["ONEREC_KERNELS"] = backend
+        bundle.generator.use_kernel_backend(backend)
         answers[backend], _ = bundle.generator.generate(requests)
         if backend == "torch":
             assert calls == {"trie": 0, "moe": 0}, calls

@@ -150,7 +150,7 @@ def phase_summary(report: dict[str, Any], budget_ms: float) -> dict[str, Any]:
 
 async def run(args: argparse.Namespace, store: Path, workdir: Path) -> dict[str, Any]:
     spec = load_spec(store, args.model_name)
-    history_length = min(int(spec["model_config"]["max_history"]), sum(spec["live"]) // 2)
+    history_length = min(int(spec["model_config"]["history_window"]), sum(spec["live"]) // 2)
     row = Row(args.mode, args.beam_width)
     records = make_records(spec, row, history_length, users=500)
     extra_env = dict(item.split("=", 1) for item in args.service_env)

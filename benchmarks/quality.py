@@ -121,7 +121,7 @@ def report(manifest: dict[str, Any], seconds: float | None, baselines: dict[str,
         "dataset": dataset,
         "model": {"name": manifest["name"], "version": manifest["version"], "config": manifest.get("model_config")},
         "protocol": "leave-one-out, full ranking over the catalogue, all users, no item of the user's history; "
-        "ours: items mode, constrained beam search, history <= the model's max_history",
+        "ours: items mode, constrained beam search, history <= the model's history_window",
         "train": {k: train.get(k) for k in ("epochs", "steps", "samples", "seconds", "best_epoch")},
         "test": rows,
         "valid": {k: metrics["valid"][k] for k in METRICS},

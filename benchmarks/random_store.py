@@ -15,13 +15,13 @@ from typing import Any
 RANDOM_PRESETS: dict[str, dict[str, Any]] = {
     "medium": {
         "items": 20000,
-        "model": {"level_sizes": [256, 256, 256], "session_items": 5, "max_history": 50, "d_model": 256,
+        "model": {"level_sizes": [256, 256, 256], "session_items": 5, "history_window": 50, "d_model": 256,
                   "n_heads": 8, "n_encoder_layers": 4, "n_decoder_layers": 4, "d_ff": 512, "n_experts": 8,
                   "experts_top_k": 2, "user_buckets": 10000, "dropout": 0.0},
     },
     "large": {
         "items": 100000,
-        "model": {"level_sizes": [1024, 1024, 1024], "session_items": 5, "max_history": 100, "d_model": 512,
+        "model": {"level_sizes": [1024, 1024, 1024], "session_items": 5, "history_window": 100, "d_model": 512,
                   "n_heads": 8, "n_encoder_layers": 6, "n_decoder_layers": 6, "d_ff": 1024, "n_experts": 16,
                   "experts_top_k": 2, "user_buckets": 10000, "dropout": 0.0},
     },

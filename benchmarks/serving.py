@@ -379,7 +379,7 @@ def run_http(args: argparse.Namespace, store: Path, workdir: Path) -> dict[str, 
     load_start = os.getloadavg()
     spec = load_spec(store, args.model_name)
     cfg = spec["model_config"]
-    history_length = args.history_length or int(cfg["max_history"])
+    history_length = args.history_length or int(cfg["history_window"])
     live_items = sum(spec["live"])
     history_length = min(history_length, live_items // 2)
     spec_path = workdir / "hf_spec.json"
@@ -537,7 +537,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
             torch.set_num_threads(args.threads)
             cfg = load_spec(store, args.model_name)["model_config"]
-            history = args.history_length or int(cfg["max_history"])
+            history = args.history_length or int(cfg["history_window"])
             report: dict[str, Any] = {
                 "benchmark": "serving-profile",
                 "profiles": [
@@ -560,7 +560,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 args.model_name,
                 device,
                 rows,
-                args.history_length or int(spec_cfg["max_history"]),
+                args.history_length or int(spec_cfg["history_window"]),
                 args.reps,
                 args.batch,
             )

@@ -1,8 +1,11 @@
 """Backend choice shared by every dispatcher.
 
-``ONEREC_KERNELS`` (``torch`` or ``triton``) forces a backend; without it Triton runs on CUDA
-tensors and PyTorch everywhere else. This is the only environment read of the package: kernels
-import nothing of the project, so they cannot take the service's settings object.
+A dispatcher alone decides which implementation runs, from an explicit ``backend`` argument:
+``"torch"`` or ``"triton"`` force one, ``None`` or ``"auto"`` take Triton on CUDA tensors (when it is
+installed) and PyTorch everywhere else. The argument comes from the caller, which holds the
+setting (the service's ``ONEREC_KERNELS``, passed down through its engine to the generator): this
+package imports nothing of the project and reads no setting of its own, and a kernel never
+re-decides (no silent fallback inside ``triton/``), as in generative-recommenders.
 """
 
 from __future__ import annotations
@@ -14,10 +17,11 @@ from typing import Literal
 import torch
 
 Backend = Literal["torch", "triton"]
+BACKEND_CHOICES = ("auto", "torch", "triton")  # what a caller may pass (None means "auto")
 
 
 class KernelBackendError(RuntimeError):
-    """Raised when a forced backend cannot run on this machine."""
+    """Raised when a requested backend is unknown or cannot run this call on this machine."""
 
 
 def triton_available() -> bool:
@@ -25,28 +29,28 @@ def triton_available() -> bool:
 
 
 def triton_interpreted() -> bool:
+    """Triton's own switch (``TRITON_INTERPRET=1``: kernels run on the CPU), which Triton reads itself."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def forced_backend() -> str:
-    """The operator's ONEREC_KERNELS override ('' when unset), read from the environment in this one place:
-    kernels import nothing of the project, so the service's settings object cannot reach them."""
-    return os.environ.get("ONEREC_KERNELS", "").strip().lower()
+def is_auto(requested: str | None) -> bool:
+    """True when the caller left the choice to the dispatcher (shape rules may then apply)."""
+    return requested is None or requested.strip().lower() in ("", "auto")
 
 
-def choose_backend(t: torch.Tensor, forced: str | None = None) -> Backend:
-    """Pick the backend for a call whose main input is ``t``."""
-    want = (forced or forced_backend()).strip().lower()
-    if want not in ("", "auto", "torch", "triton"):
-        raise KernelBackendError(f"ONEREC_KERNELS={want!r}: expected 'torch' or 'triton'")
+def choose_backend(t: torch.Tensor, requested: str | None = None) -> Backend:
+    """The backend for a call whose main input is ``t``: ``requested`` when forced, else by device."""
+    want = "auto" if is_auto(requested) else str(requested).strip().lower()
+    if want not in BACKEND_CHOICES:
+        raise KernelBackendError(f"kernel backend {requested!r}: expected 'torch' or 'triton' (or 'auto')")
     if want == "torch":
         return "torch"
     if want == "triton":
         if not triton_available():
-            raise KernelBackendError("ONEREC_KERNELS=triton but the triton package is not installed")
+            raise KernelBackendError("kernel backend 'triton' requested but the triton package is not installed")
         if not t.is_cuda and not triton_interpreted():
             raise KernelBackendError(
-                "ONEREC_KERNELS=triton needs CUDA tensors, or TRITON_INTERPRET=1 to run Triton on the CPU "
+                "kernel backend 'triton' needs CUDA tensors, or TRITON_INTERPRET=1 to run Triton on the CPU "
                 f"(got a tensor on {t.device})"
             )
         return "triton"

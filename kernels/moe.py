@@ -22,7 +22,9 @@ def moe(
 
     x: (T, d); router_weight: (E, d); w_gate, w_up: (E, d, f); w_down: (E, f, d) -> (T, d).
     With ``renormalize`` the kept gate weights of a token are rescaled to sum to one.
-    The Triton path is for inference (no autograd); training runs the PyTorch path.
+    backend: "torch" or "triton" to force one, None or "auto" for Triton on CUDA (see ``kernels.dispatch``).
+    The Triton path is for inference (no autograd): a call that needs gradients runs the PyTorch path,
+    whatever the backend; that is this dispatcher's decision, the kernel has no fallback of its own.
     """
     chosen = choose_backend(x, backend)
     if chosen == "triton" and not (torch.is_grad_enabled() and x.requires_grad):

@@ -11,7 +11,7 @@ from typing import NamedTuple
 
 import torch
 
-from kernels.dispatch import choose_backend, forced_backend
+from kernels.dispatch import Backend, KernelBackendError, choose_backend, is_auto
 from kernels.pytorch.pt_trie_topk import pt_trie_topk
 
 
@@ -44,13 +44,11 @@ def trie_topk(
     row_groups: (R, G) int64: child c of row r is banned if ``row_groups[r, g] * num_nodes + c``
         is in banned_keys for some g (requests share a group; a beam's own session is another).
     Rows with fewer than k allowed children are filled with -inf / -1; a row with none dies.
+    backend: "torch" or "triton" to force one, None or "auto" to let ``trie_topk_backend`` decide.
     at_root: the caller knows every row sits at the root (the dense first level); only used to pick
         the faster backend, since telling root rows from deep ones here would need a host sync.
     """
-    chosen = choose_backend(logits, backend)
-    if chosen == "triton" and backend is None and _twin_is_faster(logits, at_root):
-        chosen = "torch"
-    if chosen == "triton":
+    if trie_topk_backend(logits, backend, at_root) == "triton":
         from kernels.triton.triton_trie_topk import triton_trie_topk
 
         out = triton_trie_topk(logits, node, offsets, child_codes, child_nodes, k, banned_keys, row_groups, num_nodes)
@@ -59,15 +57,38 @@ def trie_topk(
     return TrieTopK(*out)
 
 
+def trie_topk_backend(logits: torch.Tensor, backend: str | None, at_root: bool) -> Backend:
+    """The one decision of which implementation answers this call.
+
+    ``choose_backend`` first (a forced backend, else by device); then, when Triton was picked but not
+    forced, the shapes where the PyTorch twin is faster or the kernel has no block wide enough go to
+    the twin. A forced Triton on a vocabulary the kernel cannot hold is refused, never rerouted.
+    """
+    chosen = choose_backend(logits, backend)
+    if chosen == "torch":
+        return chosen
+    from kernels.triton.triton_trie_topk import MAX_BLOCK
+
+    too_wide = logits.shape[1] > MAX_BLOCK
+    if not is_auto(backend):
+        if too_wide:
+            raise KernelBackendError(
+                f"kernel backend 'triton' forced, but a {logits.shape[1]}-code level is wider than the kernel's "
+                f"widest block ({MAX_BLOCK}); leave the backend to the dispatcher"
+            )
+        return chosen
+    return "torch" if too_wide or _twin_is_faster(logits, at_root) else chosen
+
+
 def _twin_is_faster(logits: torch.Tensor, at_root: bool) -> bool:
     """Shapes where the PyTorch twin beat the kernel on the H100 (benchmarks/results/kernels-h100.json).
 
     At 65,536 rows on deep nodes (about 96 children) of an 8,192-code level, the twin took 2.64 ms and
     the kernel 3.66 ms: the kernel's launch is sized for the widest (root) rows, wasting warps on narrow
     ones. At the root the kernel is 5x faster than the twin, so only deep steps of wide levels switch.
-    Forcing ONEREC_KERNELS=triton overrides this.
+    Only applied when the backend is left to the dispatcher (``trie_topk_backend``).
     """
-    if at_root or forced_backend() == "triton":
+    if at_root:
         return False
     rows, vocab = logits.shape
     return rows >= 32768 and vocab >= 8192

@@ -1,10 +1,11 @@
 """``onerec build``: data -> item embeddings -> semantic IDs -> training -> evaluation -> model store.
 
 Every stage reports progress on stderr, and the run ends with a summary table. With
-``ipa_iterations > 0`` the reward model is trained on the training sequences after the generator, IPA
-(``onerec.ipa``) fine-tunes the generator, and evaluation and export use the aligned model; the
-manifest's ``ipa`` section records each iteration and, on the synthetic world, the true affinity of
-the model's top session before and after alignment.
+``ipa_iterations > 0`` the reward model is trained after the generator, IPA (``onerec.ipa``) fine-tunes
+the generator, and evaluation and export use the aligned model. Both the reward model and IPA see a
+pool of users only; ``ipa_eval_users`` users are held out of it, and on the synthetic world the true
+affinity of the model's top session before and after alignment is measured on them. The manifest's
+``ipa`` section records each iteration (with whom it sampled), the held-out users and that measure.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from model_store import PublishedVersion
 from onerec.bundle import Catalog, save_bundle
 from onerec.data import (
     InteractionData,
+    Split,
     SyntheticConfig,
     SyntheticWorld,
     leave_one_out,
@@ -31,9 +33,9 @@ from onerec.data import (
     load_sequence_file,
     make_synthetic,
 )
-from onerec.evaluate import evaluate_generator, legality, popularity_ranking, ranking_metrics
+from onerec.evaluate import evaluate_split, legality, popularity_ranking
 from onerec.generate import Generator
-from onerec.ipa import IpaConfig, run_ipa, true_session_affinity
+from onerec.ipa import IpaConfig, held_out_partition, run_ipa, true_session_affinity
 from onerec.model import ModelConfig, OneRecModel
 from onerec.reward import RewardConfig, train_reward
 from onerec.tokenizer import (
@@ -65,7 +67,7 @@ class BuildConfig:
     ipa_iterations: int = 0
     ipa: IpaConfig = field(default_factory=IpaConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)  # session/history sizes follow the model
-    ipa_eval_users: int = 128  # fixed users whose top session's true affinity is compared (synthetic)
+    ipa_eval_users: int = 128  # users held out of the reward model and IPA, on whom IPA is judged (synthetic)
     seed: int = 0
 
 
@@ -74,7 +76,7 @@ def demo_config() -> BuildConfig:
     return BuildConfig(
         model=ModelConfig(
             session_items=5,
-            max_history=20,
+            history_window=20,
             d_model=64,
             n_heads=4,
             n_encoder_layers=2,
@@ -110,7 +112,7 @@ def sequence_file_config(path: str) -> BuildConfig:
         content_weight=0.2,
         model=ModelConfig(
             session_items=3,
-            max_history=20,
+            history_window=20,
             d_model=64,
             n_heads=4,
             n_encoder_layers=2,
@@ -236,26 +238,44 @@ def align(
     model: OneRecModel,
     catalog: Catalog,
     data: InteractionData,
-    split: Any,
+    split: Split,
     codes: np.ndarray,
     level_sizes: list[int],
     world: SyntheticWorld | None,
     cfg: BuildConfig,
     progress: bool,
 ) -> tuple[OneRecModel, dict[str, Any]]:
-    """Reward model on the training sequences, then IPA; returns the aligned model and its manifest section."""
+    """Reward model, then IPA, both on a pool of users that leaves out ``cfg.ipa_eval_users`` held-out
+    users (``onerec.ipa.held_out_partition``): the true affinity of the top session before and after
+    (synthetic world) is measured on those, whom alignment never saw. Returns the aligned model and
+    the manifest section, which lists the held-out users and whom each iteration sampled."""
     model.to("cpu")  # IPA runs on the CPU in float32 (its batches are small); evaluation moves it back
-    rcfg = replace(cfg.reward, session_items=model.cfg.session_items, max_history=model.cfg.max_history, seed=cfg.seed)
-    reward, reward_report = train_reward(split.train, codes, level_sizes, rcfg, progress=progress)
+    pool, held_out = held_out_partition(data.n_users, cfg.ipa_eval_users, cfg.seed)
+    rcfg = replace(
+        cfg.reward, session_items=model.cfg.session_items, history_window=model.cfg.history_window, seed=cfg.seed
+    )
+    reward, reward_report = train_reward([split.train[u] for u in pool], codes, level_sizes, rcfg, progress=progress)
     log(f"reward: {reward_report.samples} sessions, loss {reward_report.train_loss[-1]:.4f}")
-    eval_users = np.arange(min(cfg.ipa_eval_users, data.n_users))
-    histories = [split.train[u] for u in eval_users]
-    eval_ids = [data.user_ids[u] for u in eval_users]
-    affinity = world.true_affinity(eval_users) if world is not None else None
+    histories = [split.train[u] for u in held_out]
+    eval_ids = [data.user_ids[u] for u in held_out]
+    affinity = world.true_affinity(held_out) if world is not None else None
     before = true_session_affinity(model, catalog.trie, affinity, histories, eval_ids) if affinity is not None else None
     aligned, report = run_ipa(
-        model, reward, catalog.trie, split.train, data.user_ids, codes, cfg.ipa_iterations, cfg.ipa, progress
+        model,
+        reward,
+        catalog.trie,
+        split.train,
+        data.user_ids,
+        codes,
+        cfg.ipa_iterations,
+        cfg.ipa,
+        progress,
+        users=pool,
     )
+    sampled = report.sampled_users()
+    leaked = sampled & set(held_out.tolist())
+    if leaked:  # run_ipa samples the pool only; this guards the manifest's claim
+        raise RuntimeError(f"IPA sampled {len(leaked)} held-out users")
     after = (
         true_session_affinity(aligned, catalog.trie, affinity, histories, eval_ids) if affinity is not None else None
     )
@@ -265,14 +285,19 @@ def align(
             f"reward chosen {it.reward_chosen:.3f} rejected {it.reward_rejected:.3f}"
         )
     if before is not None:
-        log(f"ipa: true affinity of the top session {before:.4f} -> {after:.4f}")
+        log(f"ipa: true affinity of the top session on {len(held_out)} held-out users {before:.4f} -> {after:.4f}")
     return aligned, {
         "config": {k: getattr(cfg.ipa, k) for k in cfg.ipa.__dataclass_fields__},
         "reward": reward_report.as_dict(),
         "iterations": report.as_dict(),
+        "users": {
+            "ipa_pool": len(pool),
+            "ipa_sampled": len(sampled),
+            "held_out": held_out.tolist(),  # reward and IPA never saw them; the true affinity is theirs
+        },
         "true_affinity": None
         if before is None
-        else {"users": len(eval_users), "before": before, "after": after, "gain": after - before},
+        else {"users": len(held_out), "before": before, "after": after, "gain": after - before},
     }
 
 
@@ -280,36 +305,41 @@ def evaluate_all(
     model: OneRecModel,
     catalog: Catalog,
     data: InteractionData,
-    split: Any,
+    split: Split,
     cfg: BuildConfig,
     popularity: np.ndarray,
     progress: bool,
 ) -> dict[str, Any]:
+    """Both splits in items mode (with the most-popular baseline) and session mode, then legality."""
     generator = Generator(model, catalog.trie, device=cfg.train.device)
     out: dict[str, Any] = {}
     for name in ("valid", "test"):
         rows = split.eval_set(name)
-        take = len(rows) if cfg.eval_users is None else min(len(rows), cfg.eval_users)
-        hist = rows.truncated(model.cfg.max_history)[:take]
-        users = [data.user_ids[u] for u in rows.users[:take]]
-        targets = rows.targets[:take]
-        out[name] = evaluate_generator(generator, hist, targets, users, beam_width=cfg.eval_beam, progress=progress)
-        pop = popularity_ranking(popularity, 10)
-        out[f"{name}_most_popular"] = ranking_metrics([pop] * take, [int(x) for x in targets], (5, 10))
-        log(f"{name}: {json.dumps(out[name])} (most popular: {json.dumps(out[f'{name}_most_popular'])})")
-        few = min(take, cfg.session_eval_users)
-        out[f"{name}_session"] = evaluate_generator(
+        ranked = evaluate_split(
             generator,
-            hist[:few],
-            targets[:few],
-            users[:few],
+            rows,
+            data.user_ids,
+            popularity,
             beam_width=cfg.eval_beam,
+            max_users=cfg.eval_users,
+            progress=progress,
+        )
+        out[name], out[f"{name}_most_popular"] = ranked.model, ranked.most_popular
+        log(f"{name}: {json.dumps(out[name])} (most popular: {json.dumps(out[f'{name}_most_popular'])})")
+        few = min(ranked.users, cfg.session_eval_users)
+        session = evaluate_split(
+            generator,
+            rows,
+            data.user_ids,
+            popularity,
+            beam_width=cfg.eval_beam,
+            max_users=few,
             mode="session",
             progress=progress,
         )
-        out[f"{name}_session"]["users"] = few
+        out[f"{name}_session"] = {**session.model, "users": few}
         log(f"{name}, session mode ({few} users): {json.dumps(out[f'{name}_session'])}")
-    hist = split.test.truncated(model.cfg.max_history)[:256]
+    hist = split.test.truncated(model.cfg.history_window)[:256]
     test_users = [data.user_ids[u] for u in split.test.users[:256]]
     out["legality_unconstrained"] = legality(generator, hist, test_users)
     out["legality_constrained"] = legality(generator, hist, test_users, constrained=True)

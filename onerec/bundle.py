@@ -44,7 +44,7 @@ CATALOG = "catalog.json"
 # is (lowest, highest), inclusive.
 CONFIG_LIMITS: dict[str, tuple[int, int]] = {
     "session_items": (1, 64),
-    "max_history": (1, 4096),
+    "history_window": (1, 4096),
     "d_model": (1, 16384),
     "n_heads": (1, 256),
     "n_encoder_layers": (0, 64),
@@ -164,8 +164,8 @@ class VersionInfo:
         return self.catalog.popular
 
     @property
-    def max_history(self) -> int:
-        return self.config.max_history
+    def history_window(self) -> int:
+        return self.config.history_window
 
     @property
     def session_items(self) -> int:
@@ -210,9 +210,12 @@ def save_bundle(
     return publish_version(Path(store), name, files, meta)
 
 
-def load_bundle(version_dir: Path, device: str = "cpu") -> ModelBundle:
-    """Verify a version directory (checksums, shapes, config) and build the model, catalogue and generator."""
-    return _build(verify_version(Path(version_dir)), device)
+def load_bundle(version_dir: Path, device: str = "cpu", kernel_backend: str | None = None) -> ModelBundle:
+    """Verify a version directory (checksums, shapes, config) and build the model, catalogue and generator.
+
+    ``kernel_backend`` ("torch", "triton", None = auto) is the generator's, see ``onerec.generate.Generator``.
+    """
+    return _build(verify_version(Path(version_dir)), device, kernel_backend)
 
 
 def _only_model(store: Path, name: str | None) -> str:
@@ -304,7 +307,7 @@ def expected_tensors(config: ModelConfig) -> dict[str, list[int]]:
 
     for level, size in enumerate(config.level_sizes):
         shapes[f"enc_codes.{level}.weight"] = [size, d]
-    shapes["enc_pos.weight"] = [config.max_history + 1, d]
+    shapes["enc_pos.weight"] = [config.history_window + 1, d]
     shapes["user.weight"] = [config.user_buckets, d]
     for i in range(config.n_encoder_layers):
         layer = f"encoder.{i}"
@@ -400,10 +403,10 @@ def _version_info(verified: VerifiedVersion) -> VersionInfo:
     return VersionInfo(verified.name, verified.version, verified.path, verified.manifest, time.time(), config, catalog)
 
 
-def _build(verified: VerifiedVersion, device: str) -> ModelBundle:
+def _build(verified: VerifiedVersion, device: str, kernel_backend: str | None = None) -> ModelBundle:
     info = _version_info(verified)  # refuses a config that does not fit the weights before allocating
     state = load(read_verified_file(verified, WEIGHTS))
     model = OneRecModel(info.config)
     model.load_state_dict(state, strict=True)
-    generator = Generator(model, info.catalog.trie, device=device)
+    generator = Generator(model, info.catalog.trie, device=device, kernel_backend=kernel_backend)
     return ModelBundle(**vars(info), model=model, generator=generator)

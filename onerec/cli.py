@@ -92,9 +92,11 @@ def _add_eval(sub: Any) -> None:
 
 
 def _run_eval(args: argparse.Namespace) -> int:
+    import numpy as np
+
     from onerec.bundle import load_bundle
     from onerec.data import SyntheticConfig, leave_one_out, load_sequence_file, make_synthetic
-    from onerec.evaluate import evaluate_generator, popularity_ranking, ranking_metrics
+    from onerec.evaluate import evaluate_split
 
     bundle = load_bundle(args.model)
     if args.dataset == "synthetic":
@@ -105,26 +107,26 @@ def _run_eval(args: argparse.Namespace) -> int:
     else:
         data = load_sequence_file(args.dataset)
     split = leave_one_out(data)
-    rows = split.eval_set(args.split)
-    take = len(rows) if args.max_users is None else min(args.max_users, len(rows))
     # The dataset's internal indices may differ from the model's: map through external ids.
-    hist = [[bundle.item_index(data.item_ids[i]) for i in h] for h in rows.truncated(bundle.max_history)[:take]]
-    hist_known = [[i for i in h if i is not None] for h in hist]
-    targets = [bundle.item_index(data.item_ids[t]) for t in rows.targets[:take]]
-    users = [data.user_ids[u] for u in rows.users[:take]]
-    metrics = evaluate_generator(
-        bundle.generator, hist_known, [-1 if t is None else t for t in targets], users, ks=args.k, beam_width=args.beam
+    known = [bundle.item_index(item) for item in data.item_ids]
+    model_index = np.array([-1 if i is None else i for i in known], dtype=np.int64)
+    ranked = evaluate_split(
+        bundle.generator,
+        split.eval_set(args.split),
+        data.user_ids,
+        split.train_popularity(),
+        ks=args.k,
+        beam_width=args.beam,
+        max_users=args.max_users,
+        model_index=model_index,
     )
-    pop_data = popularity_ranking(split.train_popularity(), max(args.k))
-    pop = [bundle.item_index(data.item_ids[i]) for i in pop_data]
-    baseline = ranking_metrics([pop] * take, [-1 if t is None else t for t in targets], args.k)
     out = {
         "model": {"name": bundle.name, "version": bundle.version},
         "split": args.split,
-        "users": take,
+        "users": ranked.users,
         "beam": args.beam,
-        "metrics": metrics,
-        "most_popular": baseline,
+        "metrics": ranked.model,
+        "most_popular": ranked.most_popular,
     }
     print(json.dumps(out, indent=2))
     return 0

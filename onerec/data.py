@@ -1,4 +1,4 @@
-"""Interaction data: the sequence-file loader, the leave-one-out split and the synthetic world.
+"""Interaction data: the sequence-file parser and loader, the leave-one-out split and the synthetic world.
 
 Everything downstream (tokenizer, training, evaluation, the demo build) works on `InteractionData`:
 external string ids mapped to dense internal indices, and one chronological int64 array of item indices
@@ -31,6 +31,7 @@ __all__ = [
     "load_item_text",
     "load_sequence_file",
     "make_synthetic",
+    "read_histories",
 ]
 
 
@@ -100,18 +101,19 @@ def _sorted_ids(first_seen: dict[str, int]) -> list[str]:
     return sorted(ids)
 
 
-def load_sequence_file(path: Path | str, name: str | None = None) -> InteractionData:
-    """Read `user item item ...` lines (chronological, whitespace separated) into InteractionData.
+def read_histories(path: Path | str, *, strict: bool = True) -> dict[str, list[str]]:
+    """Read `user item item ...` lines (chronological, whitespace separated): user id -> item ids.
 
-    Blank lines are skipped. A line with a user but no items, a user that appears twice, or bytes that
-    are not UTF-8 raise SequenceFileError naming the file and line: silently dropping such lines would
-    shift the evaluation without anyone noticing. Items are indexed in numeric order of their ids when
-    all ids are integers (so Beauty's item "1" is index 0), lexical order otherwise.
+    The one parser of sequence files, for the offline pipeline and the service's feature preload.
+    Blank lines are skipped; bytes that are not UTF-8 always raise SequenceFileError naming the file
+    and line. ``strict`` (the offline pipeline) also refuses a line with a user but no items, a user
+    that appears twice and a file with no sequences: silently dropping or merging lines would shift
+    an evaluation without anyone noticing. Lenient (``strict=False``, the service's preload, where a
+    file may be an event log) skips a user without items and appends a repeated user's items to
+    what that user already has, in file order.
     """
     path = Path(path)
-    raw_users: list[str] = []
-    raw_seqs: list[list[int]] = []
-    first_seen: dict[str, int] = {}
+    histories: dict[str, list[str]] = {}
     user_line: dict[str, int] = {}
     with path.open("rb") as handle:
         for line_no, raw in enumerate(handle, start=1):
@@ -121,18 +123,32 @@ def load_sequence_file(path: Path | str, name: str | None = None) -> Interaction
                 raise SequenceFileError(path, line_no, f"not UTF-8 text ({exc.reason})") from None
             if not tokens:
                 continue
-            if len(tokens) < 2:
-                reason = f"user {tokens[0]!r} has no items (want 'user item item ...')"
-                raise SequenceFileError(path, line_no, reason)
             user = tokens[0]
-            if user in user_line:
+            if strict and len(tokens) < 2:
+                reason = f"user {user!r} has no items (want 'user item item ...')"
+                raise SequenceFileError(path, line_no, reason)
+            if strict and user in user_line:
                 reason = f"user {user!r} already appeared on line {user_line[user]}"
                 raise SequenceFileError(path, line_no, reason)
-            user_line[user] = line_no
-            raw_users.append(user)
-            raw_seqs.append([first_seen.setdefault(t, len(first_seen)) for t in tokens[1:]])
-    if not raw_users:
+            if len(tokens) < 2:
+                continue
+            user_line.setdefault(user, line_no)
+            histories.setdefault(user, []).extend(tokens[1:])
+    if strict and not histories:
         raise SequenceFileError(path, 0, "file holds no sequences")
+    return histories
+
+
+def load_sequence_file(path: Path | str, name: str | None = None) -> InteractionData:
+    """A sequence file (read strictly, see ``read_histories``) as InteractionData.
+
+    Items are indexed in numeric order of their ids when all ids are integers (so Beauty's item "1"
+    is index 0), lexical order otherwise.
+    """
+    path = Path(path)
+    histories = read_histories(path, strict=True)
+    first_seen: dict[str, int] = {}
+    raw_seqs = [[first_seen.setdefault(t, len(first_seen)) for t in items] for items in histories.values()]
     item_ids = _sorted_ids(first_seen)
     remap = np.empty(len(item_ids), dtype=np.int64)
     order = {item: i for i, item in enumerate(item_ids)}
@@ -143,7 +159,7 @@ def load_sequence_file(path: Path | str, name: str | None = None) -> Interaction
     sequences = np.split(flat, np.cumsum(lengths)[:-1])
     return InteractionData(
         name=name or path.parent.name or path.stem,
-        user_ids=raw_users,
+        user_ids=list(histories),
         item_ids=item_ids,
         sequences=sequences,
     )
@@ -218,9 +234,9 @@ class EvalSet:
     def __len__(self) -> int:
         return len(self.targets)
 
-    def truncated(self, max_history: int) -> list[np.ndarray]:
-        """The histories cut to their newest `max_history` items (what the model's encoder reads)."""
-        return [h[-max_history:] for h in self.histories]
+    def truncated(self, history_window: int) -> list[np.ndarray]:
+        """The histories cut to their newest `history_window` items (what the model's encoder reads)."""
+        return [h[-history_window:] for h in self.histories]
 
 
 @dataclass

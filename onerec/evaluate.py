@@ -1,4 +1,4 @@
-"""Offline evaluation: full-ranking Recall@K / NDCG@K (leave-one-out) and legality.
+"""Offline evaluation: full-ranking Recall@K / NDCG@K (leave-one-out), the most-popular baseline and legality.
 
 Ranking uses the generator as the service answers: ``items`` mode (the top beams of a trie-constrained
 search over the whole catalogue, no sampled negatives) and none of the user's own history. Legality is
@@ -10,23 +10,28 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+from onerec.data import EvalSet
 from onerec.generate import Generator, RecRequest
 
 
 def ranking_metrics(ranked: Sequence[Sequence[int]], targets: Sequence[int], ks: Sequence[int]) -> dict[str, float]:
-    """Recall@K and NDCG@K with one relevant item per row."""
+    """Recall@K and NDCG@K with one relevant item per row.
+
+    A negative target (an item the ranker cannot know) counts as a miss whatever the row holds.
+    """
     out: dict[str, float] = {}
     n = max(len(targets), 1)
     for k in ks:
         hits, gain = 0, 0.0
         for row, target in zip(ranked, targets):
             top = list(row[:k])
-            if target in top:
+            if target >= 0 and target in top:
                 hits += 1
                 gain += 1.0 / math.log2(top.index(target) + 2)
         out[f"recall@{k}"] = hits / n
@@ -78,6 +83,52 @@ def evaluate_generator(
         bar.update(len(reqs))
     bar.close()
     return ranking_metrics(ranked, [int(t) for t in targets], ks)
+
+
+@dataclass
+class SplitMetrics:
+    """The generator and the most-popular baseline on the same evaluation rows."""
+
+    model: dict[str, float]
+    most_popular: dict[str, float]
+    users: int
+
+
+def evaluate_split(
+    generator: Generator,
+    rows: EvalSet,
+    user_ids: Sequence[str],
+    train_popularity: np.ndarray,
+    *,
+    ks: Sequence[int] = (5, 10),
+    beam_width: int | None = None,
+    max_users: int | None = None,
+    mode: str = "items",
+    model_index: np.ndarray | None = None,
+    progress: bool = True,
+) -> SplitMetrics:
+    """Full-ranking metrics of the generator (see ``evaluate_generator``) and of the most-popular
+    baseline (``train_popularity``'s top items for everybody) on the first ``max_users`` rows.
+
+    Histories are cut to the model's encoder window. ``rows``, ``user_ids`` (indexed by
+    ``rows.users``) and ``train_popularity`` are in the dataset's item indices; ``model_index`` maps
+    them to the model's (-1: an item the model does not know) when the dataset is not the one the
+    model was built from (``onerec eval``): unknown history items are dropped, an unknown target is
+    a miss for both rankers, and an unknown popular item keeps its place in the baseline's list.
+    """
+    take = len(rows) if max_users is None else min(len(rows), max_users)
+    histories = rows.truncated(generator.model.cfg.history_window)[:take]
+    targets = np.asarray(rows.targets[:take], dtype=np.int64)
+    popular = np.asarray(popularity_ranking(train_popularity, max(ks)), dtype=np.int64)
+    if model_index is not None:
+        histories = [model_index[h][model_index[h] >= 0] for h in histories]
+        targets, popular = model_index[targets], model_index[popular]
+    users = [user_ids[u] for u in rows.users[:take]]
+    model = evaluate_generator(
+        generator, histories, targets.tolist(), users, ks=ks, beam_width=beam_width, progress=progress, mode=mode
+    )
+    baseline = ranking_metrics([popular.tolist()] * take, targets.tolist(), ks)
+    return SplitMetrics(model=model, most_popular=baseline, users=take)
 
 
 @torch.no_grad()

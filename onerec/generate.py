@@ -91,15 +91,30 @@ class _Beams:
 
 
 class Generator:
-    def __init__(self, model: OneRecModel, trie: TrieIndex, device: str = "cpu", dtype: torch.dtype | None = None):
+    def __init__(
+        self,
+        model: OneRecModel,
+        trie: TrieIndex,
+        device: str = "cpu",
+        dtype: torch.dtype | None = None,
+        kernel_backend: str | None = None,
+    ):
+        """``kernel_backend``: see ``use_kernel_backend``."""
         self.model = model.eval()
         self.trie = trie
+        self.use_kernel_backend(kernel_backend)
         self.device = torch.device(device)
         self.dtype = dtype or (torch.float16 if self.device.type == "cuda" else torch.float32)
         self.model.to(self.device, self.dtype)
         self.cfg = model.cfg
         self._device_snap: tuple[TrieTensors, TrieTensors] | None = None  # (host snapshot, its device copy)
         self._weights = model.decode_weights()  # fused QKV, cross K/V and input table; stored weights untouched
+
+    def use_kernel_backend(self, backend: str | None) -> None:
+        """The backend ("torch", "triton", None = auto by device) every kernel dispatcher of this
+        generator's searches and model is asked for; the dispatchers decide from it alone."""
+        self.kernel_backend = backend
+        self.model.use_kernel_backend(backend)
 
     @property
     def weights(self) -> DecodeWeights:
@@ -190,7 +205,7 @@ class Generator:
         return request_cost(req.mode, req.beam_width, req.num_items, self.cfg.session_items, self.cfg.depth)[0]
 
     def _encoder_inputs(self, requests: list[RecRequest], snap: TrieTensors) -> tuple[torch.Tensor, ...]:
-        cap = self.cfg.max_history
+        cap = self.cfg.history_window
         n_items = snap.item_codes.shape[0]
         hists = [[i for i in r.history if 0 <= i < n_items][-cap:][::-1] for r in requests]  # newest first
         s = max(1, max(len(h) for h in hists))
@@ -698,6 +713,7 @@ class StepSearch:
                 banned,
                 self._row_groups_of(groups),
                 snap.num_nodes,
+                backend=self.gen.kernel_backend,
                 at_root=bool((level_np == 0).all()),
             )
             values, codes, nodes = top.values, top.codes, top.nodes  # (R, k)

@@ -215,7 +215,7 @@ def collect_pairs(
     """
     generator = Generator(model, trie, device=str(next(model.parameters()).device))
     snap = trie.tensors
-    m, cap = model.cfg.session_items, model.cfg.max_history
+    m, cap = model.cfg.session_items, model.cfg.history_window
     n_items = snap.item_codes.shape[0]
     out: dict[str, list[torch.Tensor]] = {k: [] for k in ("hist", "mask", "user", "c", "r", "rc", "rr", "ci", "ri")}
     avail: list[torch.Tensor] = []
@@ -234,7 +234,7 @@ def collect_pairs(
         hist_codes, hist_mask = history_tensors(newest_first, codes, cap)  # what the policy reads
         pad = cap - hist_codes.shape[1]  # every batch to the full width, so pairs of all batches stack
         hist_codes, hist_mask = F.pad(hist_codes, (0, 0, 0, pad)), F.pad(hist_mask, (0, pad))
-        r_codes, r_mask = history_tensors(newest_first, codes, reward.cfg.max_history)  # what R reads
+        r_codes, r_mask = history_tensors(newest_first, codes, reward.cfg.history_window)  # what R reads
         for q, req in enumerate(reqs):
             ok = torch.isfinite(beams.scores[q]) & (beams.items[q] >= 0).all(1)  # (W,)
             if int(ok.sum()) < 2:
@@ -468,15 +468,24 @@ def true_session_affinity(
 
 
 def holdout_users(n_users: int, share: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(IPA pool, held-out users): a seeded random partition with ``share`` of the users held out.
-
-    The reward model trains on the pool's sequences and ``run_ipa(users=pool)`` samples only the pool,
-    so everything measured on the held-out users is measured on users alignment never saw.
-    """
+    """(IPA pool, held-out users) with ``share`` of the users held out: see ``held_out_partition``."""
     if not 0.0 < share < 1.0:
         raise ValueError(f"held-out share must lie in (0, 1), got {share}")
+    return held_out_partition(n_users, int(round(share * n_users)), seed)
+
+
+def held_out_partition(n_users: int, n_held_out: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(IPA pool, held-out users): a seeded random partition with ``n_held_out`` users held out (at
+    least one, and at least one left in the pool).
+
+    The reward model trains on the pool's sequences and ``run_ipa(users=pool)`` samples only the pool,
+    so everything measured on the held-out users is measured on users alignment never saw (the
+    build's true-affinity check and ``benchmarks/ipa.py`` both measure that way).
+    """
+    if n_users < 2:
+        raise ValueError(f"holding users out of IPA needs at least 2 users, got {n_users}")
     perm = np.random.default_rng(10_000 + seed).permutation(n_users)
-    n_out = min(n_users - 1, max(1, int(round(share * n_users))))
+    n_out = min(n_users - 1, max(1, n_held_out))
     return np.sort(perm[n_out:]), np.sort(perm[:n_out])
 
 
@@ -518,7 +527,7 @@ def measure_users(
     for start in range(0, len(test_targets), batch_size):
         reqs = [
             RecRequest(
-                history=[int(i) for i in h][-model.cfg.max_history :],
+                history=[int(i) for i in h][-model.cfg.history_window :],
                 num_items=10,
                 mode="items",
                 beam_width=ranking_beam,

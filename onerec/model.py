@@ -25,7 +25,7 @@ d = d_model, H heads, dh = d/H.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -35,12 +35,15 @@ from torch import nn
 
 from kernels.moe import moe
 
+# Keys of a stored model config that were renamed: old name -> current name (``ModelConfig.from_dict``).
+RENAMED_CONFIG_KEYS = {"max_history": "history_window"}
+
 
 @dataclass
 class ModelConfig:
     level_sizes: list[int] = field(default_factory=lambda: [64, 64, 64])  # code vocabulary per level
     session_items: int = 5  # m: items per generated session
-    max_history: int = 50  # encoder reads at most this many recent items
+    history_window: int = 50  # the encoder reads at most this many recent items
     d_model: int = 64
     n_heads: int = 4
     n_encoder_layers: int = 2
@@ -64,6 +67,14 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        """The config of a manifest, old or new: ``history_window`` was called ``max_history`` by the
+        first published versions, whose manifests still load."""
+        data = dict(data)
+        for old, new in RENAMED_CONFIG_KEYS.items():
+            if old in data:
+                if new in data:
+                    raise ValueError(f"model config has both {old!r} and its new name {new!r}")
+                data[new] = data.pop(old)
         known = {f for f in cls.__dataclass_fields__}
         unknown = set(data) - known
         if unknown:
@@ -131,6 +142,7 @@ class MoEFFN(nn.Module):
         super().__init__()
         e, d, f = cfg.n_experts, cfg.d_model, cfg.d_ff
         self.top_k = cfg.experts_top_k
+        self.kernel_backend: str | None = None  # passed to kernels.moe; set by OneRecModel.use_kernel_backend
         self.router = nn.Parameter(torch.randn(e, d) * 0.02)  # (E, d)
         self.w_gate = nn.Parameter(torch.randn(e, d, f) / math.sqrt(d))  # (E, d, f)
         self.w_up = nn.Parameter(torch.randn(e, d, f) / math.sqrt(d))  # (E, d, f)
@@ -139,7 +151,9 @@ class MoEFFN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])  # (tokens, d)
-        return moe(flat, self.router, self.w_gate, self.w_up, self.w_down, self.top_k).view(shape)
+        return moe(
+            flat, self.router, self.w_gate, self.w_up, self.w_down, self.top_k, backend=self.kernel_backend
+        ).view(shape)
 
     def balance_loss(self, x: torch.Tensor) -> torch.Tensor:
         """Switch-style load balancing: E * sum_e (share of tokens routed to e) * (mean gate prob of e)."""
@@ -163,6 +177,13 @@ class EncoderLayer(nn.Module):
 
 
 class DecoderLayer(nn.Module):
+    """Pre-norm causal self-attention, cross-attention to the memory, and the MoE FFN, each residual.
+
+    Training (``forward``: every position at once, teacher-forced) and incremental decoding (``step``:
+    one position per row, against a cache) differ only in how the two attentions are computed;
+    ``_blocks`` is the layer's one structure, and both paths run through it.
+    """
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n1, self.self_attn = RMSNorm(cfg.d_model), Attention(cfg)
@@ -175,47 +196,81 @@ class DecoderLayer(nn.Module):
     def forward_with_router_input(
         self, x: torch.Tensor, memory: torch.Tensor, mem_mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The layer's output and what its MoE router saw: n3 of the input *after* both attention blocks."""
-        h = self.n1(x)
-        x = x + self.self_attn(h, h, causal=True)
-        x = x + self.cross_attn(self.n2(x), memory, mem_mask)
-        routed = self.n3(x)
-        return x + self.moe(routed), routed
+        """The layer's output and what its MoE router saw: n3 of the input *after* both attention blocks.
+
+        x: (B, T, d) every decoder position at once; memory: (B, S+1, d); mem_mask: (B, 1, 1, S+1).
+        """
+        return self._blocks(
+            x,
+            _module_norm,
+            lambda h: self.self_attn(h, h, causal=True),
+            lambda h: self.cross_attn(h, memory, mem_mask),
+        )
 
     def step(self, x: torch.Tensor, i: int, qkv_weight: torch.Tensor, batch: StepBatch) -> torch.Tensor:
         """One decoder position for every row of ``batch``; the same math as ``forward`` at that position.
 
         x: (R, d); i: this layer's index in the cache; qkv_weight: (3d, d) fused [q / sqrt(dh); k; v].
-        Self-attention writes the row's K/V at its own position and reads positions <= it (an additive
-        mask, since rows sit at different positions). With one query per row it is done elementwise
-        (multiply, sum over dh, softmax over positions): on CPU that beats SDPA, whose kernels are
-        tuned for long sequences, 2-3x at 32-512 rows. Cross-attention puts each request's beams on
-        the query axis against that request's memory K/V, one SDPA call per beam-width group.
+        Norms take ``rms`` (one fused op) where training keeps the module's own ops.
         """
-        rows, d = x.shape
+        return self._blocks(
+            x,
+            rms,
+            lambda h: self._cached_self_attention(h, i, qkv_weight, batch),
+            lambda h: self._grouped_cross_attention(h, i, batch),
+        )[0]
+
+    def _blocks(
+        self,
+        x: torch.Tensor,
+        norm: Callable[[RMSNorm, torch.Tensor], torch.Tensor],
+        self_attend: Callable[[torch.Tensor], torch.Tensor],
+        cross_attend: Callable[[torch.Tensor], torch.Tensor],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The residual structure of the layer: returns its output and the MoE router's input."""
+        x = x + self_attend(norm(self.n1, x))
+        x = x + cross_attend(norm(self.n2, x))
+        routed = norm(self.n3, x)
+        return x + self.moe(routed), routed
+
+    def _cached_self_attention(
+        self, h: torch.Tensor, i: int, qkv_weight: torch.Tensor, batch: StepBatch
+    ) -> torch.Tensor:
+        """Self-attention of one new position per row, (R, d) -> (R, d), output projection included.
+
+        It writes the row's K/V at its own position and reads positions <= it (an additive mask, since
+        rows sit at different positions). With one query per row it is done elementwise (multiply, sum
+        over dh, softmax over positions): on CPU that beats SDPA, whose kernels are tuned for long
+        sequences, 2-3x at 32-512 rows.
+        """
+        rows, d = h.shape
         sa = self.self_attn
-        h, dh, t_hi = sa.h, sa.dh, batch.t_hi
-        qkv = F.linear(rms(self.n1, x), qkv_weight)  # (R, 3d)
+        heads, dh, t_hi = sa.h, sa.dh, batch.t_hi
+        qkv = F.linear(h, qkv_weight)  # (R, 3d)
         cache = batch.cache[:, i]  # (R, 2, T, d)
         cache[batch.rows, :, batch.pos] = qkv[:, d:].view(rows, 2, d)
-        k, v = cache[:, 0, :t_hi].view(rows, t_hi, h, dh), cache[:, 1, :t_hi].view(rows, t_hi, h, dh)
-        score = (qkv[:, :d].view(rows, 1, h, dh) * k).sum(-1)  # (R, t_hi, H)
+        k, v = cache[:, 0, :t_hi].view(rows, t_hi, heads, dh), cache[:, 1, :t_hi].view(rows, t_hi, heads, dh)
+        score = (qkv[:, :d].view(rows, 1, heads, dh) * k).sum(-1)  # (R, t_hi, H)
         if batch.self_mask is not None:
             score = score + batch.self_mask
         prob = torch.softmax(score, dim=1, dtype=torch.float32)  # (R, t_hi, H)
-        prob = prob if prob.dtype == x.dtype else prob.to(x.dtype)
+        prob = prob if prob.dtype == h.dtype else prob.to(h.dtype)
         att = (prob[..., None] * v).sum(1)  # (R, H, dh)
-        x = x + F.linear(att.view(rows, d), sa.o.weight)
+        return F.linear(att.view(rows, d), sa.o.weight)
+
+    def _grouped_cross_attention(self, h: torch.Tensor, i: int, batch: StepBatch) -> torch.Tensor:
+        """Cross-attention of one position per row, (R, d) -> (R, d): each request's beams sit on the
+        query axis against that request's memory K/V, one SDPA call per beam-width group."""
+        d = h.shape[1]
         ca = self.cross_attn
-        q = F.linear(rms(self.n2, x), ca.q.weight)  # (R, d)
+        q = F.linear(h, ca.q.weight)  # (R, d)
         outs = []
         for g in batch.groups:
             n_req = (g.stop - g.start) // g.width
-            qg = q[g.start : g.stop].view(n_req, g.width, h, dh).transpose(1, 2)  # (Q_w, H, w, dh)
+            qg = q[g.start : g.stop].view(n_req, g.width, ca.h, ca.dh).transpose(1, 2)  # (Q_w, H, w, dh)
             att = F.scaled_dot_product_attention(qg, g.k[i], g.v[i], attn_mask=g.mask)  # (Q_w, H, w, dh)
             outs.append(att.transpose(1, 2).reshape(g.stop - g.start, d))
-        x = x + F.linear(outs[0] if len(outs) == 1 else torch.cat(outs), ca.o.weight)
-        return x + self.moe(rms(self.n3, x))
+        return F.linear(outs[0] if len(outs) == 1 else torch.cat(outs), ca.o.weight)
 
 
 @dataclass
@@ -291,6 +346,11 @@ def rms(norm: RMSNorm, x: torch.Tensor) -> torch.Tensor:
     return norm(x)
 
 
+def _module_norm(norm: RMSNorm, x: torch.Tensor) -> torch.Tensor:
+    """``norm(x)`` by the module's own ops: what training differentiates (``rms`` is for decoding)."""
+    return norm(x)
+
+
 class OneRecModel(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -299,7 +359,7 @@ class OneRecModel(nn.Module):
         self.cfg = cfg
         d = cfg.d_model
         self.enc_codes = nn.ModuleList(nn.Embedding(v, d) for v in cfg.level_sizes)
-        self.enc_pos = nn.Embedding(cfg.max_history + 1, d)  # 0 = user token, 1.. = recency
+        self.enc_pos = nn.Embedding(cfg.history_window + 1, d)  # 0 = user token, 1.. = recency
         self.user = nn.Embedding(cfg.user_buckets, d)
         self.encoder = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.n_encoder_layers))
         self.enc_norm = RMSNorm(d)
@@ -310,6 +370,16 @@ class OneRecModel(nn.Module):
         self.dec_norm = RMSNorm(d)
         self.heads = nn.ModuleList(nn.Linear(d, v, bias=False) for v in cfg.level_sizes)
         self.apply(self._init)
+
+    def use_kernel_backend(self, backend: str | None) -> None:
+        """The kernel backend every MoE layer asks ``kernels.moe`` for ("torch", "triton", None = auto).
+
+        The holder of the setting (the generator, given it by the engine) passes it down here; the
+        dispatcher then decides alone, from it and the tensors.
+        """
+        for module in self.modules():
+            if isinstance(module, MoEFFN):
+                module.kernel_backend = backend
 
     @staticmethod
     def _init(m: nn.Module) -> None:

@@ -44,7 +44,7 @@ TOWERS = ("click", "session")
 class RewardConfig:
     d_model: int = 32
     n_heads: int = 2
-    max_history: int = 20
+    history_window: int = 20
     session_items: int = 5
     epochs: int = 10
     batch_size: int = 256
@@ -80,7 +80,7 @@ class RewardModel(nn.Module):
         self.codes = nn.ModuleList(nn.Embedding(v, d) for v in level_sizes)
         self.level_sizes = list(level_sizes)
         self.prefixes = nn.Embedding(cfg.prefix_buckets, d) if cfg.prefix_buckets > 0 else None
-        self.hist_pos = nn.Embedding(cfg.max_history, d)  # recency, 0 = newest
+        self.hist_pos = nn.Embedding(cfg.history_window, d)  # recency, 0 = newest
         self.null_key = nn.Parameter(torch.zeros(1, 1, d))
         self.target_attn = nn.MultiheadAttention(d, cfg.n_heads, batch_first=True)
         self.session_attn = nn.MultiheadAttention(d, cfg.n_heads, batch_first=True)
@@ -187,8 +187,8 @@ class RewardSamples:
         return len(self.pairs)
 
     def history(self, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        hists = [self.sequences[u][max(0, p - self.cfg.max_history) : p][::-1] for u, p in self.pairs[idx]]
-        return history_tensors(hists, self.codes, self.cfg.max_history)
+        hists = [self.sequences[u][max(0, p - self.cfg.history_window) : p][::-1] for u, p in self.pairs[idx]]
+        return history_tensors(hists, self.codes, self.cfg.history_window)
 
     def batch(self, idx: np.ndarray, rng: np.random.Generator) -> tuple[torch.Tensor, ...]:
         """Positives then negatives: hist (2B,S,D), mask, sessions (2B,m,D), click labels (2B,m), session labels."""
@@ -237,10 +237,10 @@ class RewardSamples:
 
 
 def history_tensors(
-    hists: Sequence[np.ndarray], codes: torch.Tensor, max_history: int
+    hists: Sequence[np.ndarray], codes: torch.Tensor, history_window: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Histories already newest first -> (codes (B,S,D), mask (B,S)), S = the longest (at least 1)."""
-    hists = [np.asarray(h, dtype=np.int64)[:max_history] for h in hists]
+    hists = [np.asarray(h, dtype=np.int64)[:history_window] for h in hists]
     width = max(1, max(len(h) for h in hists))
     idx = np.zeros((len(hists), width), dtype=np.int64)
     mask = np.zeros((len(hists), width), dtype=bool)

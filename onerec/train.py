@@ -1,7 +1,7 @@
 """Next-token-prediction training over sessions: (history prefix -> the next m items).
 
 Every position p of a user's training sequence is a sample: the encoder reads the items before p
-(newest first, at most ``max_history``), the decoder is taught the codes of items p .. p+m-1. The
+(newest first, at most ``history_window``), the decoder is taught the codes of items p .. p+m-1. The
 loss is the mean cross-entropy per code plus the MoE load-balancing term; AdamW with warm-up and
 cosine decay; the weights with the best held-out loss are kept.
 """
@@ -71,7 +71,7 @@ class SessionSamples:
 
     def batch(self, idx: np.ndarray) -> tuple[torch.Tensor, ...]:
         cfg = self.cfg
-        m, s_max = cfg.session_items, cfg.max_history
+        m, s_max = cfg.session_items, cfg.history_window
         hist = np.zeros((len(idx), s_max), dtype=np.int64)
         hist_mask = np.zeros((len(idx), s_max), dtype=bool)
         target = np.zeros((len(idx), m), dtype=np.int64)

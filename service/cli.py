@@ -97,13 +97,17 @@ def _add_features(subparsers: Any) -> None:
 
 
 def run_features_load(args: argparse.Namespace) -> int:
-    from service.features import read_sequence_file
+    from onerec.data import SequenceFileError, read_histories
     from service.settings import Settings
 
     if not args.dataset.is_file():
         print(f"onerec features load: --dataset {args.dataset}: no such file", file=sys.stderr)
         return 2
-    histories = read_sequence_file(args.dataset)
+    try:
+        histories = read_histories(args.dataset, strict=False)
+    except SequenceFileError as exc:
+        print(f"onerec features load: {exc}", file=sys.stderr)
+        return 2
     if args.limit_users is not None:
         histories = dict(list(histories.items())[: args.limit_users])
     redis_url = args.redis_url or Settings().redis_url

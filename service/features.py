@@ -7,7 +7,7 @@ One interface, two implementations:
   by a timeout of a few ms. Key layout (one key per user, a Redis list):
 
       onerec:hist:<user_id>   LIST of item ids (strings), oldest first / newest last,
-                              trimmed with LTRIM to the model's history length on every append.
+                              trimmed with LTRIM to the model's history_window on every append.
 
   Reads are one LRANGE of the last `limit` entries; an append is RPUSH + LTRIM + LRANGE in one
   MULTI/EXEC pipeline (one round trip, atomic); the bulk loader pipelines DEL + RPUSH + LTRIM per
@@ -292,14 +292,3 @@ def make_feature_store(settings: Any, metrics: ServiceMetrics | None) -> Feature
             ttl_s=s.redis_history_ttl_s,
         )
     return EmbeddedFeatureStore(metrics, max_users=s.embedded_max_users)
-
-
-def read_sequence_file(path: str | Any) -> dict[str, list[str]]:
-    """Parse `user item item ...` lines (chronological, as ../shared/data/*/sequences.txt)."""
-    histories: dict[str, list[str]] = {}
-    with open(path, encoding="utf-8") as handle:
-        for line in handle:
-            parts = line.split()
-            if len(parts) >= 2:
-                histories.setdefault(parts[0], []).extend(parts[1:])
-    return histories

@@ -119,7 +119,8 @@ class ModelManager:
             "catalog_size": len(bundle.catalog.item_ids),
             "semantic_id_shape": list(bundle.semantic_id_shape),
             "session_items": bundle.session_items,
-            "max_history": bundle.max_history,
+            "history_window": bundle.history_window,
+            "max_history": bundle.history_window,  # the first name of history_window, kept for its clients
             "loaded_at": bundle.loaded_at,
             "pinned": self.pinned,
             "created": bundle.manifest.get("created"),

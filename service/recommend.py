@@ -85,7 +85,7 @@ class RecommendService:
         num_items = body.num_items or self.settings.default_num_items
         beam_width = body.beam_width or self.settings.default_beam_width
         self._capture(body, num_items, beam_width)
-        resolved = await self._resolve_history(body, bundle.max_history)
+        resolved = await self._resolve_history(body, bundle.history_window)
         if resolved.items is None:
             items = self._fallback(bundle, body, num_items)
         else:
@@ -108,12 +108,12 @@ class RecommendService:
         check_event_limits(body, self.settings)
         bundle = self.models.current
         items = list(body.items)
-        limit = self.settings.max_history
+        limit = self.settings.max_request_history
         if bundle is not None:
             known = [item for item in items if bundle.item_index(item) is not None]
             if len(known) < len(items):
                 self.metrics.unknown_event_items.inc(len(items) - len(known))
-            items, limit = known, bundle.max_history
+            items, limit = known, bundle.history_window
         if not items:
             return (await self.features.get_history(body.user_id, limit)) or []
         return await self.features.append_events(body.user_id, items, limit)
@@ -142,7 +142,7 @@ class RecommendService:
         beam_width: int,
         deadline: float,
     ) -> list[dict[str, Any]]:
-        window = history[-bundle.max_history :]  # the encoder window: the only place the history is trimmed
+        window = history[-bundle.history_window :]  # the encoder window: the only place the history is trimmed
         known = [bundle.item_index(item) for item in window]
         internal_history = [i for i in known if i is not None]
         unknown = len(known) - len(internal_history)

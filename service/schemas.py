@@ -124,12 +124,12 @@ def check_limits(body: RecommendBody, settings: Settings) -> None:
     _at_most("num_items", body.num_items, settings.max_num_items)
     _at_most("beam_width", body.beam_width, settings.max_beam_width)
     if body.history is not None:
-        _at_most("history", len(body.history), settings.max_history)
-    _at_most("exclude", len(body.exclude), settings.max_history)
+        _at_most("history", len(body.history), settings.max_request_history)
+    _at_most("exclude", len(body.exclude), settings.max_request_history)
 
 
 def check_event_limits(body: EventsBody, settings: Settings) -> None:
-    _at_most("items", len(body.items), settings.max_history)
+    _at_most("items", len(body.items), settings.max_request_history)
 
 
 def format_validation_errors(errors: list[dict[str, object]]) -> tuple[str, str | None]:

@@ -27,7 +27,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from service.capture import CaptureWriter
 from service.engine.client import EnginePool
-from service.features import make_feature_store, read_sequence_file
+from service.features import make_feature_store
 from service.grpc_api import GrpcFrontEnd
 from service.http_api import create_app
 from service.logs import configure_logging, get_logger, redact_url
@@ -176,8 +176,10 @@ class ServiceProcess:
         path = self.settings.features_preload
         if path is None:
             return
-        histories = await asyncio.to_thread(read_sequence_file, path)
-        written = await self.state.features.load_histories(histories, self.settings.max_history)
+        from onerec.data import read_histories  # the one sequence-file parser; numpy, only when preloading
+
+        histories = await asyncio.to_thread(read_histories, path, strict=False)
+        written = await self.state.features.load_histories(histories, self.settings.max_request_history)
         log.info("feature store preloaded", extra={"users": written, "path": str(path)})
 
     async def _lifecycle(self) -> None:

@@ -13,14 +13,16 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class Settings(BaseSettings):
     """Configuration of one service process (one replica)."""
 
-    model_config = SettingsConfigDict(env_prefix="ONEREC_", extra="ignore", protected_namespaces=())
+    model_config = SettingsConfigDict(
+        env_prefix="ONEREC_", extra="ignore", protected_namespaces=(), populate_by_name=True
+    )
 
     # front ends
     http_host: str = Field(default="0.0.0.0", description="HTTP bind address")
@@ -50,6 +52,10 @@ class Settings(BaseSettings):
         description="how often to look for a newer version (0 = never; admin reload still works)",
     )
     device: str = Field(default="cpu", description="torch device for the model: cpu or cuda")
+    kernels: Literal["auto", "torch", "triton"] = Field(
+        default="auto",
+        description="kernel backend of the model's hot path: auto (Triton on CUDA, PyTorch elsewhere), or force one",
+    )
     torch_threads: int | None = Field(
         default=None, ge=1, description="torch intra-op threads (None = usable cores - 1, at least 1)"
     )
@@ -109,7 +115,13 @@ class Settings(BaseSettings):
     max_beam_width: int = Field(default=256, ge=1, description="largest accepted beam_width")
     default_num_items: int = Field(default=10, ge=1, description="num_items when the request gives none")
     max_num_items: int = Field(default=100, ge=1, description="largest accepted num_items")
-    max_history: int = Field(default=1024, ge=1, description="largest accepted history / exclude / events list")
+    max_request_history: int = Field(
+        default=1024,
+        ge=1,
+        # ONEREC_MAX_HISTORY is this setting's first name, still read (the model's window is history_window)
+        validation_alias=AliasChoices("ONEREC_MAX_REQUEST_HISTORY", "ONEREC_MAX_HISTORY", "max_request_history"),
+        description="largest accepted history / exclude / events list of a request",
+    )
     max_body_bytes: int = Field(default=65536, ge=1024, description="largest accepted request body (HTTP and gRPC)")
 
     # operations
@@ -121,6 +133,14 @@ class Settings(BaseSettings):
         default=64 * 1024 * 1024, ge=1024, description="rotate the capture file (one .1 kept) at this size"
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(default="INFO", description="log level")
+
+    @field_validator("kernels", mode="before")
+    @classmethod
+    def _kernels_spelling(cls, value: object) -> object:
+        """ONEREC_KERNELS as kernels/ read it before it became a setting: any case, empty = auto."""
+        if isinstance(value, str):
+            return value.strip().lower() or "auto"
+        return value
 
     @model_validator(mode="after")
     def _check_consistency(self) -> Settings:

@@ -6,12 +6,14 @@ import hashlib
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
 from onerec.bundle import load_bundle, load_newest_bundle
 from onerec.generate import RecRequest
+from onerec.model import ModelConfig
 
 
 def test_bundle_round_trip_gives_identical_weights_and_answers(demo_bundle, demo_store: Path, tmp_path: Path) -> None:
@@ -77,6 +79,32 @@ def test_newer_version_whose_d_model_does_not_fit_its_weights_falls_back(demo_st
     assert [r.version for r in rejected] == [2] and "does not fit the weights" in rejected[0].reason
     with pytest.raises(ValueError, match="version 2: model_config does not fit the weights"):
         load_bundle(store / "demo" / "2")  # what an engine told to load it says
+
+
+def test_a_manifest_with_the_first_name_of_history_window_still_loads(demo_store: Path, tmp_path: Path) -> None:
+    """Versions published before the rename store the encoder window as ``max_history``."""
+    store = tmp_path / "store"
+    shutil.copytree(demo_store, store)
+
+    def old_name(manifest: dict[str, Any]) -> None:
+        config = manifest["model_config"]
+        config["max_history"] = config.pop("history_window")
+
+    _copy_as_version_2(store, old_name)
+    assert "max_history" in json.loads((store / "demo" / "2" / "manifest.json").read_text())["model_config"]
+    old, rejected = load_newest_bundle(store, "demo")
+    assert old.version == 2 and rejected == []
+    new = load_bundle(store / "demo" / "1")
+    assert old.history_window == new.history_window == new.config.history_window
+    req = [RecRequest(history=[1, 2, 3], num_items=5, mode="items", beam_width=8)]
+    assert old.generator.generate(req)[0][0].items == new.generator.generate(req)[0][0].items
+
+
+def test_a_model_config_with_both_names_of_the_window_is_refused() -> None:
+    with pytest.raises(ValueError, match="both 'max_history' and its new name 'history_window'"):
+        ModelConfig.from_dict({"max_history": 20, "history_window": 20})
+    assert ModelConfig.from_dict({"max_history": 7}).history_window == 7
+    assert "max_history" not in ModelConfig().to_dict()
 
 
 def test_catalogue_that_does_not_fit_the_config_falls_back(demo_store: Path, tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ from onerec.data import (
     leave_one_out,
     load_sequence_file,
     make_synthetic,
+    read_histories,
 )
 
 BEAUTY = Path(__file__).resolve().parents[2] / "shared" / "data" / "amazon-beauty" / "sequences.txt"
@@ -66,6 +67,28 @@ def test_loader_rejects_non_utf8(tmp_path: Path) -> None:
     path.write_bytes(b"u1 1 2\nu2 \xff\xfe 3\n")
     with pytest.raises(SequenceFileError, match=r"bad\.txt:2:"):
         load_sequence_file(path)
+
+
+def test_lenient_reading_merges_repeated_users_and_skips_users_without_items(tmp_path: Path) -> None:
+    path = write(tmp_path, "u1 1 2\nu2\n\nu3 4\nu1 5 6\n")
+    assert read_histories(path, strict=False) == {"u1": ["1", "2", "5", "6"], "u3": ["4"]}
+    with pytest.raises(SequenceFileError, match="has no items"):
+        read_histories(path)  # strict is the default: the same file is refused
+
+
+def test_lenient_reading_takes_an_empty_file_and_strict_does_not(tmp_path: Path) -> None:
+    path = write(tmp_path, "\n\n")
+    assert read_histories(path, strict=False) == {}
+    with pytest.raises(SequenceFileError, match="holds no sequences"):
+        read_histories(path, strict=True)
+
+
+@pytest.mark.parametrize("strict", [True, False])
+def test_both_readings_name_the_file_and_line_of_bytes_that_are_not_utf8(tmp_path: Path, strict: bool) -> None:
+    path = tmp_path / "bad.txt"
+    path.write_bytes(b"u1 1 2\nu2 \xff\xfe 3\n")
+    with pytest.raises(SequenceFileError, match=r"bad\.txt:2: not UTF-8"):
+        read_histories(path, strict=strict)
 
 
 def test_leave_one_out_split() -> None:

@@ -185,3 +185,24 @@ def test_catalogue_edits_apply_between_steps(demo_bundle: Any) -> None:
     finally:
         catalog.restore(gone)  # the bundle is shared by the module's tests
     assert all(catalog.is_live(i) for i in top[:3])
+
+
+def test_a_version_is_built_with_the_kernel_backend_the_engine_was_given(demo_store: Any, monkeypatch: Any) -> None:
+    """Settings.kernels reaches the generator through the engine (EngineConfig -> Scheduler -> load_bundle)."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    answers: dict[str, msg.ControlDone] = {}
+    for backend in ("torch", "triton"):
+        out: list[Any] = []
+        scheduler = Scheduler(out.append, kernels=backend)
+        scheduler.handle(msg.LoadModel(id=1, path=str(demo_store / "demo" / "1"), overlay=None))
+        for _ in range(6000):
+            scheduler.step()
+            if out:
+                break
+            time.sleep(0.01)
+        answers[backend] = out[0]
+        if backend == "torch":
+            assert scheduler.versions[1].bundle.generator.kernel_backend == "torch"
+    assert answers["torch"].ok
+    # forced Triton on a CPU host: the warm-up's first dispatch refuses it, so the engine refuses the version
+    assert not answers["triton"].ok and "KernelBackendError" in answers["triton"].message

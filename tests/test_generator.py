@@ -16,7 +16,7 @@ SIZES = [3, 3, 2]
 
 
 def tiny_world(
-    n_items: int = 9, session_items: int = 2, seed: int = 0, sizes: list[int] = SIZES, max_history: int = 6
+    n_items: int = 9, session_items: int = 2, seed: int = 0, sizes: list[int] = SIZES, history_window: int = 6
 ) -> tuple[OneRecModel, TrieIndex]:
     """A random model over a random catalogue of ``n_items`` paths: small enough for many searches."""
     rng = np.random.default_rng(seed)
@@ -26,7 +26,7 @@ def tiny_world(
     cfg = ModelConfig(
         level_sizes=sizes,
         session_items=session_items,
-        max_history=max_history,
+        history_window=history_window,
         d_model=32,
         n_heads=4,
         n_encoder_layers=1,
@@ -112,6 +112,30 @@ def test_session_mode_equals_brute_force_over_ordered_pairs() -> None:
     expected = brute_force(model, trie, history, "u2", 2, banned=set(history))
     assert [s for _, s in got] == [s for _, s in expected]
     np.testing.assert_allclose([v for v, _ in got], [v for v, _ in expected], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_decode_step_logits_equal_the_training_forward_at_every_position(seed: int) -> None:
+    """The two paths of ``DecoderLayer`` (every position at once, one cached position per row) agree."""
+    model, trie = tiny_world(n_items=12, session_items=3, seed=seed)
+    steps: list[torch.Tensor] = []
+    decode_step = model.decode_step
+
+    def recorded(*args: object, **kwargs: object) -> torch.Tensor:
+        logits = decode_step(*args, **kwargs)  # type: ignore[arg-type]
+        steps.append(logits.clone())
+        return logits
+
+    model.decode_step = recorded  # type: ignore[method-assign]
+    history = [4, 1]
+    req = RecRequest(history=history, num_items=3, mode="session", beam_width=1, user_id="u7")
+    (result,), _ = Generator(model, trie).generate([req])  # one beam: one row, one path
+    session = [it.item for it in result.items]
+    assert len(session) == 3 and len(steps) == 3 * trie.depth
+    forward = teacher_forced_logprobs(model, history, "u7", trie, session)
+    for t, (step, want) in enumerate(zip(steps, forward, strict=True)):
+        got = torch.log_softmax(step[0, : want.shape[0]], -1)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-5, msg=f"position {t}")
 
 
 @pytest.mark.parametrize("mode", ["session", "items"])

@@ -19,6 +19,7 @@ from onerec.ipa import (
     allowed_codes,
     collect_pairs,
     dpo_loss,
+    held_out_partition,
     holdout_users,
     pair_log_probs,
     run_ipa,
@@ -33,7 +34,7 @@ from onerec.train import SessionSamples, TrainConfig, train_model
 TINY_WORLD = SyntheticConfig(n_users=120, n_items=80, n_topics=8)
 TINY_MODEL = ModelConfig(
     session_items=3,
-    max_history=10,
+    history_window=10,
     d_model=32,
     n_heads=2,
     n_encoder_layers=1,
@@ -68,7 +69,7 @@ def tiny() -> Tiny:
     catalog = Catalog.from_codes(world.data.item_ids, sids.codes, level_sizes, [0])
     model = OneRecModel(replace(TINY_MODEL, level_sizes=level_sizes))
     train_model(model, split.train, world.data.user_ids, sids.codes, TrainConfig(epochs=2, batch_size=64), False)
-    rcfg = RewardConfig(session_items=3, max_history=10, epochs=3, batch_size=128)
+    rcfg = RewardConfig(session_items=3, history_window=10, epochs=3, batch_size=128)
     reward, _ = train_reward(split.train[:TRAIN_USERS], sids.codes, level_sizes, rcfg, progress=False)
     return Tiny(world, split.train, sids.codes, level_sizes, catalog, model, reward, rcfg)
 
@@ -211,7 +212,7 @@ def test_held_out_users_are_disjoint_from_every_user_ipa_samples(tiny: Tiny) -> 
     assert not sampled & set(held_out.tolist())
 
 
-def test_build_with_one_ipa_iteration_records_it_in_the_manifest(tmp_path: Path) -> None:
+def test_build_with_ipa_records_it_and_judges_it_on_users_ipa_never_sampled(tmp_path: Path) -> None:
     cfg = BuildConfig(
         name="ipa",
         synthetic=TINY_WORLD,
@@ -222,7 +223,7 @@ def test_build_with_one_ipa_iteration_records_it_in_the_manifest(tmp_path: Path)
         train=TrainConfig(epochs=1, batch_size=64),
         eval_beam=10,
         eval_users=32,
-        ipa_iterations=1,
+        ipa_iterations=2,
         ipa=IpaConfig(min_users=16, n_sessions=4, epochs=1),
         reward=RewardConfig(epochs=1),
         ipa_eval_users=16,
@@ -230,11 +231,26 @@ def test_build_with_one_ipa_iteration_records_it_in_the_manifest(tmp_path: Path)
     published, summary = build(cfg, tmp_path, progress=False)
     manifest = json.loads((published.path / "manifest.json").read_text())
     ipa = manifest["ipa"]
-    assert len(ipa["iterations"]) == 1
-    it = ipa["iterations"][0]
-    assert it["reward_chosen"] >= it["reward_rejected"]
-    assert len(it["dpo_loss"]) == 1 and 0 < it["dpo_loss"][0] < 2
+    assert len(ipa["iterations"]) == 2
+    for it in ipa["iterations"]:
+        assert it["reward_chosen"] >= it["reward_rejected"]
+        assert len(it["dpo_loss"]) == 1 and 0 < it["dpo_loss"][0] < 2
+    held_out = set(ipa["users"]["held_out"])
+    sampled = {u for it in ipa["iterations"] for u in it["sampled_users"]}
+    assert len(held_out) == 16 and len(sampled) > 16  # two iterations of 16 users each, not all the same
+    assert not held_out & sampled  # the users IPA is judged on are users it never sampled
+    assert held_out == set(held_out_partition(TINY_WORLD.n_users, 16, cfg.seed)[1].tolist())
+    assert ipa["users"]["ipa_pool"] == TINY_WORLD.n_users - 16 and ipa["users"]["ipa_sampled"] == len(sampled)
     truth = ipa["true_affinity"]
     assert truth["users"] == 16 and truth["before"] > 0 and truth["after"] > 0
     assert truth["gain"] == pytest.approx(truth["after"] - truth["before"])
     assert manifest["metrics"]["test"] == summary["metrics"]["test"]
+
+
+def test_held_out_partition_is_seeded_and_keeps_both_sides_non_empty() -> None:
+    pool, held_out = held_out_partition(10, 3, seed=5)
+    assert len(held_out) == 3 and sorted([*pool, *held_out]) == list(range(10))
+    assert np.array_equal(held_out, held_out_partition(10, 3, seed=5)[1])
+    assert not np.array_equal(held_out, held_out_partition(10, 3, seed=6)[1])
+    assert len(held_out_partition(10, 50, seed=0)[0]) == 1  # at least one user left to align on
+    assert np.array_equal(holdout_users(10, 0.3, seed=5)[1], held_out)  # the share spelling, same partition

@@ -157,8 +157,7 @@ def test_kernels_do_not_synchronise_with_the_host() -> None:
     torch.cuda.synchronize()
 
 
-def test_dispatcher_uses_a_cuda_backend_that_agrees(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("ONEREC_KERNELS", raising=False)
+def test_dispatcher_uses_a_cuda_backend_that_agrees() -> None:
     case = build_trie_case(seed=9, vocab=512, num_nodes=20, rows=64, k=16, num_groups=2, device="cuda")
     assert_trie_equal(tuple(kernels.trie_topk(*case.args())), pt_trie_topk(*case.args()), case.logits)
     moe_case = build_moe_case(seed=9, tokens=64, dim=64, ffn=128, experts=8, top_k=2, device="cuda")

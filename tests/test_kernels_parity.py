@@ -113,7 +113,6 @@ def test_trie_oracle_sees_bans_and_dead_rows() -> None:
 
 def _run_interpreted(which: str, *extra: str) -> None:
     env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
-    env.pop("ONEREC_KERNELS", None)
     done = subprocess.run(
         [sys.executable, "-m", "benchmarks.kernel_parity", which, *extra],
         cwd=REPO,
@@ -143,24 +142,21 @@ def test_generator_recommends_the_same_with_interpreted_triton(demo_store: Path)
 
 
 def test_forcing_triton_without_cuda_or_interpreter_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("ONEREC_KERNELS", "triton")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     trie = build_trie_case(seed=0, vocab=5, num_nodes=3, rows=2, k=2, num_groups=1)
     with pytest.raises(KernelBackendError, match="CUDA.*TRITON_INTERPRET=1"):
-        kernels.trie_topk(*trie.args())
+        kernels.trie_topk(*trie.args(), backend="triton")
     moe = build_moe_case(seed=0, tokens=3, dim=8, ffn=8, experts=2, top_k=1)
     with pytest.raises(KernelBackendError, match="CUDA.*TRITON_INTERPRET=1"):
-        kernels.moe(*moe.args())
+        kernels.moe(*moe.args(), backend="triton")
 
 
-def test_unknown_backend_name_is_rejected(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("ONEREC_KERNELS", "cuda")
+def test_unknown_backend_name_is_rejected() -> None:
     trie = build_trie_case(seed=0, vocab=5, num_nodes=3, rows=2, k=2, num_groups=1)
     with pytest.raises(KernelBackendError, match="expected 'torch' or 'triton'"):
-        kernels.trie_topk(*trie.args())
+        kernels.trie_topk(*trie.args(), backend="cuda")
 
 
-def test_torch_backend_forced_runs_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("ONEREC_KERNELS", "torch")
+def test_torch_backend_forced_runs_on_cpu() -> None:
     trie = build_trie_case(seed=4, vocab=9, num_nodes=5, rows=3, k=3, num_groups=2)
-    assert_trie_equal(tuple(kernels.trie_topk(*trie.args())), oracle_trie_topk(trie), trie.logits)
+    assert_trie_equal(tuple(kernels.trie_topk(*trie.args(), backend="torch")), oracle_trie_topk(trie), trie.logits)

@@ -206,7 +206,7 @@ def small_file_config(path: Path) -> BuildConfig:
         levels=2,
         codes_per_level=None,
         model=ModelConfig(
-            session_items=2, max_history=8, d_model=32, n_heads=2, d_ff=32, n_experts=2, n_encoder_layers=1,
+            session_items=2, history_window=8, d_model=32, n_heads=2, d_ff=32, n_experts=2, n_encoder_layers=1,
             n_decoder_layers=1,
         ),
         train=TrainConfig(epochs=1, batch_size=64, lr=3e-3, holdout_share=0.0, slot_weights=[1.0, 0.5]),
@@ -234,7 +234,7 @@ def test_build_of_a_sequence_file_with_and_without_content(tmp_path: Path, with_
 
 def tiny_model() -> tuple[OneRecModel, tuple[torch.Tensor, ...]]:
     torch.manual_seed(0)
-    cfg = ModelConfig(level_sizes=[5, 6], session_items=3, max_history=4, d_model=16, n_heads=2, d_ff=16)
+    cfg = ModelConfig(level_sizes=[5, 6], session_items=3, history_window=4, d_model=16, n_heads=2, d_ff=16)
     model = OneRecModel(cfg).eval()
     g = torch.Generator().manual_seed(1)
     hist = torch.stack([torch.randint(0, v, (3, 4), generator=g) for v in cfg.level_sizes], dim=-1)

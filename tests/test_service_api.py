@@ -307,11 +307,13 @@ def test_events_extend_history_and_are_not_recommended_back(http: httpx.Client, 
     assert response.json()["degraded"] is False
 
 
-def test_events_are_trimmed_to_the_model_history_length(http: httpx.Client) -> None:
-    max_history = http.get("/v1/models").json()["max_history"]
-    items = [str(i) for i in range(max_history + 7)]
+def test_events_are_trimmed_to_the_model_history_window(http: httpx.Client) -> None:
+    model = http.get("/v1/models").json()
+    window = model["history_window"]
+    assert model["max_history"] == window  # the field's first name, still answered
+    items = [str(i) for i in range(window + 7)]
     stored = http.post("/v1/events", json={"user_id": "trim-user", "items": items}).json()["history"]
-    assert stored == items[-max_history:]
+    assert stored == items[-window:]
 
 
 def test_events_validation(http: httpx.Client, stub: Any) -> None:

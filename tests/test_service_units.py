@@ -38,6 +38,32 @@ def test_flags_override_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     assert Settings().admin_token is None
 
 
+def test_request_history_limit_reads_its_first_env_name_and_its_flag(monkeypatch: pytest.MonkeyPatch) -> None:
+    import argparse
+
+    from service.cli import register
+
+    monkeypatch.setenv("ONEREC_MAX_HISTORY", "77")  # the setting's first name (before history_window existed)
+    assert Settings().max_request_history == 77
+    monkeypatch.setenv("ONEREC_MAX_REQUEST_HISTORY", "88")
+    assert Settings().max_request_history == 88  # the current name wins
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["serve", "--max-request-history", "99"])
+    assert settings_from_args(args).max_request_history == 99
+
+
+def test_kernel_backend_setting_takes_the_spellings_kernels_used_to_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert Settings().kernels == "auto"
+    monkeypatch.setenv("ONEREC_KERNELS", " Triton ")
+    assert Settings().kernels == "triton"
+    monkeypatch.setenv("ONEREC_KERNELS", "")
+    assert Settings().kernels == "auto"
+    monkeypatch.setenv("ONEREC_KERNELS", "cuda")
+    with pytest.raises(ValueError, match="kernels"):
+        Settings()
+
+
 def test_inconsistent_settings_are_refused() -> None:
     with pytest.raises(ValueError, match="default_beam_width"):
         Settings(default_beam_width=64, max_beam_width=32)

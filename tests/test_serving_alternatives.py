@@ -245,7 +245,7 @@ def tiny_spec() -> dict[str, Any]:
     return {
         "name": "tiny",
         "version": 1,
-        "model_config": {"level_sizes": level_sizes, "session_items": 3, "max_history": 8, "user_buckets": 16,
+        "model_config": {"level_sizes": level_sizes, "session_items": 3, "history_window": 8, "user_buckets": 16,
                          "d_model": 16, "n_heads": 2, "d_ff": 32, "n_encoder_layers": 2, "n_decoder_layers": 2},
         "item_ids": [f"i{k}" for k in range(len(codes))],
         "codes": codes,

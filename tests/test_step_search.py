@@ -27,7 +27,7 @@ SESSION = 3
 
 def small_world(seed: int = 0) -> Generator:
     """A demo-shaped model small enough for many searches per test; sharp weights, so no near-ties."""
-    return Generator(*tiny_world(N_ITEMS, SESSION, seed, sizes=SIZES, max_history=8))
+    return Generator(*tiny_world(N_ITEMS, SESSION, seed, sizes=SIZES, history_window=8))
 
 
 @pytest.fixture(scope="module")

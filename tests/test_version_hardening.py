@@ -65,7 +65,7 @@ NAME = "tiny"
 TINY = ModelConfig(
     level_sizes=[4, 3],
     session_items=2,
-    max_history=4,
+    history_window=4,
     d_model=8,
     n_heads=2,
     n_encoder_layers=1,
@@ -454,7 +454,7 @@ def test_files_symlinked_out_of_the_version_are_refused(tmp_path: Path, target: 
 
 # ---- the fuzz test ----------------------------------------------------------------------------------
 
-SHAPE_KEYS = ["d_model", "user_buckets", "max_history", "session_items", "n_encoder_layers", "n_decoder_layers",
+SHAPE_KEYS = ["d_model", "user_buckets", "history_window", "session_items", "n_encoder_layers", "n_decoder_layers",
               "d_ff", "n_experts"]  # fmt: skip
 ALL_KEYS = [*SHAPE_KEYS, "n_heads", "experts_top_k", "dropout", "level_sizes"]
 WRONG_TYPES = st.sampled_from(["8", None, [8], {"a": 1}, 1.5, True, -1])
@@ -627,7 +627,7 @@ def test_service_becomes_ready_on_v1_beside_a_broken_v2(
         TINY,
         ModelConfig(),
         ModelConfig(level_sizes=[5, 7, 3], session_items=3, n_encoder_layers=0, n_decoder_layers=3, d_ff=16,
-                    n_experts=3, d_model=12, n_heads=3, user_buckets=9, max_history=7),
+                    n_experts=3, d_model=12, n_heads=3, user_buckets=9, history_window=7),
     ],
 )  # fmt: skip
 def test_expected_tensors_follow_the_model(config: ModelConfig) -> None:

@@ -34,9 +34,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.pytorch.pt_trie_topk import pt_trie_topk
-
-# The widest child block compiled for the dense level; wider vocabularies fall back to PyTorch.
+# The widest child block compiled for the dense level: the kernel takes vocabularies up to this many
+# codes (``kernels.trie_topk.trie_topk_backend`` sends wider ones to PyTorch).
 MAX_BLOCK = 16384
 # Child block for narrow (deep) nodes; rows whose node has more children use the wide block.
 NARROW_BLOCK = 256
@@ -356,7 +355,7 @@ def wide_path_sizes(wide: int, k_pad: int) -> tuple[int, int]:
 
 
 def default_num_warps(narrow: int, wide: int) -> int:
-    """Warps per program (H100 sweep in benchmarks/kernels.py): narrow rows favour few warps, the
+    """Warps per program (H100 sweep in benchmarks/kernel_speed.py): narrow rows favour few warps, the
     dense 8192-wide root more; 8 is the compromise for wide levels, whose deep rows share the launch."""
     return 2 if wide <= 1024 else 8
 
@@ -389,7 +388,8 @@ def triton_trie_topk(
     """See ``kernels.trie_topk.trie_topk``. No host synchronisation: block widths follow shapes.
 
     Assumes what the trie guarantees: the children of one node have distinct codes < V, so a node
-    has at most V children. Vocabularies wider than ``MAX_BLOCK`` take the PyTorch path.
+    has at most V children. Vocabularies wider than ``MAX_BLOCK`` are refused: the dispatcher decides
+    where they go, this function never reroutes a call.
     """
     rows, vocab = logits.shape
     device = logits.device
@@ -399,8 +399,10 @@ def triton_trie_topk(
     if rows == 0 or k == 0:
         return values, codes, nodes
     narrow, wide = block_widths(vocab)
-    if wide > MAX_BLOCK or child_codes.numel() == 0:
-        return pt_trie_topk(logits, node, offsets, child_codes, child_nodes, k, banned_keys, row_groups, num_nodes)
+    if wide > MAX_BLOCK:
+        raise ValueError(f"a {vocab}-code level is wider than the kernel's widest block ({MAX_BLOCK})")
+    if child_codes.numel() == 0:  # a trie without edges: every row is dead, nothing to launch
+        return values.fill_(float("-inf")), codes.fill_(-1), nodes.fill_(-1)
     if logits.stride(1) != 1:
         logits = logits.contiguous()
     groups = row_groups.to(torch.int64).contiguous()

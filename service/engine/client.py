@@ -165,6 +165,7 @@ class EnginePool:
             inbox=inbox,
             outbox=self.outbox_addr,
             device=s.device,
+            kernels=s.kernels,
             torch_threads=effective_torch_threads(s.torch_threads),
             max_rows=s.max_beam_budget,
             max_requests=s.max_batch_size,

@@ -42,6 +42,7 @@ class EngineConfig:
     inbox: str  # zmq address the engine binds and pulls requests from
     outbox: str  # zmq address the engine pushes replies to
     device: str = "cpu"
+    kernels: str = "auto"  # Settings.kernels: the backend every kernel dispatcher is asked for
     torch_threads: int = 1
     max_rows: int = 2048
     max_requests: int = 16
@@ -62,6 +63,7 @@ class Engine:
             self.send,
             index=cfg.index,
             device=cfg.device,
+            kernels=cfg.kernels,
             max_rows=cfg.max_rows,
             max_requests=cfg.max_requests,
             mode=cfg.scheduler,

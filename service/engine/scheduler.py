@@ -65,6 +65,7 @@ class Scheduler:
         *,
         index: int = 0,
         device: str = "cpu",
+        kernels: str = "auto",
         max_rows: int = 2048,
         max_requests: int = 16,
         mode: str = "continuous",
@@ -72,6 +73,7 @@ class Scheduler:
         self.emit = emit
         self.index = index
         self.device = device
+        self.kernels = kernels
         self.max_rows = max_rows
         self.max_requests = max_requests
         self.mode = mode
@@ -253,7 +255,7 @@ class Scheduler:
             from onerec.bundle import load_bundle
             from onerec.generate import StepSearch
 
-            bundle = load_bundle(Path(m.path), device=self.device)
+            bundle = load_bundle(Path(m.path), device=self.device, kernel_backend=self.kernels)
             if m.overlay:
                 bundle.catalog.apply_overlay(read_overlay(Path(m.overlay)))
             bundle.warmup()
