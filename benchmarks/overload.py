@@ -40,7 +40,7 @@ from benchmarks.serving import CPU_BUDGET_MS
 from benchmarks.workload import Row, load_spec, log, make_records
 from loadtest.replay import ReplayConfig, replay_async
 from loadtest.report import Sample, latency_summary_ms
-from loadtest.trace import TraceRecord
+from loadtest.trace import MODES, TraceRecord
 
 
 def rss_mb(pid: int) -> float | None:
@@ -288,7 +288,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--model-name")
     parser.add_argument("--rate", type=float, help="sustainable rate (default: find it by a short sweep)")
     parser.add_argument("--budget-ms", type=float, default=CPU_BUDGET_MS)
-    parser.add_argument("--mode", default="session", choices=["session", "items"])
+    parser.add_argument("--mode", default="session", choices=MODES)
     parser.add_argument("--beam-width", type=int, default=32)
     parser.add_argument("--overload-seconds", type=float, default=30.0)
     parser.add_argument("--recovery-seconds", type=float, default=10.0)

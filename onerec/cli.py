@@ -138,7 +138,9 @@ def _add_recommend(sub: Any) -> None:
     p.add_argument("--name", default=None)
     p.add_argument("--history", default="", help="comma-separated item ids, oldest first")
     p.add_argument("--user-id", default="cli")
-    p.add_argument("--mode", default="session", choices=["session", "items"])
+    # no argparse choices: the modes live in onerec.generate (MODES), which imports torch; the
+    # request is checked there and a bad mode is named before anything runs
+    p.add_argument("--mode", default="session", help="session or items (onerec.generate.MODES)")
     p.add_argument("--beam-width", type=int, default=32)
     p.add_argument("--num-items", type=int, default=10)
     p.add_argument("--exclude", default="", help="comma-separated item ids never to return")
@@ -151,8 +153,11 @@ def _run_recommend(args: argparse.Namespace) -> int:
     import uuid
 
     from onerec.bundle import load_newest_bundle
-    from onerec.generate import RecRequest
+    from onerec.generate import MODES, RecRequest
 
+    if args.mode not in MODES:
+        print(f"onerec recommend: --mode must be one of {', '.join(MODES)}, got {args.mode!r}", file=sys.stderr)
+        return 2
     bundle, _ = load_newest_bundle(args.store, args.name)
     ids = [s for s in args.history.split(",") if s.strip()]
     known = [bundle.item_index(s.strip()) for s in ids]

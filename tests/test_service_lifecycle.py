@@ -252,24 +252,31 @@ def test_overload_sheds_with_429_not_timeouts(tight_server: ServiceHandle) -> No
 
 
 def test_sigterm_drains_in_flight_requests_then_exits(tight_server: ServiceHandle) -> None:
-    results: list[int] = []
+    results: list[int | str] = []
 
     def call() -> None:
-        with httpx.Client(timeout=60.0) as client:
-            results.append(client.post(f"{tight_server.http_url}/v1/recommend", json=SLOW_BODY).status_code)
+        try:
+            with httpx.Client(timeout=60.0) as client:
+                results.append(client.post(f"{tight_server.http_url}/v1/recommend", json=SLOW_BODY).status_code)
+        except httpx.TransportError:
+            results.append("refused")  # connected after the listener closed: never in flight
 
     # Three callers behind a one-request engine (queue of 2): however fast a request is, some wait while one runs.
     callers = [threading.Thread(target=call) for _ in range(3)]
     for caller in callers:
         caller.start()
     deadline = time.monotonic() + 30
-    while metric(scrape(tight_server.http_url), "onerec_inflight_requests", api="http") < 2:
+    while (in_flight := metric(scrape(tight_server.http_url), "onerec_inflight_requests", api="http")) < 2:
         assert time.monotonic() < deadline, "requests never became in-flight"
         time.sleep(0.005)
-    tight_server.terminate()  # SIGTERM while both are being served / queued
+    tight_server.terminate()  # SIGTERM while at least two are being served / queued
     for caller in callers:
         caller.join(60)
-    assert results == [200, 200, 200]
+    # Every request in flight at SIGTERM is answered in full; one that arrives later (a loaded machine can
+    # start the third caller late) is refused cleanly, with 503 or a closed socket, never lost.
+    assert len(results) == 3, results
+    assert results.count(200) >= in_flight, (results, in_flight)
+    assert all(r in (200, 503, "refused") for r in results), results
     assert tight_server.proc.wait(30) == 0
     with pytest.raises(httpx.TransportError):
         httpx.get(f"{tight_server.http_url}/healthz", timeout=2)
