@@ -201,6 +201,11 @@ def compare(
     return out
 
 
+def key_of(label: str) -> str:
+    """The report key of a server (``hf`` is reported as ``hf_generate``, as in earlier reports)."""
+    return "hf_generate" if label == "hf" else label
+
+
 def side(measured: dict[str, Any]) -> dict[str, Any]:
     sweep_result = measured["sweep"]
     saturation = [s for s in sweep_result["curve"] if s.get("saturation_step")]
@@ -226,19 +231,19 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
     )
     lines = [head, "-" * len(head)]
     for r in rows:
-        o, h = r["onerec"], r["hf_generate"]
+        o, h = r.get("onerec") or {}, r.get("hf_generate") or {}
         b = r.get("hf_batched") or {}
         vb = r.get("vs_hf_batched") or {}
         cores = (o.get("cpu_cores_at_saturation") or {}).get("server")
         lines.append(
             f"{r['mode']:<8} {r['beam_width']:>4} {_fmt(r.get('budget_ms'), 0):>6} | "
-            f"{o['sustainable_rps']:>8.1f} {_fmt(o['p99_at_sustainable_ms'], 0):>6} "
-            f"{_fmt(o['saturated_throughput_rps']):>6} | "
-            f"{h['sustainable_rps']:>7.2f} {_fmt(h['p99_at_sustainable_ms'], 0):>6} "
-            f"{_fmt(h['saturated_throughput_rps']):>5} | "
+            f"{_fmt(o.get('sustainable_rps')):>8} {_fmt(o.get('p99_at_sustainable_ms'), 0):>6} "
+            f"{_fmt(o.get('saturated_throughput_rps')):>6} | "
+            f"{_fmt(h.get('sustainable_rps'), 2):>7} {_fmt(h.get('p99_at_sustainable_ms'), 0):>6} "
+            f"{_fmt(h.get('saturated_throughput_rps')):>5} | "
             f"{_fmt(b.get('sustainable_rps'), 2):>7} {_fmt(b.get('p99_at_sustainable_ms'), 0):>6} "
             f"{_fmt(b.get('saturated_throughput_rps')):>6} | "
-            f"{_fmt(r['rps_ratio']):>6} {_fmt(r['saturated_throughput_ratio']):>6} | "
+            f"{_fmt(r.get('rps_ratio')):>6} {_fmt(r.get('saturated_throughput_ratio')):>6} | "
             f"{_fmt(vb.get('rps_ratio')):>6} {_fmt(vb.get('saturated_throughput_ratio')):>6} | {_fmt(cores, 2):>5}"
         )
     return "\n".join(lines)
@@ -351,7 +356,7 @@ def saturation_cores(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """The service's CPU at the saturation step of each row, and the most it used (the cores goal)."""
     per_row = {}
     for r in rows:
-        cpu = r["onerec"].get("cpu_cores_at_saturation")
+        cpu = (r.get("onerec") or {}).get("cpu_cores_at_saturation")
         if cpu:
             per_row[f"{r['mode']}/beam{r['beam_width']}"] = {
                 "server": cpu.get("server"),
@@ -422,8 +427,13 @@ def run_http(args: argparse.Namespace, store: Path, workdir: Path) -> dict[str, 
                 )  # fmt: skip
             finally:
                 server.stop()
-        if not {"onerec", "hf"} <= set(measured):
-            continue  # a partial run (--servers): nothing to compare; the sides are in the log only
+        if not {"onerec", "hf"} <= set(measured):  # a partial run (--servers): each side alone, no ratios
+            all_rows.extend(
+                {"device": row.device, "mode": row.mode, "beam_width": row.beam_width, "budget_ms": budgets[row.mode],
+                 **{key_of(label): side(measured[label][row.key]) for label in measured}}
+                for row in rows
+            )  # fmt: skip
+            continue
         for row in rows:
             all_rows.append(
                 compare(

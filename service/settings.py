@@ -82,7 +82,11 @@ class Settings(BaseSettings):
 
     # engines and their scheduler
     engines: int = Field(
-        default=1, ge=1, le=64, description="engine processes behind the front end (per GPU or core set)"
+        default=1,
+        ge=1,
+        le=64,
+        description="engine processes behind the front end: one per GPU, or on CPU one per core "
+        "(each holds a copy of the model)",
     )
     scheduler: Literal["continuous", "batch"] = Field(
         default="continuous",
