@@ -7,6 +7,7 @@ packages are imported from this checkout and nothing in this directory shadows t
 * ``serving``: this service against Hugging Face ``generate`` (one at a time and batched), over HTTP;
 * ``overload``: shedding beyond the sustainable rate, recovery, and a soak;
 * ``service_latency``, ``join_time``: single-request latency, throughput, continuous vs batch scheduling;
+* ``scheduler_profile``: the engine's scheduler alone, in process: latency and where a step's time goes;
 * ``decode_step``: aten ops and time per decode step; ``ipa``: what preference alignment buys;
 * ``kernel_speed``: the Triton kernels against their PyTorch twins and the usual alternatives;
 * ``kernel_parity``: not timed, the Triton kernels' answers against PyTorch's (without a GPU under
@@ -14,5 +15,5 @@ packages are imported from this checkout and nothing in this directory shadows t
 
 The other modules are their parts: ``kernel_cases`` (kernel inputs, shared with the tests), and the
 serving and overload benchmarks' ``workload``, ``hf_baseline``, ``servers``, ``rate_sweep``,
-``process_cpu``, ``server_metrics``, ``in_process`` and ``random_store``.
+``process_cpu``, ``server_metrics``, ``in_process`` and ``random_store``; ``report`` writes every report.
 """

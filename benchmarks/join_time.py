@@ -120,15 +120,21 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--capacity-seconds", type=float, default=15.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--service-env", action="append", default=[], metavar="KEY=VALUE",
+        help="extra service setting for both schedulers, e.g. ONEREC_ENGINES=2 (repeatable)",
+    )  # fmt: skip
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
 
     bodies = make_bodies(catalogue(args.store, args.name), 2000, args.items_share, args.beam, args.seed)
     logs = Path(tempfile.mkdtemp(prefix="join-time-"))
     env = {"ONEREC_LOG_LEVEL": "WARNING", "ONEREC_MAX_QUEUE": "4096", "ONEREC_POLL_INTERVAL_S": "0"}
+    env.update(dict(item.split("=", 1) for item in args.service_env))
     report: dict[str, Any] = {
         "benchmark": "join_time",
         "store": str(args.store),
+        "command": " ".join(["python -m benchmarks.join_time", *sys.argv[1:]]),
         "settings": {k: v for k, v in vars(args).items() if k not in ("store", "out")},
         "loadavg_start": os.getloadavg(),
         "schedulers": {},
