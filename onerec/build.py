@@ -95,7 +95,8 @@ def demo_config() -> BuildConfig:
     """The small synthetic demo model: trains in well under a minute on 2 cores."""
     return BuildConfig(
         model=small_model(session_items=5, dropout=0.1),
-        train=TrainConfig(epochs=6, batch_size=128, lr=3e-3),
+        # one torch thread, as the real recipe: with two, a busy neighbour on a 2-core host made this 50x slower
+        train=TrainConfig(epochs=6, batch_size=128, lr=3e-3, threads=1),
     )
 
 
