@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import random
 import statistics
@@ -30,14 +29,10 @@ from typing import Any
 import httpx
 
 from benchmarks.report import emit
+from benchmarks.workload import catalogue_ids
 from loadtest.launcher import start_service
 
 TIMEOUT_MS = 30000  # the deadline of every request: latency is what is measured, not shedding
-
-
-def catalogue(store: Path, name: str) -> list[str]:
-    versions = sorted(int(p.name) for p in (store / name).iterdir() if p.name.isdigit())
-    return [str(i) for i in json.loads((store / name / str(versions[-1]) / "catalog.json").read_text())["item_ids"]]
 
 
 def make_bodies(items: list[str], n: int, items_share: float, beam: int, seed: int) -> list[dict[str, Any]]:
@@ -127,7 +122,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
 
-    bodies = make_bodies(catalogue(args.store, args.name), 2000, args.items_share, args.beam, args.seed)
+    bodies = make_bodies(catalogue_ids(args.store, args.name), 2000, args.items_share, args.beam, args.seed)
     logs = Path(tempfile.mkdtemp(prefix="join-time-"))
     env = {"ONEREC_LOG_LEVEL": "WARNING", "ONEREC_MAX_QUEUE": "4096", "ONEREC_POLL_INTERVAL_S": "0"}
     env.update(dict(item.split("=", 1) for item in args.service_env))

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import random
 import sys
 import time
@@ -27,6 +26,7 @@ from typing import Any
 import torch
 
 from benchmarks.report import emit
+from benchmarks.workload import catalogue_ids, newest_version_dir
 from onerec.generate import StepSearch
 from service.engine import messages as msg
 from service.engine.scheduler import Scheduler
@@ -59,10 +59,6 @@ def phase_timers() -> Iterator[dict[str, list[float]]]:
     finally:
         for name, fn in originals.items():
             setattr(StepSearch, name, fn)
-
-
-def newest_version(store: Path, name: str) -> Path:
-    return max((p for p in (store / name).iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
 
 
 def quantile_ms(values: list[float], q: float) -> float | None:
@@ -99,7 +95,7 @@ def run(store: Path, name: str, mode: str, traffic: list[Arrival], beam: int) ->
             loaded.append(m)
 
     scheduler = Scheduler(on_reply, mode=mode)
-    scheduler.handle(msg.LoadModel(0, str(newest_version(store, name)), None))
+    scheduler.handle(msg.LoadModel(0, str(newest_version_dir(store, name)), None))
     while not loaded:  # the load runs in a thread, finished by step()
         scheduler.step()
         time.sleep(0.01)
@@ -162,7 +158,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    catalogue = len(json.loads((newest_version(args.store, args.name) / "catalog.json").read_text())["item_ids"])
+    catalogue = len(catalogue_ids(args.store, args.name))
     traffic = arrivals(args.rate, args.seconds, args.items_share, catalogue, args.seed)
     report: dict[str, Any] = {
         "benchmark": "scheduler_profile",

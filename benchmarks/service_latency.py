@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import platform
 import random
@@ -31,6 +30,7 @@ from typing import Any
 import httpx
 
 from benchmarks.report import emit
+from benchmarks.workload import catalogue_ids
 from loadtest.launcher import ServiceHandle, start_service
 
 
@@ -51,9 +51,7 @@ def percentiles(samples_s: list[float]) -> dict[str, float]:
 
 def make_bodies(store: Path, name: str, n: int, beam: int, seed: int = 0) -> list[dict[str, Any]]:
     """Requests with random histories drawn from the model's catalogue (same set for every row)."""
-    versions = sorted(int(p.name) for p in (store / name).iterdir() if p.name.isdigit())
-    catalog = json.loads((store / name / str(versions[-1]) / "catalog.json").read_text())
-    items = [str(i) for i in catalog["item_ids"]]
+    items = catalogue_ids(store, name)
     rng = random.Random(seed)
     return [
         {"user_id": f"bench-{i}", "history": rng.sample(items, rng.randint(3, 20)), "num_items": 10,

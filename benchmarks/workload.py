@@ -9,6 +9,7 @@ history, so every side does the same work.
 
 from __future__ import annotations
 
+import json
 import random
 import sys
 from collections.abc import Sequence
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from loadtest.trace import TraceRecord
+from model_store import list_versions
 
 NUM_ITEMS = 10  # items asked for in every request, on every side
 
@@ -24,6 +26,20 @@ NUM_ITEMS = 10  # items asked for in every request, on every side
 def log(message: str) -> None:
     """Progress on stderr: stdout carries the JSON report."""
     print(f"[serving-bench] {message}", file=sys.stderr, flush=True)
+
+
+def newest_version_dir(store: Path, name: str) -> Path:
+    """The directory of the newest published version of ``name`` (no verification: benchmarks read ids)."""
+    versions = list_versions(store, name)
+    if not versions:
+        raise FileNotFoundError(f"model store {store} has no published version of {name!r}")
+    return Path(store) / name / str(versions[-1])
+
+
+def catalogue_ids(store: Path, name: str) -> list[str]:
+    """The external item ids of the newest version's catalogue, in index order."""
+    catalog = json.loads((newest_version_dir(store, name) / "catalog.json").read_text())
+    return [str(i) for i in catalog["item_ids"]]
 
 
 def load_spec(store: Path, name: str | None) -> dict[str, Any]:

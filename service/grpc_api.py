@@ -41,21 +41,28 @@ def _is_repeated(field: Any) -> bool:
     return bool(field.label == field.LABEL_REPEATED)
 
 
+# RecommendRequest's fields as (name, repeated, has presence), read once from the descriptor.
+_RECOMMEND_FIELDS: tuple[tuple[str, bool, bool], ...] = tuple(
+    (field.name, _is_repeated(field), bool(field.has_presence))
+    for field in pb2.DESCRIPTOR.message_types_by_name["RecommendRequest"].fields
+)
+
+
 def recommend_body_from_proto(message: Any) -> RecommendBody:
-    """The HTTP body model from a RecommendRequest, read field by field from the message's descriptor.
+    """The HTTP body model from a RecommendRequest, read field by field as the proto declares them.
 
     An unset ``optional`` field and an empty repeated one are absent JSON fields (the server's
     default applies); a plain scalar (``user_id``) is always passed, so an empty one is refused by
     the same validation as over HTTP. Reading the descriptor keeps this in step with the proto.
     """
     data: dict[str, Any] = {}
-    for field in message.DESCRIPTOR.fields:
-        value = getattr(message, field.name)
-        if _is_repeated(field):
+    for name, repeated, has_presence in _RECOMMEND_FIELDS:
+        value = getattr(message, name)
+        if repeated:
             if value:
-                data[field.name] = list(value)
-        elif not field.has_presence or message.HasField(field.name):
-            data[field.name] = value
+                data[name] = list(value)
+        elif not has_presence or message.HasField(name):
+            data[name] = value
     return _validate(RecommendBody, data)
 
 
