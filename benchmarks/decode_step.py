@@ -125,9 +125,8 @@ def legacy_search(
     q_n, w = len(requests), max(widths)
     rows = q_n * w
     codes_in, hist_mask, users = gen._encoder_inputs(requests, snap)
-    memory = model.encode(codes_in, hist_mask, users)
+    memory, mask = model.encode(codes_in, hist_mask, users)
     cross = [layer.cross_attn.project_kv(memory) for layer in model.decoder]
-    mask = model.memory_mask(hist_mask)
     dev, depth, n_nodes = gen.device, cfg.depth, snap.num_nodes
     width_mask = torch.arange(w, device=dev)[None, :] < torch.tensor(widths, device=dev)[:, None]
     req_keys, req_counts = gen._request_bans(requests, snap)

@@ -41,11 +41,13 @@ from onerec.reward import RewardConfig, train_reward
 from onerec.tokenizer import (
     codebook_size,
     content_embeddings,
+    cooccurrence,
     item_embeddings,
     join_embeddings,
     residual_semantic_ids,
+    top_neighbours,
 )
-from onerec.train import TrainConfig, train_model
+from onerec.train import CANDIDATE_WINDOW, TrainConfig, train_model
 
 
 @dataclass
@@ -58,6 +60,7 @@ class BuildConfig:
     codes_per_level: int | None = 16  # None: derived from the catalogue size (tokenizer.codebook_size)
     content: bool = True  # join content features where item2attributes.json / item_text.tsv sit beside the file
     content_weight: float = 0.3  # share of each joined item embedding's squared norm that is content
+    select_on_valid: bool = False  # best epoch by next-item loss on the validation rows (else a random holdout)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval_beam: int = 20
@@ -120,7 +123,8 @@ def sequence_file_config(path: str) -> BuildConfig:
         codes_per_level=None,
         content=True,
         content_weight=0.2,
-        model=small_model(session_items=3, dropout=0.2),
+        model=replace(small_model(session_items=3, dropout=0.2), embedding_dropout=0.2, candidate_tokens=20),
+        select_on_valid=True,
         train=TrainConfig(
             epochs=30,
             batch_size=256,
@@ -187,8 +191,18 @@ def build(cfg: BuildConfig, store: Path, progress: bool = True) -> tuple[Publish
     )
 
     catalog = Catalog.from_codes(data.item_ids, sids.codes, sids.level_sizes, popularity_ranking(popularity, 200))
-    model_cfg = replace(cfg.model, level_sizes=list(sids.level_sizes))
+    model_cfg = replace(
+        cfg.model,
+        level_sizes=list(sids.level_sizes),
+        catalogue_items=data.n_items if cfg.model.candidate_tokens else 0,
+    )
     model = OneRecModel(model_cfg)
+    if model_cfg.candidate_tokens:
+        model.set_catalogue(torch.from_numpy(sids.codes))
+        coo = cooccurrence(split.train, data.n_items, CANDIDATE_WINDOW)
+        items, weights = top_neighbours(*coo, data.n_items, model_cfg.candidate_tokens)
+        model.set_neighbours(torch.from_numpy(items), torch.from_numpy(weights))
+        log(f"candidates: {model_cfg.candidate_tokens} co-occurrence neighbours per item in the encoder memory")
     log(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; training on {cfg.train.device}")
 
     t = time.perf_counter()
@@ -196,7 +210,10 @@ def build(cfg: BuildConfig, store: Path, progress: bool = True) -> tuple[Publish
     if cfg.train_steps is not None:
         tcfg = replace(tcfg, epochs=epochs_for_steps(split.train, cfg.train_steps, tcfg))
         log(f"{tcfg.epochs} epochs for about {cfg.train_steps} steps")
-    train_report = train_model(model, split.train, data.user_ids, sids.codes, tcfg, progress=progress)
+    selection = split.valid if cfg.select_on_valid and len(split.valid) else None
+    train_report = train_model(
+        model, split.train, data.user_ids, sids.codes, tcfg, progress=progress, selection=selection
+    )
     timings["train"] = time.perf_counter() - t
     log(f"train: {train_report.steps} steps in {train_report.seconds:.1f}s, best epoch {train_report.best_epoch}")
 

@@ -53,6 +53,8 @@ CONFIG_LIMITS: dict[str, tuple[int, int]] = {
     "n_experts": (1, 256),
     "experts_top_k": (1, 256),
     "user_buckets": (1, 1 << 24),
+    "catalogue_items": (0, 1 << 24),  # float32 neighbour indices stay exact below 2**24
+    "candidate_tokens": (0, 1024),
 }
 MAX_LEVELS = 16
 MAX_LEVEL_SIZE = 1 << 20
@@ -279,13 +281,16 @@ def check_model_config(raw: Any, version: int) -> ModelConfig:
         or not all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= MAX_LEVEL_SIZE for v in sizes)
     ):
         raise ValueError(f"{where}.level_sizes = {sizes!r}: want 1..{MAX_LEVELS} integers in [1, {MAX_LEVEL_SIZE}]")
-    dropout = config.dropout
-    if not isinstance(dropout, (int, float)) or isinstance(dropout, bool) or not 0 <= dropout < 1:
-        raise ValueError(f"{where}.dropout = {dropout!r}: want a number in [0, 1)")
+    for key in ("dropout", "embedding_dropout"):
+        rate = getattr(config, key)
+        if not isinstance(rate, (int, float)) or isinstance(rate, bool) or not 0 <= rate < 1:
+            raise ValueError(f"{where}.{key} = {rate!r}: want a number in [0, 1)")
     if config.d_model % config.n_heads:
         raise ValueError(f"{where}: d_model {config.d_model} is not divisible by n_heads {config.n_heads}")
     if config.experts_top_k > config.n_experts:
         raise ValueError(f"{where}: experts_top_k {config.experts_top_k} > n_experts {config.n_experts}")
+    if config.candidate_tokens and not config.catalogue_items:
+        raise ValueError(f"{where}: candidate_tokens {config.candidate_tokens} needs catalogue_items > 0")
     return config
 
 
@@ -309,6 +314,10 @@ def expected_tensors(config: ModelConfig) -> dict[str, list[int]]:
         shapes[f"enc_codes.{level}.weight"] = [size, d]
     shapes["enc_pos.weight"] = [config.history_window + 1, d]
     shapes["user.weight"] = [config.user_buckets, d]
+    if config.candidate_tokens:
+        shapes["cand_rank.weight"] = [config.candidate_tokens, d]
+        shapes["neighbour_items"] = [config.catalogue_items, config.candidate_tokens]
+        shapes["neighbour_weights"] = [config.catalogue_items, config.candidate_tokens]
     for i in range(config.n_encoder_layers):
         layer = f"encoder.{i}"
         shapes[f"{layer}.n1.weight"] = [d]
@@ -387,6 +396,8 @@ def _read_catalog(verified: VerifiedVersion, config: ModelConfig) -> Catalog:
     n = len(ids)
     if not isinstance(popular, list) or not all(type(i) is int and 0 <= i < n for i in popular):
         raise ValueError(f"{where}: popular must list item indices in [0, {n})")
+    if config.candidate_tokens and n != config.catalogue_items:
+        raise ValueError(f"{where}: {n} items, but the model has neighbour lists for {config.catalogue_items}")
     return Catalog.from_codes(ids, np.asarray(codes, dtype=np.int64), list(config.level_sizes), list(popular))
 
 
@@ -408,5 +419,8 @@ def _build(verified: VerifiedVersion, device: str, kernel_backend: str | None = 
     state = load(read_verified_file(verified, WEIGHTS))
     model = OneRecModel(info.config)
     model.load_state_dict(state, strict=True)
+    if info.config.candidate_tokens:  # the catalogue the weights were trained with (no overlay applied yet)
+        model.check_neighbours()
+        model.set_catalogue(info.catalog.trie.tensors.item_codes[: info.config.catalogue_items])
     generator = Generator(model, info.catalog.trie, device=device, kernel_backend=kernel_backend)
     return ModelBundle(**vars(info), model=model, generator=generator)

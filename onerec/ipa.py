@@ -172,8 +172,7 @@ def session_log_prob(
     log-softmax is renormalised over the allowed codes only, as the constrained beam search scores a
     path: the sum is then the beam's own score. Without it, the plain softmax of training.
     """
-    memory = model.encode(hist_codes, hist_mask, user)
-    mem_mask = model.memory_mask(hist_mask)
+    memory, mem_mask = model.encode(hist_codes, hist_mask, user)
     x = model.decoder_inputs(session_codes)
     for layer in model.decoder:
         x = layer(x, memory, mem_mask)

@@ -1,7 +1,15 @@
 """The OneRec encoder-decoder, in one file.
 
-Encoder: [user token, history items] -> memory. An item is the sum of its per-level code
-embeddings (so withdrawn or new items need no item table) plus a recency position (0 = newest).
+Encoder: [user token, history items, candidate items] -> memory. An item is the sum of its
+per-level code embeddings (so withdrawn or new items need no item table) plus a recency position
+(0 = newest). With ``candidate_tokens`` = K > 0 the memory also holds K candidates: the items that
+co-occur most with the newest three history items in the training sequences (weights 1, 0.5, 0.25;
+the kNN baseline's recipe), each as its code embeddings plus its candidate rank. The model holds the
+neighbour lists (``set_neighbours``, saved with the weights) and the catalogue's code paths
+(``set_catalogue``, from the bundle's catalogue, not saved twice); it finds a history item's
+catalogue row from its code path, so its interface stays code paths only, and an item added after
+training simply has no neighbours. The decoder is free to follow the candidates or not: they shape
+the input, and the output is still the constrained beam search over every live item.
 Decoder: causal self-attention, cross-attention to the memory, and a sparse MoE SwiGLU FFN (through
 ``kernels.moe``), RMSNorm everywhere, one output head per semantic-ID level.
 
@@ -37,6 +45,9 @@ from kernels.moe import moe
 
 # Keys of a stored model config that were renamed: old name -> current name (``ModelConfig.from_dict``).
 RENAMED_CONFIG_KEYS = {"max_history": "history_window"}
+# Weights of the newest three history items when their co-occurrence neighbours are summed into
+# candidates: the recipe of the kNN baseline (onerec.baselines.CooccurrenceKnn).
+CANDIDATE_RECENCY = (1.0, 0.5, 0.25)
 
 
 @dataclass
@@ -52,7 +63,10 @@ class ModelConfig:
     n_experts: int = 4
     experts_top_k: int = 2
     user_buckets: int = 1000  # hashed user-id embedding table size
-    dropout: float = 0.1
+    dropout: float = 0.1  # on attention probabilities
+    catalogue_items: int = 0  # items with a neighbour list (the catalogue trained on); 0 = no candidates
+    candidate_tokens: int = 0  # K co-occurrence candidates in the encoder memory (and neighbours kept per item)
+    embedding_dropout: float = 0.0  # on the encoder's and the (teacher-forced) decoder's input embeddings
 
     @property
     def depth(self) -> int:
@@ -361,6 +375,19 @@ class OneRecModel(nn.Module):
         self.enc_codes = nn.ModuleList(nn.Embedding(v, d) for v in cfg.level_sizes)
         self.enc_pos = nn.Embedding(cfg.history_window + 1, d)  # 0 = user token, 1.. = recency
         self.user = nn.Embedding(cfg.user_buckets, d)
+        if cfg.candidate_tokens:
+            if not cfg.catalogue_items:
+                raise ValueError("candidate_tokens needs catalogue_items (the items with neighbour lists)")
+            self.cand_rank = nn.Embedding(cfg.candidate_tokens, d)  # rank 0 = the strongest candidate
+            # Neighbour lists (item indices, -1 = none, and weights), saved with the weights; float32 keeps
+            # indices < 2**24 exact, which bundle.CONFIG_LIMITS guarantees for catalogue_items.
+            shape = (cfg.catalogue_items, cfg.candidate_tokens)
+            self.register_buffer("neighbour_items", torch.full(shape, -1.0))
+            self.register_buffer("neighbour_weights", torch.zeros(shape))
+            self.register_buffer("path_strides", path_strides(cfg.level_sizes), persistent=False)
+            self.register_buffer("catalogue_keys", torch.zeros(0, dtype=torch.long), persistent=False)
+            self.register_buffer("catalogue_rows", torch.zeros(0, dtype=torch.long), persistent=False)
+            self.register_buffer("catalogue_codes", torch.zeros(0, cfg.depth, dtype=torch.long), persistent=False)
         self.encoder = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.n_encoder_layers))
         self.enc_norm = RMSNorm(d)
         self.dec_codes = nn.ModuleList(nn.Embedding(v, d) for v in cfg.level_sizes)
@@ -387,24 +414,106 @@ class OneRecModel(nn.Module):
             nn.init.normal_(m.weight, std=0.02)
         elif isinstance(m, nn.Embedding):
             nn.init.normal_(m.weight, std=0.02)
+            if m.padding_idx is not None:
+                nn.init.zeros_(m.weight[m.padding_idx])
+
+    @torch.no_grad()
+    def set_catalogue(self, codes: torch.Tensor) -> None:
+        """The code paths of the catalogue trained on, (catalogue_items, D), in catalogue order: the
+        candidates' codes, and the lookup from a history item's path to its catalogue row."""
+        n = self.cfg.catalogue_items
+        if codes.dim() != 2 or codes.shape[0] != n or codes.shape[1] != self.cfg.depth:
+            raise ValueError(f"catalogue: want codes of shape ({n}, {self.cfg.depth}), got {tuple(codes.shape)}")
+        codes = codes.to(self.path_strides.device, torch.long)
+        keys, order = torch.sort((codes * self.path_strides).sum(-1))  # (n,)
+        if n > 1 and bool((keys[1:] == keys[:-1]).any()):
+            raise ValueError("catalogue: two items share a code path")
+        self.catalogue_keys, self.catalogue_rows, self.catalogue_codes = keys, order, codes
+
+    @torch.no_grad()
+    def set_neighbours(self, items: torch.Tensor, weights: torch.Tensor) -> None:
+        """Each catalogue item's strongest co-occurring items, strongest first: (catalogue_items, K)
+        item indices (-1 = none) and their weights (from ``onerec.tokenizer.top_neighbours``)."""
+        shape = tuple(self.neighbour_items.shape)
+        if tuple(items.shape) != shape or tuple(weights.shape) != shape:
+            raise ValueError(f"neighbours: want {shape}, got {tuple(items.shape)} and {tuple(weights.shape)}")
+        self.neighbour_items.copy_(items.float())
+        self.neighbour_weights.copy_(torch.where(items >= 0, weights.float(), 0.0))
+        self.check_neighbours()
+
+    def check_neighbours(self) -> None:
+        """Refuse neighbour lists that would index outside the catalogue (e.g. from an edited weights file)."""
+        items, n = self.neighbour_items, self.cfg.catalogue_items
+        if bool(((items < -1) | (items >= n) | (items != items.round())).any()):
+            raise ValueError(f"neighbour_items must hold item indices in [-1, {n})")
+        if not bool(torch.isfinite(self.neighbour_weights).all()):
+            raise ValueError("neighbour_weights must be finite")
+
+    def catalogue_index(self, hist_codes: torch.Tensor) -> torch.Tensor:
+        """hist_codes (B, S, D) -> catalogue rows (B, S); -1 for a path the catalogue trained on lacks."""
+        keys = self.catalogue_keys
+        if keys.numel() == 0:
+            raise RuntimeError("catalogue not set: call set_catalogue(catalogue codes) first")
+        wanted = (hist_codes * self.path_strides).sum(-1)  # (B, S)
+        at = torch.searchsorted(keys, wanted).clamp_(max=keys.numel() - 1)
+        return torch.where(keys[at] == wanted, self.catalogue_rows[at], torch.full_like(at, -1))
+
+    def candidates(self, hist_codes: torch.Tensor, hist_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The K strongest co-occurrence candidates of each history, (B, K) rows and (B, K) mask.
+
+        Score of item j: sum over the newest three history items h of weight(h's recency) *
+        co-occurrence(h, j); items of the history itself are never candidates.
+        """
+        k, n = self.cfg.candidate_tokens, self.cfg.catalogue_items
+        index = torch.where(hist_mask, self.catalogue_index(hist_codes), -1)  # (B, S)
+        scores = hist_codes.new_zeros((index.shape[0], n + 1), dtype=torch.float32)  # column n: "none"
+        for recency, weight in enumerate(CANDIDATE_RECENCY[: index.shape[1]]):
+            row = index[:, recency]  # (B,)
+            known = (row >= 0)[:, None]
+            cols = torch.where(known, self.neighbour_items[row.clamp(min=0)].long(), -1)  # (B, K)
+            vals = torch.where(known, self.neighbour_weights[row.clamp(min=0)], 0.0)
+            scores.scatter_add_(1, torch.where(cols >= 0, cols, n), weight * vals)
+        scores[:, n] = 0.0
+        scores.scatter_(1, torch.where(index >= 0, index, n), 0.0)  # never the history's own items
+        top, rows = scores[:, :n].topk(min(k, n), dim=1)  # (B, K)
+        return rows, top > 0
 
     # ---- encoder ------------------------------------------------------------------------------
 
-    def encode(self, hist_codes: torch.Tensor, hist_mask: torch.Tensor, user: torch.Tensor) -> torch.Tensor:
-        """hist_codes: (B, S, D) newest first; hist_mask: (B, S) True = real item; user: (B,) -> (B, S+1, d)."""
+    def encode(
+        self,
+        hist_codes: torch.Tensor,
+        hist_mask: torch.Tensor,
+        user: torch.Tensor,
+        candidates: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """hist_codes: (B, S, D) newest first; hist_mask: (B, S) True = real item; user: (B,);
+        candidates: (B, K) catalogue rows (-1 = none) to use instead of computing them (training
+        passes candidates computed without the sample's own user, ``onerec.train``).
+
+        Returns the memory (B, M, d) and its attention mask (B, 1, 1, M), M = 1 + S (+ K candidates).
+        """
         b, s, _ = hist_codes.shape
-        items = sum(emb(hist_codes[..., lvl]) for lvl, emb in enumerate(self.enc_codes))  # (B, S, d)
+        items = self.item_embeddings(hist_codes)  # (B, S, d)
         x = torch.cat([self.user(user)[:, None], items], dim=1)  # (B, S+1, d)
         x = x + self.enc_pos(torch.arange(s + 1, device=x.device))[None]
-        mask = self.memory_mask(hist_mask)  # (B, 1, 1, S+1)
+        mask = torch.cat([torch.ones_like(hist_mask[:, :1]), hist_mask], dim=1)  # (B, S+1)
+        if self.cfg.candidate_tokens:
+            if candidates is None:
+                rows, cand_mask = self.candidates(hist_codes, hist_mask)  # (B, K)
+            else:
+                rows, cand_mask = candidates.clamp(min=0), candidates >= 0
+            cand = self.item_embeddings(self.catalogue_codes[rows]) + self.cand_rank.weight[None, : rows.shape[1]]
+            x, mask = torch.cat([x, cand], dim=1), torch.cat([mask, cand_mask], dim=1)  # M = S+1+K
+        x = F.dropout(x, self.cfg.embedding_dropout, self.training)
+        mask = mask[:, None, None, :]  # (B, 1, 1, M)
         for layer in self.encoder:
             x = layer(x, mask)
-        return self.enc_norm(x)
+        return self.enc_norm(x), mask
 
-    @staticmethod
-    def memory_mask(hist_mask: torch.Tensor) -> torch.Tensor:
-        user_col = torch.ones_like(hist_mask[:, :1])
-        return torch.cat([user_col, hist_mask], dim=1)[:, None, None, :]  # (B, 1, 1, S+1)
+    def item_embeddings(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes (..., D) -> (..., d): an item is the sum of its per-level code embeddings."""
+        return sum(emb(codes[..., lvl]) for lvl, emb in enumerate(self.enc_codes))  # type: ignore[return-value]
 
     # ---- training -----------------------------------------------------------------------------
 
@@ -416,7 +525,8 @@ class OneRecModel(nn.Module):
         for t in range(1, slots * depth):
             prev.append(self.dec_codes[(t - 1) % depth](flat[:, t - 1])[:, None])
         x = torch.cat(prev, dim=1)  # (B, T, d)
-        return x + self.dec_pos(torch.arange(slots * depth, device=x.device))[None]
+        x = x + self.dec_pos(torch.arange(slots * depth, device=x.device))[None]
+        return F.dropout(x, self.cfg.embedding_dropout, self.training)
 
     def forward(
         self,
@@ -427,16 +537,16 @@ class OneRecModel(nn.Module):
         target_mask: torch.Tensor | None = None,
         slot_weights: Sequence[float] | None = None,
         label_smoothing: float = 0.0,
+        candidates: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Teacher-forced next-token loss over sessions. Returns (mean cross-entropy, MoE balance loss).
 
         target_codes: (B, m', D); target_mask: (B, m') True where the slot holds a real item (a user's
         last session can be shorter than m). slot_weights (length >= m') weighs each slot's codes in the
         mean (default: all 1); next-item quality reads slot 1 only, so training may favour it.
-        label_smoothing is passed to the cross-entropy of every code.
+        label_smoothing is passed to the cross-entropy of every code. candidates: see ``encode``.
         """
-        memory = self.encode(hist_codes, hist_mask, user)
-        mem_mask = self.memory_mask(hist_mask)
+        memory, mem_mask = self.encode(hist_codes, hist_mask, user, candidates)
         x = self.decoder_inputs(target_codes)
         balance = x.new_zeros((), dtype=torch.float32)
         for layer in self.decoder:
@@ -492,12 +602,12 @@ class OneRecModel(nn.Module):
         weights: DecodeWeights | None = None,
     ) -> EncoderState:
         """Encode once per request and project every decoder layer's cross-attention K/V in one matmul."""
-        memory = self.encode(hist_codes, hist_mask, user)  # (B, S+1, d)
+        memory, mem_mask = self.encode(hist_codes, hist_mask, user)  # (B, M, d), (B, 1, 1, M)
         b, s1, d = memory.shape
         cfg = self.cfg
         w = weights.cross_kv if weights is not None else torch.cat([la.cross_attn.kv.weight for la in self.decoder])
         kv = F.linear(memory, w).view(b, s1, cfg.n_decoder_layers, 2, cfg.n_heads, d // cfg.n_heads)
-        return EncoderState(kv.permute(2, 3, 0, 4, 1, 5).contiguous(), self.memory_mask(hist_mask))
+        return EncoderState(kv.permute(2, 3, 0, 4, 1, 5).contiguous(), mem_mask)
 
     def step_input(self, tokens: torch.Tensor, weights: DecodeWeights) -> torch.Tensor:
         """Decoder input of each row, (R, d): one gather-sum over the fused table.
@@ -535,6 +645,17 @@ class OneRecModel(nn.Module):
         """
         cfg = self.cfg
         return torch.zeros(rows, cfg.n_decoder_layers, 2, positions, cfg.d_model, device=device, dtype=dtype)
+
+
+def path_strides(level_sizes: Sequence[int]) -> torch.Tensor:
+    """Mixed-radix strides that make a code path one int64 key: key = sum(code[l] * stride[l])."""
+    strides, span = [], 1
+    for size in reversed(level_sizes):
+        strides.append(span)
+        span *= int(size)
+    if span >= 1 << 62:
+        raise ValueError(f"level sizes {list(level_sizes)} make {span} code paths: too many for int64 keys")
+    return torch.tensor(strides[::-1], dtype=torch.long)
 
 
 def hash_user(user_id: str, buckets: int) -> int:

@@ -63,6 +63,26 @@ def cooccurrence(
     return unique // n_items, unique % n_items, summed
 
 
+def top_neighbours(
+    rows: np.ndarray, cols: np.ndarray, weights: np.ndarray, n_items: int, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each item's k strongest co-occurring items, strongest first (ties: lower index first).
+
+    Takes ``cooccurrence``'s COO arrays; returns (n_items, k) item indices (-1 where an item has fewer
+    than k neighbours) and their weights (0 there).
+    """
+    order = np.lexsort((cols, -weights, rows))
+    r, c, w = rows[order], cols[order], weights[order]
+    starts = np.searchsorted(r, np.arange(n_items))
+    rank = np.arange(len(r)) - starts[r]
+    keep = rank < k
+    items = np.full((n_items, k), -1, dtype=np.int64)
+    values = np.zeros((n_items, k), dtype=np.float32)
+    items[r[keep], rank[keep]] = c[keep]
+    values[r[keep], rank[keep]] = w[keep]
+    return items, values
+
+
 def _ppmi(rows: np.ndarray, cols: np.ndarray, counts: np.ndarray, n_items: int) -> np.ndarray:
     """Positive PMI of each nonzero, context smoothing 0.75 (Levy et al., 2015) against popularity bias."""
     row_sum = np.bincount(rows, weights=counts, minlength=n_items)

@@ -3,7 +3,13 @@
 Every position p of a user's training sequence is a sample: the encoder reads the items before p
 (newest first, at most ``history_window``), the decoder is taught the codes of items p .. p+m-1. The
 loss is the mean cross-entropy per code plus the MoE load-balancing term; AdamW with warm-up and
-cosine decay; the weights with the best held-out loss are kept.
+cosine decay; the weights of the epoch with the best selection loss are kept.
+
+Selection. Given validation rows (each user's next item after the training sequence), the best
+epoch is the one whose next-item loss on them is lowest, and every training sample trains. Without
+them, a random ``holdout_share`` of the samples is kept out instead; those samples share users and
+items with training (the target of one is in the history of the next), so that loss keeps falling
+while the next item after the sequence gets worse: it picks late, overfitted epochs.
 """
 
 from __future__ import annotations
@@ -17,7 +23,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from onerec.model import ModelConfig, OneRecModel, hash_user
+from onerec.data import EvalSet
+from onerec.model import CANDIDATE_RECENCY, ModelConfig, OneRecModel, hash_user
+from onerec.tokenizer import cooccurrence
+
+CANDIDATE_WINDOW = 3  # co-occurrence window of the candidates' neighbour lists (the kNN baseline's)
 
 
 @dataclass
@@ -65,9 +75,33 @@ class SessionSamples:
         self.user_bucket = np.array([hash_user(u, cfg.user_buckets) for u in user_ids], dtype=np.int64)
         pairs = [(u, p) for u, seq in enumerate(self.sequences) for p in range(1, len(seq))]
         self.pairs = np.array(pairs, dtype=np.int64).reshape(-1, 2)
+        self.candidates = (
+            leave_user_out_candidates(self.sequences, self.pairs, cfg.history_window, cfg.catalogue_items,
+                                      cfg.candidate_tokens)
+            if cfg.candidate_tokens
+            else None
+        )  # fmt: skip
 
     def __len__(self) -> int:
         return len(self.pairs)
+
+    def next_item_batch(self, rows: EvalSet, idx: np.ndarray) -> tuple[torch.Tensor, ...]:
+        """Evaluation rows `idx` as a batch of one-slot targets: history -> the row's next item."""
+        s_max = self.cfg.history_window
+        hist = np.zeros((len(idx), s_max), dtype=np.int64)
+        hist_mask = np.zeros((len(idx), s_max), dtype=bool)
+        for j, i in enumerate(idx):
+            h = np.asarray(rows.histories[i], dtype=np.int64)[-s_max:][::-1]  # newest first
+            hist[j, : len(h)], hist_mask[j, : len(h)] = h, True
+        width = max(1, int(hist_mask.sum(1).max()))
+        target = torch.from_numpy(np.asarray(rows.targets, dtype=np.int64)[idx])[:, None]  # (B, 1)
+        return (
+            self.codes[torch.from_numpy(hist[:, :width])],
+            torch.from_numpy(hist_mask[:, :width]),
+            torch.from_numpy(self.user_bucket[np.asarray(rows.users, dtype=np.int64)[idx]]),
+            self.codes[target],  # (B, 1, D)
+            torch.ones(len(idx), 1, dtype=torch.bool),
+        )
 
     def batch(self, idx: np.ndarray) -> tuple[torch.Tensor, ...]:
         cfg = self.cfg
@@ -93,6 +127,10 @@ class SessionSamples:
             torch.from_numpy(target_mask),
         )
 
+    def batch_candidates(self, idx: np.ndarray) -> torch.Tensor | None:
+        """The samples' candidates computed without their own user's sequence, (B, K); None without."""
+        return None if self.candidates is None else torch.from_numpy(self.candidates[idx].astype(np.int64))
+
 
 def train_model(
     model: OneRecModel,
@@ -101,8 +139,10 @@ def train_model(
     codes: np.ndarray,
     tcfg: TrainConfig,
     progress: bool = True,
+    selection: EvalSet | None = None,
 ) -> TrainReport:
-    """Train in place and leave the best-holdout weights loaded."""
+    """Train in place and leave the best epoch's weights loaded (best on `selection` when given,
+    else on a random holdout of the samples; see the module docstring)."""
     if tcfg.threads:
         torch.set_num_threads(tcfg.threads)
     torch.manual_seed(tcfg.seed)
@@ -111,7 +151,8 @@ def train_model(
     if len(samples) == 0:
         raise ValueError("no training samples: every training sequence has fewer than 2 items")
     order = rng.permutation(len(samples))
-    n_hold = min(len(samples) // 2, max(1, int(len(samples) * tcfg.holdout_share))) if tcfg.holdout_share > 0 else 0
+    share = 0.0 if selection is not None else tcfg.holdout_share
+    n_hold = min(len(samples) // 2, max(1, int(len(samples) * share))) if share > 0 else 0
     hold, train_idx = order[:n_hold], order[n_hold:]
     device = torch.device(tcfg.device)
     model.to(device)
@@ -141,8 +182,15 @@ def train_model(
         for start in range(0, len(perm), tcfg.batch_size):
             if done() >= 1.0:
                 break
-            batch = [t.to(device) for t in samples.batch(perm[start : start + tcfg.batch_size])]
-            loss, balance = model(*batch, slot_weights=tcfg.slot_weights, label_smoothing=tcfg.label_smoothing)
+            idx = perm[start : start + tcfg.batch_size]
+            batch = [t.to(device) for t in samples.batch(idx)]
+            cand = samples.batch_candidates(idx)
+            loss, balance = model(
+                *batch,
+                slot_weights=tcfg.slot_weights,
+                label_smoothing=tcfg.label_smoothing,
+                candidates=None if cand is None else cand.to(device),
+            )
             opt.zero_grad(set_to_none=True)
             (loss + tcfg.balance_weight * balance).backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -159,17 +207,26 @@ def train_model(
             bar.set_postfix(postfix)
         report.train_loss.append(running / max(ran, 1))
         report.epochs_run = epoch + 1
-        if n_hold == 0:
+        if selection is not None:
+            held = selection_loss(model, samples, selection, tcfg.batch_size, device)
+        elif n_hold == 0:
             continue
-        held = holdout_loss(model, samples, hold, tcfg.batch_size, device, next_item_only)
+        else:
+            held = holdout_loss(model, samples, hold, tcfg.batch_size, device, next_item_only)
         report.holdout_loss.append(held)
         if held < best_loss:
             best_loss, report.best_epoch = held, epoch + 1
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        if progress:
+            what = "validation next-item" if selection is not None else "holdout slot-1"
+            bar.write(
+                f"[train] epoch {epoch + 1}: train loss {report.train_loss[-1]:.4f}, {what} loss {held:.4f}"
+                f" (best {best_loss:.4f}, epoch {report.best_epoch})"
+            )
     bar.close()
     if best_state is not None:
         model.load_state_dict(best_state)
-    elif n_hold == 0:
+    else:
         report.best_epoch = report.epochs_run
     model.eval()
     report.seconds = time.perf_counter() - t0
@@ -189,10 +246,72 @@ def holdout_loss(
     total, n = 0.0, 0
     for start in range(0, len(idx), batch_size):
         chunk = idx[start : start + batch_size]
-        loss, _ = model(*[t.to(device) for t in samples.batch(chunk)], slot_weights=slot_weights)
+        cand = samples.batch_candidates(chunk)
+        loss, _ = model(
+            *[t.to(device) for t in samples.batch(chunk)],
+            slot_weights=slot_weights,
+            candidates=None if cand is None else cand.to(device),
+        )
         total += float(loss) * len(chunk)
         n += len(chunk)
     return total / max(n, 1)
+
+
+@torch.no_grad()
+def selection_loss(
+    model: OneRecModel, samples: SessionSamples, rows: EvalSet, batch_size: int, device: torch.device
+) -> float:
+    """Mean next-item loss (per code) on evaluation rows: what picks the best epoch."""
+    model.eval()
+    total = 0.0
+    for start in range(0, len(rows), batch_size):
+        idx = np.arange(start, min(start + batch_size, len(rows)))
+        loss, _ = model(*[t.to(device) for t in samples.next_item_batch(rows, idx)])
+        total += float(loss) * len(idx)
+    return total / max(len(rows), 1)
+
+
+def leave_user_out_candidates(
+    sequences: Sequence[np.ndarray], pairs: np.ndarray, history_window: int, n_items: int, k: int
+) -> np.ndarray:
+    """Each sample's K co-occurrence candidates as the model computes them at serving time, but from
+    neighbour lists built without the sample's own user, (N, K) int32 (-1 = none).
+
+    At serving time the user's next item has never co-occurred with their history in training data;
+    with their own sequence counted, a training sample's target would always be a candidate, and the
+    model would learn to trust candidates more than they deserve. Same scoring as
+    ``OneRecModel.candidates``: per history item its K strongest neighbours, the newest three summed
+    with weights 1, 0.5, 0.25, history items dropped, the K best kept.
+    """
+    rows, cols, weights = cooccurrence(sequences, n_items, CANDIDATE_WINDOW)
+    indptr = np.searchsorted(rows, np.arange(n_items + 1))
+    out = np.full((len(pairs), k), -1, dtype=np.int32)
+    score = np.zeros(n_items)
+    own_user, own = -1, (rows[:0], cols[:0], weights[:0], indptr[:1])
+    for n, (u, p) in enumerate(pairs):
+        if u != own_user:  # pairs are grouped by user: their own co-occurrence, once per user
+            r, c, w = cooccurrence([sequences[u]], n_items, CANDIDATE_WINDOW)
+            own_user, own = u, (r, c, w, np.searchsorted(r, np.arange(n_items + 1)))
+        hist = sequences[u][max(0, p - history_window) : p]
+        touched = []
+        for recency, weight in enumerate(CANDIDATE_RECENCY[: len(hist)]):
+            h = hist[-1 - recency]
+            nb, val = cols[indptr[h] : indptr[h + 1]], weights[indptr[h] : indptr[h + 1]].copy()
+            own_nb, own_w = own[1][own[3][h] : own[3][h + 1]], own[2][own[3][h] : own[3][h + 1]]
+            val[np.searchsorted(nb, own_nb)] -= own_w  # the user's own pairs are in the global row
+            order = np.lexsort((nb, -val))[:k]
+            order = order[val[order] > 1e-9]
+            score[nb[order]] += weight * val[order]
+            touched.append(nb[order])
+        if not touched:
+            continue
+        cand = np.unique(np.concatenate(touched))
+        score[hist] = 0.0
+        best = cand[np.argsort(-score[cand], kind="stable")][:k]
+        best = best[score[best] > 1e-9]
+        out[n, : len(best)] = best
+        score[cand] = 0.0
+    return out
 
 
 def _lr_factor(step: int, warmup: int, total: int, done: float | None = None) -> float:

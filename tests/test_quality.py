@@ -268,3 +268,118 @@ def test_slot_weights_zero_reduce_the_loss_to_the_first_slot() -> None:
     assert torch.allclose(plain, same, atol=1e-6) and not torch.allclose(plain, weighted)
     with pytest.raises(ValueError):
         model(hist, mask, users, target, slot_weights=[1.0])
+
+
+# ---- item identities and epoch selection ---------------------------------------------------------
+
+
+def candidate_model() -> OneRecModel:
+    """Five items on one-level paths 0..4 (item i has code i), each item's neighbours given by hand."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(level_sizes=[6], session_items=1, history_window=4, d_model=8, n_heads=2, d_ff=8,
+                      catalogue_items=5, candidate_tokens=3)  # fmt: skip
+    model = OneRecModel(cfg).eval()
+    model.set_catalogue(torch.arange(5)[:, None])
+    items = torch.tensor([[1, 2, -1], [2, 3, -1], [4, -1, -1], [0, -1, -1], [-1, -1, -1]])
+    weights = torch.tensor([[4.0, 1.0, 0.0], [2.0, 1.0, 0.0], [3.0, 0.0, 0.0], [5.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    model.set_neighbours(items, weights)
+    return model
+
+
+def test_candidates_sum_the_newest_three_items_neighbours_and_skip_the_history() -> None:
+    model = candidate_model()
+    hist = torch.tensor([[[0], [1], [5]]])  # newest first: item 0, item 1, then path 5 (not in the catalogue)
+    rows, mask = model.candidates(hist, torch.ones(1, 3, dtype=torch.bool))
+    # item 0 (weight 1): 1 -> 4, 2 -> 1; item 1 (weight 0.5): 2 -> 1, 3 -> 0.5; items 0 and 1 are history
+    assert rows[0][mask[0]].tolist() == [2, 3]
+    rows, mask = model.candidates(torch.tensor([[[2], [3]]]), torch.tensor([[True, False]]))  # 3 is padding
+    assert rows[0][mask[0]].tolist() == [4]
+    with pytest.raises(ValueError, match="share a code path"):
+        model.set_catalogue(torch.tensor([[0], [1], [1], [2], [3]]))
+    with pytest.raises(ValueError, match="item indices"):
+        model.set_neighbours(torch.full((5, 3), 7), torch.ones(5, 3))
+
+
+def test_candidates_enter_the_memory_and_the_model_reads_them() -> None:
+    model = candidate_model()
+    hist, mask, user = torch.tensor([[[0], [1]]]), torch.ones(1, 2, dtype=torch.bool), torch.tensor([0])
+    memory, mem_mask = model.encode(hist, mask, user)
+    assert memory.shape[1] == 1 + 2 + 3 and mem_mask[0, 0, 0].tolist() == [True] * 3 + [True, True, False]
+    given, given_mask = model.encode(hist, mask, user, candidates=torch.tensor([[4, -1, -1]]))
+    assert given_mask[0, 0, 0].tolist() == [True] * 3 + [True, False, False]
+    assert not torch.allclose(memory[:, :3], given[:, :3])  # the encoder attends to its candidates
+
+
+def test_top_neighbours_keep_the_strongest_per_item() -> None:
+    from onerec.tokenizer import cooccurrence, top_neighbours
+
+    seqs = [np.array([0, 1, 2]), np.array([0, 1]), np.array([3])]
+    items, weights = top_neighbours(*cooccurrence(seqs, 4, 3), 4, 2)
+    assert items.tolist() == [[1, 2], [0, 2], [1, 0], [-1, -1]]  # 0-1 twice; 1-2 at distance 1 beats 0-2 at 2
+    assert weights[0].tolist() == [2.0, 0.5] and weights[3].tolist() == [0.0, 0.0]
+
+
+def test_training_candidates_leave_out_the_samples_own_user() -> None:
+    """A pair only one user made is never a candidate in that user's training samples; another user's is."""
+    from onerec.train import leave_user_out_candidates
+
+    seqs = [np.array([0, 1, 2]), np.array([0, 3]), np.array([5, 0, 3])]
+    pairs = np.array([(u, p) for u, s in enumerate(seqs) for p in range(1, len(s))])
+    cand = leave_user_out_candidates(seqs, pairs, 20, 6, 4)
+    by_sample = {(int(u), int(p)): set(c[c >= 0].tolist()) for (u, p), c in zip(pairs, cand)}
+    assert 1 not in by_sample[(0, 1)] and 2 not in by_sample[(0, 1)]  # user 0 alone saw 0 with 1 and 2
+    assert 3 in by_sample[(0, 1)]  # users 1 and 2 saw 0 then 3
+    assert by_sample[(0, 1)] == {3, 5}
+    assert by_sample[(1, 1)] == {1, 2, 3, 5}  # user 2's 0-3 still counts for user 1
+
+
+def test_embedding_dropout_acts_in_training_only() -> None:
+    _, batch = tiny_model()
+    model = OneRecModel(ModelConfig(level_sizes=[5, 6], session_items=3, history_window=4, d_model=16, n_heads=2,
+                                    d_ff=16, dropout=0.0))  # fmt: skip
+    with torch.no_grad():
+        model.train()
+        assert torch.equal(model(*batch)[0], model(*batch)[0])  # no dropout anywhere: deterministic
+        model.cfg.embedding_dropout = 0.5
+        assert not torch.equal(model(*batch)[0], model(*batch)[0])
+        model.eval()
+        assert torch.equal(model(*batch)[0], model(*batch)[0])
+
+
+def test_selection_on_validation_rows_trains_every_sample_and_keeps_the_best_epoch(tmp_path: Path) -> None:
+    from onerec.data import leave_one_out
+    from onerec.train import SessionSamples, selection_loss, train_model
+
+    data = load_sequence_file(write_catalogue(tmp_path, with_content=False))
+    split = leave_one_out(data)
+    codes = np.stack([np.arange(data.n_items) % 7, np.arange(data.n_items) // 7], axis=1)
+    cfg = ModelConfig(level_sizes=[7, 14], session_items=2, history_window=8, d_model=16, n_heads=2, d_ff=16)
+    model = OneRecModel(cfg)
+    tcfg = TrainConfig(epochs=4, batch_size=64, lr=3e-3, holdout_share=0.2, threads=1)
+    report = train_model(model, split.train, data.user_ids, codes, tcfg, progress=False, selection=split.valid)
+    samples = SessionSamples(split.train, data.user_ids, codes, cfg)
+    assert report.steps == 4 * math.ceil(len(samples) / 64)  # the holdout share is not drawn: all samples train
+    assert len(report.holdout_loss) == 4
+    assert report.best_epoch == 1 + int(np.argmin(report.holdout_loss))
+    kept = selection_loss(model, samples, split.valid, 64, torch.device("cpu"))
+    assert kept == pytest.approx(min(report.holdout_loss), rel=1e-5)  # the best epoch's weights are loaded
+
+
+def test_build_with_candidates_answers_the_same_after_loading(tmp_path: Path) -> None:
+    from onerec.bundle import load_bundle
+    from onerec.data import leave_one_out
+    from onerec.evaluate import evaluate_split
+
+    seq = write_catalogue(tmp_path / "data", with_content=False)
+    cfg = small_file_config(seq)
+    cfg.select_on_valid = True
+    cfg.model.candidate_tokens = 5
+    published, summary = build(cfg, tmp_path / "store", progress=False)
+    bundle = load_bundle(published.path)
+    data = load_sequence_file(seq)
+    assert bundle.model.cfg.catalogue_items == data.n_items
+    split = leave_one_out(data)
+    again = evaluate_split(
+        bundle.generator, split.test, data.user_ids, split.train_popularity(), beam_width=10, progress=False
+    )
+    assert again.model == summary["metrics"]["test"]  # neighbours saved, catalogue lookup rebuilt on load
