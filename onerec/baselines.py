@@ -26,6 +26,7 @@ from torch import nn
 from tqdm import tqdm
 
 from onerec.evaluate import ranking_metrics
+from onerec.model import CANDIDATE_RECENCY, CANDIDATE_WINDOW
 
 __all__ = [
     "CooccurrenceKnn",
@@ -83,8 +84,8 @@ class CooccurrenceKnn:
         self,
         train: Sequence[np.ndarray],
         n_items: int,
-        window: int = 3,
-        recent_weights: Sequence[float] = (1.0, 0.5, 0.25),
+        window: int = CANDIDATE_WINDOW,
+        recent_weights: Sequence[float] = CANDIDATE_RECENCY,
     ) -> None:
         from onerec.tokenizer import cooccurrence
 

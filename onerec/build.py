@@ -36,7 +36,7 @@ from onerec.data import (
 from onerec.evaluate import evaluate_split, legality, popularity_ranking
 from onerec.generate import Generator
 from onerec.ipa import IpaConfig, held_out_partition, run_ipa, true_session_affinity
-from onerec.model import ModelConfig, OneRecModel
+from onerec.model import CANDIDATE_WINDOW, ModelConfig, OneRecModel
 from onerec.reward import RewardConfig, train_reward
 from onerec.tokenizer import (
     codebook_size,
@@ -47,7 +47,7 @@ from onerec.tokenizer import (
     residual_semantic_ids,
     top_neighbours,
 )
-from onerec.train import CANDIDATE_WINDOW, TrainConfig, train_model
+from onerec.train import TrainConfig, train_model
 
 
 @dataclass

@@ -583,17 +583,13 @@ class StepSearch:
         t0 = time.perf_counter()
         codes, mask, users = self.gen._encoder_inputs([job.request for job in jobs], snap)
         state = self.model.prepare_decoding(codes, mask, users, self._weights)
-        if not self.model.cfg.candidate_tokens:  # memory = [user, real history, padding]: a prefix slice
-            lengths = (mask.sum(1) + 1).tolist()
-            for b, job in enumerate(jobs):
-                job.enc = state.cross_kv[:, :, b, :, : lengths[b]]  # (layers, 2, H, S_q, dh)
-                job.mem_len = int(lengths[b])
-        else:  # [user, history, padding, candidates, padding]: gather the attended positions
-            keep = state.mask[:, 0, 0, :]  # (B, M)
-            for b, job in enumerate(jobs):
-                cols = keep[b].nonzero().squeeze(1)
-                job.enc = state.cross_kv[:, :, b].index_select(3, cols)  # (layers, 2, H, M_q, dh)
-                job.mem_len = int(cols.numel())
+        # Each request keeps the memory positions it attends to: [user, history] and its candidates,
+        # which sit after the batch's history padding.
+        keep = state.mask[:, 0, 0, :]  # (B, M)
+        for b, job in enumerate(jobs):
+            cols = keep[b].nonzero().squeeze(1)
+            job.enc = state.cross_kv[:, :, b].index_select(3, cols)  # (layers, 2, H, M_q, dh)
+            job.mem_len = int(cols.numel())
         self.stats.encode_seconds += time.perf_counter() - t0
 
     def _build_groups(self, groups: list[list[_Job]]) -> None:

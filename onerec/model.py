@@ -45,8 +45,9 @@ from kernels.moe import moe
 
 # Keys of a stored model config that were renamed: old name -> current name (``ModelConfig.from_dict``).
 RENAMED_CONFIG_KEYS = {"max_history": "history_window"}
-# Weights of the newest three history items when their co-occurrence neighbours are summed into
-# candidates: the recipe of the kNN baseline (onerec.baselines.CooccurrenceKnn).
+# The candidates' recipe, which is also the kNN baseline's (onerec.baselines.CooccurrenceKnn): neighbour
+# lists from co-occurrence within this window, and these weights for the newest three history items.
+CANDIDATE_WINDOW = 3
 CANDIDATE_RECENCY = (1.0, 0.5, 0.25)
 
 
@@ -414,8 +415,6 @@ class OneRecModel(nn.Module):
             nn.init.normal_(m.weight, std=0.02)
         elif isinstance(m, nn.Embedding):
             nn.init.normal_(m.weight, std=0.02)
-            if m.padding_idx is not None:
-                nn.init.zeros_(m.weight[m.padding_idx])
 
     @torch.no_grad()
     def set_catalogue(self, codes: torch.Tensor) -> None:

@@ -24,10 +24,8 @@ import torch
 from tqdm import tqdm
 
 from onerec.data import EvalSet
-from onerec.model import CANDIDATE_RECENCY, ModelConfig, OneRecModel, hash_user
+from onerec.model import CANDIDATE_RECENCY, CANDIDATE_WINDOW, ModelConfig, OneRecModel, hash_user
 from onerec.tokenizer import cooccurrence
-
-CANDIDATE_WINDOW = 3  # co-occurrence window of the candidates' neighbour lists (the kNN baseline's)
 
 
 @dataclass
@@ -85,51 +83,47 @@ class SessionSamples:
     def __len__(self) -> int:
         return len(self.pairs)
 
-    def next_item_batch(self, rows: EvalSet, idx: np.ndarray) -> tuple[torch.Tensor, ...]:
-        """Evaluation rows `idx` as a batch of one-slot targets: history -> the row's next item."""
+    def histories(self, histories: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Histories (oldest first) as the encoder reads them: codes (B, S, D) newest first, mask (B, S)."""
         s_max = self.cfg.history_window
-        hist = np.zeros((len(idx), s_max), dtype=np.int64)
-        hist_mask = np.zeros((len(idx), s_max), dtype=bool)
-        for j, i in enumerate(idx):
-            h = np.asarray(rows.histories[i], dtype=np.int64)[-s_max:][::-1]  # newest first
+        hist = np.zeros((len(histories), s_max), dtype=np.int64)
+        hist_mask = np.zeros((len(histories), s_max), dtype=bool)
+        for j, h in enumerate(histories):
+            h = np.asarray(h, dtype=np.int64)[-s_max:][::-1]  # newest first
             hist[j, : len(h)], hist_mask[j, : len(h)] = h, True
         width = max(1, int(hist_mask.sum(1).max()))
+        return self.codes[torch.from_numpy(hist[:, :width])], torch.from_numpy(hist_mask[:, :width])
+
+    def next_item_batch(self, rows: EvalSet, idx: np.ndarray) -> tuple[torch.Tensor, ...]:
+        """Evaluation rows `idx` as a batch of one-slot targets: history -> the row's next item."""
         target = torch.from_numpy(np.asarray(rows.targets, dtype=np.int64)[idx])[:, None]  # (B, 1)
         return (
-            self.codes[torch.from_numpy(hist[:, :width])],
-            torch.from_numpy(hist_mask[:, :width]),
+            *self.histories([rows.histories[i] for i in idx]),
             torch.from_numpy(self.user_bucket[np.asarray(rows.users, dtype=np.int64)[idx]]),
             self.codes[target],  # (B, 1, D)
             torch.ones(len(idx), 1, dtype=torch.bool),
         )
 
     def batch(self, idx: np.ndarray) -> tuple[torch.Tensor, ...]:
-        cfg = self.cfg
-        m, s_max = cfg.session_items, cfg.history_window
-        hist = np.zeros((len(idx), s_max), dtype=np.int64)
-        hist_mask = np.zeros((len(idx), s_max), dtype=bool)
+        m = self.cfg.session_items
         target = np.zeros((len(idx), m), dtype=np.int64)
         target_mask = np.zeros((len(idx), m), dtype=bool)
         for j, (u, p) in enumerate(self.pairs[idx]):
-            seq = self.sequences[u]
-            h = seq[max(0, p - s_max) : p][::-1]  # newest first
-            hist[j, : len(h)], hist_mask[j, : len(h)] = h, True
-            t = seq[p : p + m]
+            t = self.sequences[u][p : p + m]
             target[j, : len(t)], target_mask[j, : len(t)] = t, True
-        width = max(1, int(hist_mask.sum(1).max()))
-        hist_codes = self.codes[torch.from_numpy(hist[:, :width])]  # (B, S, D)
-        users = torch.from_numpy(self.user_bucket[self.pairs[idx, 0]])
         return (
-            hist_codes,
-            torch.from_numpy(hist_mask[:, :width]),
-            users,
+            *self.histories([self.sequences[u][:p] for u, p in self.pairs[idx]]),
+            torch.from_numpy(self.user_bucket[self.pairs[idx, 0]]),
             self.codes[torch.from_numpy(target)],  # (B, m, D)
             torch.from_numpy(target_mask),
         )
 
-    def batch_candidates(self, idx: np.ndarray) -> torch.Tensor | None:
-        """The samples' candidates computed without their own user's sequence, (B, K); None without."""
-        return None if self.candidates is None else torch.from_numpy(self.candidates[idx].astype(np.int64))
+    def batch_candidates(self, idx: np.ndarray, device: torch.device) -> torch.Tensor | None:
+        """The samples' candidates computed without their own user's sequence, (B, K) on `device`;
+        None for a model without candidates."""
+        if self.candidates is None:
+            return None
+        return torch.from_numpy(self.candidates[idx].astype(np.int64)).to(device)
 
 
 def train_model(
@@ -183,13 +177,11 @@ def train_model(
             if done() >= 1.0:
                 break
             idx = perm[start : start + tcfg.batch_size]
-            batch = [t.to(device) for t in samples.batch(idx)]
-            cand = samples.batch_candidates(idx)
             loss, balance = model(
-                *batch,
+                *[t.to(device) for t in samples.batch(idx)],
                 slot_weights=tcfg.slot_weights,
                 label_smoothing=tcfg.label_smoothing,
-                candidates=None if cand is None else cand.to(device),
+                candidates=samples.batch_candidates(idx, device),
             )
             opt.zero_grad(set_to_none=True)
             (loss + tcfg.balance_weight * balance).backward()
@@ -246,11 +238,10 @@ def holdout_loss(
     total, n = 0.0, 0
     for start in range(0, len(idx), batch_size):
         chunk = idx[start : start + batch_size]
-        cand = samples.batch_candidates(chunk)
         loss, _ = model(
             *[t.to(device) for t in samples.batch(chunk)],
             slot_weights=slot_weights,
-            candidates=None if cand is None else cand.to(device),
+            candidates=samples.batch_candidates(chunk, device),
         )
         total += float(loss) * len(chunk)
         n += len(chunk)
@@ -287,18 +278,18 @@ def leave_user_out_candidates(
     indptr = np.searchsorted(rows, np.arange(n_items + 1))
     out = np.full((len(pairs), k), -1, dtype=np.int32)
     score = np.zeros(n_items)
-    own_user, own = -1, (rows[:0], cols[:0], weights[:0], indptr[:1])
+    own_user = -1
     for n, (u, p) in enumerate(pairs):
         if u != own_user:  # pairs are grouped by user: their own co-occurrence, once per user
-            r, c, w = cooccurrence([sequences[u]], n_items, CANDIDATE_WINDOW)
-            own_user, own = u, (r, c, w, np.searchsorted(r, np.arange(n_items + 1)))
+            own_rows, own_cols, own_weights = cooccurrence([sequences[u]], n_items, CANDIDATE_WINDOW)
+            own_user = u
         hist = sequences[u][max(0, p - history_window) : p]
         touched = []
         for recency, weight in enumerate(CANDIDATE_RECENCY[: len(hist)]):
             h = hist[-1 - recency]
             nb, val = cols[indptr[h] : indptr[h + 1]], weights[indptr[h] : indptr[h + 1]].copy()
-            own_nb, own_w = own[1][own[3][h] : own[3][h + 1]], own[2][own[3][h] : own[3][h + 1]]
-            val[np.searchsorted(nb, own_nb)] -= own_w  # the user's own pairs are in the global row
+            mine = own_rows == h  # the user's own pairs are in the global row: take them out
+            val[np.searchsorted(nb, own_cols[mine])] -= own_weights[mine]
             order = np.lexsort((nb, -val))[:k]
             order = order[val[order] > 1e-9]
             score[nb[order]] += weight * val[order]
