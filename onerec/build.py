@@ -123,7 +123,12 @@ def sequence_file_config(path: str) -> BuildConfig:
         codes_per_level=None,
         content=True,
         content_weight=0.2,
-        model=replace(small_model(session_items=3, dropout=0.2), embedding_dropout=0.2, candidate_tokens=20),
+        model=replace(
+            small_model(session_items=3, dropout=0.2),
+            embedding_dropout=0.2,
+            candidate_tokens=20,
+            tie_code_embeddings=True,
+        ),
         select_on_valid=True,
         train=TrainConfig(
             epochs=30,

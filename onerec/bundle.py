@@ -206,7 +206,8 @@ def save_bundle(
     store: Path, name: str, model: OneRecModel, catalog: Catalog, metadata: dict[str, Any]
 ) -> PublishedVersion:
     """Publish weights and catalogue as a new version (atomic: see ``model_store.publish_version``)."""
-    state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
+    # clone: tied tensors (``tie_code_embeddings``) share storage, which safetensors refuses to save
+    state = {k: v.detach().to("cpu", torch.float32).clone().contiguous() for k, v in model.state_dict().items()}
     files = {WEIGHTS: save(state), CATALOG: catalog.to_json()}
     meta = {"model_config": model.cfg.to_dict(), "catalog_size": len(catalog.item_ids), **metadata}
     return publish_version(Path(store), name, files, meta)
@@ -316,6 +317,8 @@ def expected_tensors(config: ModelConfig) -> dict[str, list[int]]:
     shapes["user.weight"] = [config.user_buckets, d]
     if config.candidate_tokens:
         shapes["cand_rank.weight"] = [config.candidate_tokens, d]
+        if config.candidate_scores:
+            shapes["cand_score.weight"] = [d, 2]
         shapes["neighbour_items"] = [config.catalogue_items, config.candidate_tokens]
         shapes["neighbour_weights"] = [config.catalogue_items, config.candidate_tokens]
     for i in range(config.n_encoder_layers):

@@ -62,11 +62,28 @@ def evaluate_generator(
     `mode="session"` ranks what session mode answers for `max(ks)` items: the best session's items in
     order, then the next sessions' (the generator's top-up).
     """
-    top = max(ks)
+    ranked = ranked_items(
+        generator, histories, user_ids, max(ks), beam_width, batch_size, exclude_history, progress, mode
+    )
+    return ranking_metrics(ranked, [int(t) for t in targets], ks)
+
+
+def ranked_items(
+    generator: Generator,
+    histories: Sequence[np.ndarray],
+    user_ids: Sequence[str],
+    top: int,
+    beam_width: int | None = None,
+    batch_size: int = 64,
+    exclude_history: bool = True,
+    progress: bool = True,
+    mode: str = "items",
+) -> list[list[int]]:
+    """The generator's answer (``top`` item indices, best first) for each history, as served."""
     beam = max(beam_width or top, top)
     ranked: list[list[int]] = []
-    bar = tqdm(total=len(targets), desc="eval", unit="user", disable=not progress, leave=False)
-    for start in range(0, len(targets), batch_size):
+    bar = tqdm(total=len(histories), desc="eval", unit="user", disable=not progress, leave=False)
+    for start in range(0, len(histories), batch_size):
         reqs = [
             RecRequest(
                 history=[int(i) for i in histories[j]],
@@ -76,13 +93,13 @@ def evaluate_generator(
                 exclude_history=exclude_history,
                 user_id=user_ids[j],
             )
-            for j in range(start, min(start + batch_size, len(targets)))
+            for j in range(start, min(start + batch_size, len(histories)))
         ]
         results, _ = generator.generate(reqs)
         ranked.extend([it.item for it in r.items] for r in results)
         bar.update(len(reqs))
     bar.close()
-    return ranking_metrics(ranked, [int(t) for t in targets], ks)
+    return ranked
 
 
 @dataclass

@@ -4,14 +4,17 @@ Encoder: [user token, history items, candidate items] -> memory. An item is the 
 per-level code embeddings (so withdrawn or new items need no item table) plus a recency position
 (0 = newest). With ``candidate_tokens`` = K > 0 the memory also holds K candidates: the items that
 co-occur most with the newest three history items in the training sequences (weights 1, 0.5, 0.25;
-the kNN baseline's recipe), each as its code embeddings plus its candidate rank. The model holds the
+the kNN baseline's recipe), each as its code embeddings plus its candidate rank (and, with
+``candidate_scores``, a projection of its co-occurrence score). The model holds the
 neighbour lists (``set_neighbours``, saved with the weights) and the catalogue's code paths
 (``set_catalogue``, from the bundle's catalogue, not saved twice); it finds a history item's
 catalogue row from its code path, so its interface stays code paths only, and an item added after
 training simply has no neighbours. The decoder is free to follow the candidates or not: they shape
 the input, and the output is still the constrained beam search over every live item.
 Decoder: causal self-attention, cross-attention to the memory, and a sparse MoE SwiGLU FFN (through
-``kernels.moe``), RMSNorm everywhere, one output head per semantic-ID level.
+``kernels.moe``), RMSNorm everywhere, one output head per semantic-ID level. With
+``tie_code_embeddings`` a level's codes have one table, read by the encoder, the decoder's input and
+that level's head (T5's sharing, which TIGER inherits).
 
 Decoder layout. A session of m items with D code levels is m*D decoder positions. Instead of a BOS
 token per item, position t = slot*D + level carries a learned (slot, level) embedding, and its input
@@ -68,6 +71,8 @@ class ModelConfig:
     catalogue_items: int = 0  # items with a neighbour list (the catalogue trained on); 0 = no candidates
     candidate_tokens: int = 0  # K co-occurrence candidates in the encoder memory (and neighbours kept per item)
     embedding_dropout: float = 0.0  # on the encoder's and the (teacher-forced) decoder's input embeddings
+    candidate_scores: bool = False  # each candidate also carries its co-occurrence score (log and share of the top)
+    tie_code_embeddings: bool = False  # one (V_l, d) table per level: encoder items, decoder inputs, output head
 
     @property
     def depth(self) -> int:
@@ -380,6 +385,8 @@ class OneRecModel(nn.Module):
             if not cfg.catalogue_items:
                 raise ValueError("candidate_tokens needs catalogue_items (the items with neighbour lists)")
             self.cand_rank = nn.Embedding(cfg.candidate_tokens, d)  # rank 0 = the strongest candidate
+            if cfg.candidate_scores:
+                self.cand_score = nn.Linear(2, d, bias=False)  # [log(1 + score), score / top score] -> d
             # Neighbour lists (item indices, -1 = none, and weights), saved with the weights; float32 keeps
             # indices < 2**24 exact, which bundle.CONFIG_LIMITS guarantees for catalogue_items.
             shape = (cfg.catalogue_items, cfg.candidate_tokens)
@@ -397,6 +404,13 @@ class OneRecModel(nn.Module):
         self.decoder = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.n_decoder_layers))
         self.dec_norm = RMSNorm(d)
         self.heads = nn.ModuleList(nn.Linear(d, v, bias=False) for v in cfg.level_sizes)
+        if cfg.tie_code_embeddings:
+            # T5's (and TIGER's) sharing: a code has one vector, read by the encoder, fed to the decoder
+            # and scored by the head, so what the decoder attends to in the memory (a candidate's codes)
+            # is directly what its head scores. The state dict keeps every name (same tensor).
+            for lvl, emb in enumerate(self.enc_codes):
+                self.dec_codes[lvl].weight = emb.weight
+                self.heads[lvl].weight = emb.weight
         self.apply(self._init)
 
     def use_kernel_backend(self, backend: str | None) -> None:
@@ -458,7 +472,8 @@ class OneRecModel(nn.Module):
         return torch.where(keys[at] == wanted, self.catalogue_rows[at], torch.full_like(at, -1))
 
     def candidates(self, hist_codes: torch.Tensor, hist_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The K strongest co-occurrence candidates of each history, (B, K) rows and (B, K) mask.
+        """The K strongest co-occurrence candidates of each history: (B, K) catalogue rows (-1 = none)
+        and (B, K) scores (0 = none), strongest first.
 
         Score of item j: sum over the newest three history items h of weight(h's recency) *
         co-occurrence(h, j); items of the history itself are never candidates.
@@ -475,7 +490,7 @@ class OneRecModel(nn.Module):
         scores[:, n] = 0.0
         scores.scatter_(1, torch.where(index >= 0, index, n), 0.0)  # never the history's own items
         top, rows = scores[:, :n].topk(min(k, n), dim=1)  # (B, K)
-        return rows, top > 0
+        return torch.where(top > 0, rows, -1), top.clamp(min=0.0)
 
     # ---- encoder ------------------------------------------------------------------------------
 
@@ -484,11 +499,12 @@ class OneRecModel(nn.Module):
         hist_codes: torch.Tensor,
         hist_mask: torch.Tensor,
         user: torch.Tensor,
-        candidates: torch.Tensor | None = None,
+        candidates: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """hist_codes: (B, S, D) newest first; hist_mask: (B, S) True = real item; user: (B,);
-        candidates: (B, K) catalogue rows (-1 = none) to use instead of computing them (training
-        passes candidates computed without the sample's own user, ``onerec.train``).
+        candidates: (rows, scores), both (B, K) as ``candidates`` returns them, to use instead of
+        computing them (training passes candidates computed without the sample's own user,
+        ``onerec.train``).
 
         Returns the memory (B, M, d) and its attention mask (B, 1, 1, M), M = 1 + S (+ K candidates).
         """
@@ -498,11 +514,13 @@ class OneRecModel(nn.Module):
         x = x + self.enc_pos(torch.arange(s + 1, device=x.device))[None]
         mask = torch.cat([torch.ones_like(hist_mask[:, :1]), hist_mask], dim=1)  # (B, S+1)
         if self.cfg.candidate_tokens:
-            if candidates is None:
-                rows, cand_mask = self.candidates(hist_codes, hist_mask)  # (B, K)
-            else:
-                rows, cand_mask = candidates.clamp(min=0), candidates >= 0
-            cand = self.item_embeddings(self.catalogue_codes[rows]) + self.cand_rank.weight[None, : rows.shape[1]]
+            rows, score = self.candidates(hist_codes, hist_mask) if candidates is None else candidates  # (B, K)
+            cand_mask = rows >= 0
+            cand = self.item_embeddings(self.catalogue_codes[rows.clamp(min=0)])
+            cand = cand + self.cand_rank.weight[None, : rows.shape[1]]
+            if self.cfg.candidate_scores:
+                share = score / score[:, :1].clamp(min=1e-6)  # the strongest candidate's score is first
+                cand = cand + self.cand_score(torch.stack([torch.log1p(score), share], dim=-1).to(cand.dtype))
             x, mask = torch.cat([x, cand], dim=1), torch.cat([mask, cand_mask], dim=1)  # M = S+1+K
         x = F.dropout(x, self.cfg.embedding_dropout, self.training)
         mask = mask[:, None, None, :]  # (B, 1, 1, M)
@@ -536,7 +554,7 @@ class OneRecModel(nn.Module):
         target_mask: torch.Tensor | None = None,
         slot_weights: Sequence[float] | None = None,
         label_smoothing: float = 0.0,
-        candidates: torch.Tensor | None = None,
+        candidates: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Teacher-forced next-token loss over sessions. Returns (mean cross-entropy, MoE balance loss).
 

@@ -118,12 +118,13 @@ class SessionSamples:
             torch.from_numpy(target_mask),
         )
 
-    def batch_candidates(self, idx: np.ndarray, device: torch.device) -> torch.Tensor | None:
-        """The samples' candidates computed without their own user's sequence, (B, K) on `device`;
-        None for a model without candidates."""
+    def batch_candidates(self, idx: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The samples' candidates computed without their own user's sequence: (B, K) rows and scores
+        on `device`; None for a model without candidates."""
         if self.candidates is None:
             return None
-        return torch.from_numpy(self.candidates[idx].astype(np.int64)).to(device)
+        rows, scores = self.candidates
+        return torch.from_numpy(rows[idx].astype(np.int64)).to(device), torch.from_numpy(scores[idx]).to(device)
 
 
 def train_model(
@@ -264,9 +265,10 @@ def selection_loss(
 
 def leave_user_out_candidates(
     sequences: Sequence[np.ndarray], pairs: np.ndarray, history_window: int, n_items: int, k: int
-) -> np.ndarray:
+) -> tuple[np.ndarray, np.ndarray]:
     """Each sample's K co-occurrence candidates as the model computes them at serving time, but from
-    neighbour lists built without the sample's own user, (N, K) int32 (-1 = none).
+    neighbour lists built without the sample's own user: (N, K) int32 rows (-1 = none) and (N, K)
+    float32 scores (0 = none).
 
     At serving time the user's next item has never co-occurred with their history in training data;
     with their own sequence counted, a training sample's target would always be a candidate, and the
@@ -277,6 +279,7 @@ def leave_user_out_candidates(
     rows, cols, weights = cooccurrence(sequences, n_items, CANDIDATE_WINDOW)
     indptr = np.searchsorted(rows, np.arange(n_items + 1))
     out = np.full((len(pairs), k), -1, dtype=np.int32)
+    out_scores = np.zeros((len(pairs), k), dtype=np.float32)
     score = np.zeros(n_items)
     own_user = -1
     for n, (u, p) in enumerate(pairs):
@@ -301,8 +304,9 @@ def leave_user_out_candidates(
         best = cand[np.argsort(-score[cand], kind="stable")][:k]
         best = best[score[best] > 1e-9]
         out[n, : len(best)] = best
+        out_scores[n, : len(best)] = score[best]
         score[cand] = 0.0
-    return out
+    return out, out_scores
 
 
 def _lr_factor(step: int, warmup: int, total: int, done: float | None = None) -> float:

@@ -22,11 +22,12 @@ def tiny_world(
     sizes: list[int] = SIZES,
     history_window: int = 6,
     candidates: int = 0,
+    tie: bool = False,
 ) -> tuple[OneRecModel, TrieIndex]:
     """A random model over a random catalogue of ``n_items`` paths: small enough for many searches.
 
     With ``candidates`` > 0 the encoder memory also holds that many co-occurrence candidates, from
-    random neighbour lists."""
+    random neighbour lists; with ``tie`` each level's codes have one table (encoder, decoder, head)."""
     rng = np.random.default_rng(seed)
     space = np.array(list(itertools.product(*[range(s) for s in sizes])))
     paths = space[rng.choice(len(space), n_items, replace=False)]
@@ -45,6 +46,7 @@ def tiny_world(
         user_buckets=16,
         catalogue_items=n_items if candidates else 0,
         candidate_tokens=candidates,
+        tie_code_embeddings=tie,
     )
     model = OneRecModel(cfg).eval()
     with torch.no_grad():
@@ -98,9 +100,9 @@ def brute_force(
     return sorted(scored, reverse=True)
 
 
-@pytest.mark.parametrize("candidates", [0, 3])
-def test_items_mode_equals_brute_force_when_the_beam_covers_the_catalogue(candidates: int) -> None:
-    model, trie = tiny_world(n_items=9, session_items=1, candidates=candidates)
+@pytest.mark.parametrize(("candidates", "tie"), [(0, False), (3, False), (3, True)])
+def test_items_mode_equals_brute_force_when_the_beam_covers_the_catalogue(candidates: int, tie: bool) -> None:
+    model, trie = tiny_world(n_items=9, session_items=1, candidates=candidates, tie=tie)
     gen = Generator(model, trie)
     history = [1, 4]
     req = RecRequest(history=history, num_items=7, mode="items", beam_width=9, user_id="u1")
@@ -128,11 +130,12 @@ def test_session_mode_equals_brute_force_over_ordered_pairs() -> None:
     np.testing.assert_allclose([v for v, _ in got], [v for v, _ in expected], rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize(("seed", "candidates"), [(0, 0), (1, 0), (2, 4)])
-def test_decode_step_logits_equal_the_training_forward_at_every_position(seed: int, candidates: int) -> None:
+@pytest.mark.parametrize(("seed", "candidates", "tie"), [(0, 0, False), (1, 0, False), (2, 4, False), (3, 4, True)])
+def test_decode_step_logits_equal_the_training_forward_at_every_position(seed: int, candidates: int, tie: bool) -> None:
     """The two paths of ``DecoderLayer`` (every position at once, one cached position per row) agree,
-    with candidate tokens in the memory too (the search gathers each request's attended positions)."""
-    model, trie = tiny_world(n_items=12, session_items=3, seed=seed, candidates=candidates)
+    with candidate tokens in the memory too (the search gathers each request's attended positions),
+    and with tied code tables (the decode step's fused input table copies the shared one)."""
+    model, trie = tiny_world(n_items=12, session_items=3, seed=seed, candidates=candidates, tie=tie)
     steps: list[torch.Tensor] = []
     decode_step = model.decode_step
 

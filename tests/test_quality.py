@@ -273,11 +273,11 @@ def test_slot_weights_zero_reduce_the_loss_to_the_first_slot() -> None:
 # ---- item identities and epoch selection ---------------------------------------------------------
 
 
-def candidate_model() -> OneRecModel:
+def candidate_model(scores: bool = False) -> OneRecModel:
     """Five items on one-level paths 0..4 (item i has code i), each item's neighbours given by hand."""
     torch.manual_seed(0)
     cfg = ModelConfig(level_sizes=[6], session_items=1, history_window=4, d_model=8, n_heads=2, d_ff=8,
-                      catalogue_items=5, candidate_tokens=3)  # fmt: skip
+                      catalogue_items=5, candidate_tokens=3, candidate_scores=scores)  # fmt: skip
     model = OneRecModel(cfg).eval()
     model.set_catalogue(torch.arange(5)[:, None])
     items = torch.tensor([[1, 2, -1], [2, 3, -1], [4, -1, -1], [0, -1, -1], [-1, -1, -1]])
@@ -289,11 +289,11 @@ def candidate_model() -> OneRecModel:
 def test_candidates_sum_the_newest_three_items_neighbours_and_skip_the_history() -> None:
     model = candidate_model()
     hist = torch.tensor([[[0], [1], [5]]])  # newest first: item 0, item 1, then path 5 (not in the catalogue)
-    rows, mask = model.candidates(hist, torch.ones(1, 3, dtype=torch.bool))
-    # item 0 (weight 1): 1 -> 4, 2 -> 1; item 1 (weight 0.5): 2 -> 1, 3 -> 0.5; items 0 and 1 are history
-    assert rows[0][mask[0]].tolist() == [2, 3]
-    rows, mask = model.candidates(torch.tensor([[[2], [3]]]), torch.tensor([[True, False]]))  # 3 is padding
-    assert rows[0][mask[0]].tolist() == [4]
+    rows, scores = model.candidates(hist, torch.ones(1, 3, dtype=torch.bool))
+    # item 0 (weight 1): 1 -> 4, 2 -> 1; item 1 (weight 0.5): 2 -> +1, 3 -> +0.5; items 0 and 1 are history
+    assert rows[0].tolist() == [2, 3, -1] and scores[0].tolist() == [2.0, 0.5, 0.0]
+    rows, scores = model.candidates(torch.tensor([[[2], [3]]]), torch.tensor([[True, False]]))  # 3 is padding
+    assert rows[0].tolist() == [4, -1, -1] and scores[0].tolist() == [3.0, 0.0, 0.0]
     with pytest.raises(ValueError, match="share a code path"):
         model.set_catalogue(torch.tensor([[0], [1], [1], [2], [3]]))
     with pytest.raises(ValueError, match="item indices"):
@@ -305,9 +305,24 @@ def test_candidates_enter_the_memory_and_the_model_reads_them() -> None:
     hist, mask, user = torch.tensor([[[0], [1]]]), torch.ones(1, 2, dtype=torch.bool), torch.tensor([0])
     memory, mem_mask = model.encode(hist, mask, user)
     assert memory.shape[1] == 1 + 2 + 3 and mem_mask[0, 0, 0].tolist() == [True] * 3 + [True, True, False]
-    given, given_mask = model.encode(hist, mask, user, candidates=torch.tensor([[4, -1, -1]]))
+    given = (torch.tensor([[4, -1, -1]]), torch.tensor([[2.0, 0.0, 0.0]]))
+    other, given_mask = model.encode(hist, mask, user, candidates=given)
     assert given_mask[0, 0, 0].tolist() == [True] * 3 + [True, False, False]
-    assert not torch.allclose(memory[:, :3], given[:, :3])  # the encoder attends to its candidates
+    assert not torch.allclose(memory[:, :3], other[:, :3])  # the encoder attends to its candidates
+
+
+def test_candidate_scores_enter_the_memory_when_configured() -> None:
+    model = candidate_model(scores=True)
+    hist, mask, user = torch.tensor([[[0], [1]]]), torch.ones(1, 2, dtype=torch.bool), torch.tensor([0])
+    rows = torch.tensor([[4, 2, -1]])
+    weak, _ = model.encode(hist, mask, user, candidates=(rows, torch.tensor([[2.0, 1.0, 0.0]])))
+    strong, _ = model.encode(hist, mask, user, candidates=(rows, torch.tensor([[9.0, 1.0, 0.0]])))
+    assert not torch.allclose(weak, strong)  # same candidates, different scores: a different memory
+    plain = candidate_model()
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if k != "cand_score.weight"})
+    a, _ = plain.encode(hist, mask, user, candidates=(rows, torch.tensor([[2.0, 1.0, 0.0]])))
+    b, _ = plain.encode(hist, mask, user, candidates=(rows, torch.tensor([[9.0, 1.0, 0.0]])))
+    assert torch.equal(a, b)  # without the option only the rank is read
 
 
 def test_top_neighbours_keep_the_strongest_per_item() -> None:
@@ -325,7 +340,8 @@ def test_training_candidates_leave_out_the_samples_own_user() -> None:
 
     seqs = [np.array([0, 1, 2]), np.array([0, 3]), np.array([5, 0, 3])]
     pairs = np.array([(u, p) for u, s in enumerate(seqs) for p in range(1, len(s))])
-    cand = leave_user_out_candidates(seqs, pairs, 20, 6, 4)
+    cand, scores = leave_user_out_candidates(seqs, pairs, 20, 6, 4)
+    assert ((cand >= 0) == (scores > 0)).all() and (np.diff(scores, axis=1) <= 0).all()  # strongest first
     by_sample = {(int(u), int(p)): set(c[c >= 0].tolist()) for (u, p), c in zip(pairs, cand)}
     assert 1 not in by_sample[(0, 1)] and 2 not in by_sample[(0, 1)]  # user 0 alone saw 0 with 1 and 2
     assert 3 in by_sample[(0, 1)]  # users 1 and 2 saw 0 then 3
@@ -365,7 +381,7 @@ def test_selection_on_validation_rows_trains_every_sample_and_keeps_the_best_epo
     assert kept == pytest.approx(min(report.holdout_loss), rel=1e-5)  # the best epoch's weights are loaded
 
 
-def test_build_with_candidates_answers_the_same_after_loading(tmp_path: Path) -> None:
+def test_build_with_scored_candidates_and_tied_codes_answers_the_same_after_loading(tmp_path: Path) -> None:
     from onerec.bundle import load_bundle
     from onerec.data import leave_one_out
     from onerec.evaluate import evaluate_split
@@ -374,8 +390,13 @@ def test_build_with_candidates_answers_the_same_after_loading(tmp_path: Path) ->
     cfg = small_file_config(seq)
     cfg.select_on_valid = True
     cfg.model.candidate_tokens = 5
+    cfg.model.candidate_scores = True
+    cfg.model.tie_code_embeddings = True
     published, summary = build(cfg, tmp_path / "store", progress=False)
     bundle = load_bundle(published.path)
+    model = bundle.model
+    for lvl, table in enumerate(model.enc_codes):  # still one tensor per level after the safetensors round trip
+        assert model.heads[lvl].weight is table.weight and model.dec_codes[lvl].weight is table.weight
     data = load_sequence_file(seq)
     assert bundle.model.cfg.catalogue_items == data.n_items
     split = leave_one_out(data)
