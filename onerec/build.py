@@ -127,6 +127,7 @@ def sequence_file_config(path: str) -> BuildConfig:
             small_model(session_items=3, dropout=0.2),
             embedding_dropout=0.2,
             candidate_tokens=20,
+            candidate_scores=True,
             tie_code_embeddings=True,
         ),
         select_on_valid=True,
