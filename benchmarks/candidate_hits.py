@@ -24,24 +24,20 @@ from onerec.baselines import CooccurrenceKnn, rank_all
 from onerec.bundle import load_bundle
 from onerec.data import leave_one_out, load_sequence_file
 from onerec.evaluate import ranked_items
+from onerec.generate import RecRequest
 
 DEFAULT_DATASET = Path(__file__).resolve().parents[2] / "shared" / "data" / "amazon-beauty" / "sequences.txt"
 
 
-def model_candidates(bundle: Any, histories: list[np.ndarray]) -> np.ndarray:
-    """(N, K) catalogue rows (-1 = none) of each history's candidates, as the model computes them."""
-    model = bundle.model
-    window = model.cfg.history_window
-    newest_first = [h[-window:][::-1] for h in histories]
-    width = max(1, max(len(h) for h in newest_first))
-    idx = np.zeros((len(histories), width), dtype=np.int64)
-    mask = np.zeros((len(histories), width), dtype=bool)
-    for j, h in enumerate(newest_first):
-        idx[j, : len(h)], mask[j, : len(h)] = h, True
-    codes = bundle.catalog.trie.tensors.item_codes
+def model_candidates(bundle: Any, histories: list[np.ndarray], users: list[str]) -> np.ndarray:
+    """(N, K) catalogue rows (-1 = none) of each history's candidates, as the model computes them when
+    serving: from the encoder inputs the generator builds for these requests."""
+    generator = bundle.generator
+    requests = [RecRequest(history=h.tolist(), user_id=u) for h, u in zip(histories, users)]
+    codes, mask, _ = generator._encoder_inputs(requests, bundle.catalog.trie.tensors)
     with torch.no_grad():
-        rows, _ = model.candidates(codes[torch.from_numpy(idx)], torch.from_numpy(mask))
-    return rows.numpy()
+        rows, _ = bundle.model.candidates(codes, mask)
+    return rows.cpu().numpy()
 
 
 def main() -> None:
@@ -65,7 +61,7 @@ def main() -> None:
     targets = np.asarray(split.test.targets, dtype=np.int64)[rows]
     users = [data.user_ids[split.test.users[i]] for i in rows]
 
-    cand = model_candidates(bundle, histories)
+    cand = model_candidates(bundle, histories, users)
     inside = (cand == targets[:, None]).any(1)
     knn = np.asarray(rank_all(CooccurrenceKnn(split.train, data.n_items).scores(histories), histories, 10))
     knn_hit = (knn == targets[:, None]).any(1)

@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from onerec.data import EvalSet
 from onerec.model import CANDIDATE_RECENCY, CANDIDATE_WINDOW, ModelConfig, OneRecModel, hash_user
+from onerec.reward import history_tensors
 from onerec.tokenizer import cooccurrence
 
 
@@ -85,14 +86,8 @@ class SessionSamples:
 
     def histories(self, histories: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
         """Histories (oldest first) as the encoder reads them: codes (B, S, D) newest first, mask (B, S)."""
-        s_max = self.cfg.history_window
-        hist = np.zeros((len(histories), s_max), dtype=np.int64)
-        hist_mask = np.zeros((len(histories), s_max), dtype=bool)
-        for j, h in enumerate(histories):
-            h = np.asarray(h, dtype=np.int64)[-s_max:][::-1]  # newest first
-            hist[j, : len(h)], hist_mask[j, : len(h)] = h, True
-        width = max(1, int(hist_mask.sum(1).max()))
-        return self.codes[torch.from_numpy(hist[:, :width])], torch.from_numpy(hist_mask[:, :width])
+        newest_first = [np.asarray(h, dtype=np.int64)[::-1] for h in histories]
+        return history_tensors(newest_first, self.codes, self.cfg.history_window)
 
     def next_item_batch(self, rows: EvalSet, idx: np.ndarray) -> tuple[torch.Tensor, ...]:
         """Evaluation rows `idx` as a batch of one-slot targets: history -> the row's next item."""
