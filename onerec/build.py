@@ -114,6 +114,8 @@ def sequence_file_config(path: str) -> BuildConfig:
     beat a wide model that sees the data a few times. Content features are joined where
     ``item2attributes.json`` / ``item_text.tsv`` sit beside the file. Slot 1 of the m = 3 session
     weighs most in the loss because next-item ranking reads slot 1 only; session mode still trains.
+    The encoder reads 20 co-occurrence candidates with their scores, and the decoder's copy head can
+    point at them (test R@10 0.068 -> 0.085 on Beauty, benchmarks/results/quality_beauty_cpu_levers4.json).
     """
     return BuildConfig(
         dataset=path,
@@ -129,6 +131,7 @@ def sequence_file_config(path: str) -> BuildConfig:
             candidate_tokens=20,
             candidate_scores=True,
             tie_code_embeddings=True,
+            copy_head=True,
         ),
         select_on_valid=True,
         train=TrainConfig(

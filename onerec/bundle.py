@@ -292,6 +292,8 @@ def check_model_config(raw: Any, version: int) -> ModelConfig:
         raise ValueError(f"{where}: experts_top_k {config.experts_top_k} > n_experts {config.n_experts}")
     if config.candidate_tokens and not config.catalogue_items:
         raise ValueError(f"{where}: candidate_tokens {config.candidate_tokens} needs catalogue_items > 0")
+    if config.copy_head and not config.candidate_tokens:
+        raise ValueError(f"{where}: copy_head needs candidate_tokens > 0 (the candidates it points at)")
     return config
 
 
@@ -319,6 +321,11 @@ def expected_tensors(config: ModelConfig) -> dict[str, list[int]]:
         shapes["cand_rank.weight"] = [config.candidate_tokens, d]
         if config.candidate_scores:
             shapes["cand_score.weight"] = [d, 2]
+        if config.copy_head:
+            shapes["copy_query.weight"] = [d, d]
+            shapes["copy_key.weight"] = [d, d]
+            shapes["copy_gate.weight"] = [1, d]
+            shapes["copy_gate.bias"] = [1]
         shapes["neighbour_items"] = [config.catalogue_items, config.candidate_tokens]
         shapes["neighbour_weights"] = [config.catalogue_items, config.candidate_tokens]
     for i in range(config.n_encoder_layers):

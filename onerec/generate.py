@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from kernels.trie_topk import trie_topk
-from onerec.model import CrossGroup, DecodeWeights, OneRecModel, StepBatch, hash_user
+from onerec.model import CandidateCopy, CopyRows, CrossGroup, DecodeWeights, OneRecModel, StepBatch, hash_user
 from onerec.trie import TrieIndex, TrieTensors
 
 # The request modes: "session" (m items per beam, a slate) and "items" (point-wise). The one
@@ -360,6 +360,7 @@ class _Job:
     t: int = 0  # next decoder position
     enc: torch.Tensor | None = None  # (layers, 2, H, S_q, dh) memory K/V, a view into its encode batch
     mem_len: int = 0  # S_q: user column + real history items
+    copy: CandidateCopy | None = None  # its candidates for the copy head, (1, K, ...) each
     bans: tuple[np.ndarray, np.ndarray] | None = None  # (nodes, counts) for the snapshot in bans_snap
     bans_snap: TrieTensors | None = None
     done_items: list[RecItem] | None = None  # a short session's items, which this items search tops up
@@ -419,6 +420,9 @@ class StepSearch:
         self._snap: TrieTensors | None = None
         self._bans_dirty = True
         self._sess_nodes: torch.Tensor | None = None  # (R, j*D) session-banned nodes per row; None = stale
+        # copy head (model.cfg.copy_head): each row's request's candidates, and which still match its item
+        self._copy: CandidateCopy | None = None  # (R, K, d), (R, K, D), (R, K)
+        self._copy_match = torch.ones(0, cfg.candidate_tokens, dtype=torch.bool, device=dev)  # (R, K)
 
     # ---- public -------------------------------------------------------------------------------
 
@@ -542,6 +546,7 @@ class StepSearch:
         self._tok = carry(self._tok, 0)  # table row 0: the start vector
         self._items = carry(self._items, -1)
         self._item_scores = carry(self._item_scores, 0.0)
+        self._copy_match = carry(self._copy_match, True)  # new rows start an item: every candidate matches
         if src_t is not None:
             cache_src = self._parent[src_t] if self._parent is not None else src_t
             self._reorder_cache(cache_src, dst_t, rows, max(job.t for job in survivors))
@@ -549,9 +554,21 @@ class StepSearch:
             self._reorder_cache(None, None, rows, 0)
         self._order = order
         self._widths = np.array([job.width for job in order], dtype=np.int64)
+        self._copy = self._rows_copy(order)
         self._build_groups(groups)
         self._dirty = False
         self._bans_dirty = True
+
+    def _rows_copy(self, order: list[_Job]) -> CandidateCopy | None:
+        """Each row's request's candidates (copy head), gathered once per relayout, not per step."""
+        if not self.cfg.copy_head or not order:
+            return None
+        parts = [job.copy for job in order]
+        assert all(p is not None for p in parts)
+        of_row = self._host(np.repeat(np.arange(len(order)), self._widths))  # (R,) job of each row
+        return CandidateCopy(
+            *(torch.cat([getattr(p, f) for p in parts]).index_select(0, of_row) for f in ("keys", "codes", "valid"))
+        )
 
     def _reorder_cache(self, src: torch.Tensor | None, dst: torch.Tensor | None, rows: int, written: int) -> None:
         """cache'[dst] = cache[src] into the spare buffer (dst None: all rows in order), then swap.
@@ -590,6 +607,9 @@ class StepSearch:
             cols = keep[b].nonzero().squeeze(1)
             job.enc = state.cross_kv[:, :, b].index_select(3, cols)  # (layers, 2, H, M_q, dh)
             job.mem_len = int(cols.numel())
+            if state.copy is not None:
+                c = state.copy
+                job.copy = CandidateCopy(c.keys[b : b + 1], c.codes[b : b + 1], c.valid[b : b + 1])
         self.stats.encode_seconds += time.perf_counter() - t0
 
     def _build_groups(self, groups: list[list[_Job]]) -> None:
@@ -681,6 +701,11 @@ class StepSearch:
             if len(job_levels) == 1
             else [(int(lv), self._host(np.flatnonzero(level_np == lv))) for lv in job_levels]
         )
+        copy, copy_codes = None, None
+        if self._copy is not None:  # each candidate's code at the row's level, and the still-matching ones
+            at = self._host(level_np)[:, None, None].expand(rows, self._copy.codes.shape[1], 1)
+            copy_codes = self._copy.codes.gather(2, at).squeeze(2)  # (R, K)
+            copy = CopyRows(self._copy.keys, copy_codes, self._copy_match & self._copy.valid)
         batch = StepBatch(
             cache=self._cache[:rows],
             rows=self._arange_to(rows),
@@ -689,6 +714,7 @@ class StepSearch:
             self_mask=self_mask,
             groups=self._groups,
             levels=levels,
+            copy=copy,
         )
         tokens = torch.stack([self._tok, self._host(pos_np + w_.pos_offset)], 1)  # (R, 2) rows of the input table
         logits = self.model.decode_step(self.model.step_input(tokens, w_), batch, w_)  # (R, V)
@@ -759,6 +785,10 @@ class StepSearch:
                 idx = self._host(np.flatnonzero(last_np))
                 items.view(-1).index_copy_(0, cell[idx], leaf[idx])
                 new_node = torch.where(self._host(last_np), new_node.clamp(max=0), new_node)
+        if copy_codes is not None:  # a beam keeps the candidates whose code it just chose (same request,
+            # same level as its parent row); a finished item starts the next one with all of them
+            follow = self._copy_match[parent] & (copy_codes == new_code[:, None])
+            self._copy_match = follow if not last_np.any() else follow | self._host(last_np)[:, None]
         offsets = np.asarray(w_.code_offset, dtype=np.int64)[level_np]  # table row of code 0 of the level
         self._tok = new_code.clamp(min=0) + self._host(offsets)
         self._scores, self._node, self._items, self._item_scores = best, new_node, items, item_scores
@@ -820,5 +850,6 @@ class StepSearch:
             slots=1,
             enc=job.enc,
             mem_len=job.mem_len,
+            copy=job.copy,
             done_items=have.items,
         )

@@ -172,19 +172,13 @@ def session_log_prob(
     log-softmax is renormalised over the allowed codes only, as the constrained beam search scores a
     path: the sum is then the beam's own score. Without it, the plain softmax of training.
     """
-    memory, mem_mask = model.encode(hist_codes, hist_mask, user)
-    x = model.decoder_inputs(session_codes)
-    for layer in model.decoder:
-        x = layer(x, memory, mem_mask)
-    x = model.dec_norm(x)  # (B, T, d)
+    log_probs, _ = model.position_log_probs(hist_codes, hist_mask, user, session_codes)  # per level (B, m, V_lvl)
     depth = model.cfg.depth
     flat = session_codes.reshape(session_codes.shape[0], -1)  # (B, T)
-    total = x.new_zeros(flat.shape[0], dtype=torch.float32)
-    for lvl, head in enumerate(model.heads):
-        logits = head(x[:, lvl::depth]).float()  # (B, m, V_lvl)
+    total = flat.new_zeros(flat.shape[0], dtype=torch.float32)
+    for lvl, logp in enumerate(log_probs):
         if allowed is not None:
-            logits = logits.masked_fill(~allowed[lvl], float("-inf"))
-        logp = torch.log_softmax(logits, dim=-1)
+            logp = torch.log_softmax(logp.masked_fill(~allowed[lvl], float("-inf")), dim=-1)
         total = total + logp.gather(-1, flat[:, lvl::depth, None]).squeeze(-1)[:, first_slot:].sum(1)
     return total
 

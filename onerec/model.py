@@ -15,6 +15,11 @@ Decoder: causal self-attention, cross-attention to the memory, and a sparse MoE 
 ``kernels.moe``), RMSNorm everywhere, one output head per semantic-ID level. With
 ``tie_code_embeddings`` a level's codes have one table, read by the encoder, the decoder's input and
 that level's head (T5's sharing, which TIGER inherits).
+Copy head (``copy_head``, with candidates): a pointer-generator output. At every position the decoder
+state also attends over the candidates whose codes agree with the item's codes generated so far, and
+a learned gate mixes that pointer's distribution (each candidate's mass on its code at this level)
+with the head's softmax. The model learns when and which candidate to follow; the search still
+ranks every live item by the mixed probabilities, under the same trie constraint.
 
 Decoder layout. A session of m items with D code levels is m*D decoder positions. Instead of a BOS
 token per item, position t = slot*D + level carries a learned (slot, level) embedding, and its input
@@ -73,6 +78,7 @@ class ModelConfig:
     embedding_dropout: float = 0.0  # on the encoder's and the (teacher-forced) decoder's input embeddings
     candidate_scores: bool = False  # each candidate also carries its co-occurrence score (log and share of the top)
     tie_code_embeddings: bool = False  # one (V_l, d) table per level: encoder items, decoder inputs, output head
+    copy_head: bool = False  # each level's distribution also mixes in a learned pointer over the candidates
 
     @property
     def depth(self) -> int:
@@ -294,6 +300,24 @@ class DecoderLayer(nn.Module):
 
 
 @dataclass
+class CandidateCopy:
+    """What the copy head reads of each request's K candidates (``OneRecModel.copy_source``)."""
+
+    keys: torch.Tensor  # (B, K, d) the pointer's key of each candidate (from its encoder output)
+    codes: torch.Tensor  # (B, K, D) each candidate's code path
+    valid: torch.Tensor  # (B, K) False where the slot holds no candidate
+
+
+@dataclass
+class CopyRows:
+    """The copy head's inputs at one decode step, one row per (request, beam)."""
+
+    keys: torch.Tensor  # (R, K, d) the row's request's candidate keys
+    codes: torch.Tensor  # (R, K) each candidate's code at the row's level
+    match: torch.Tensor  # (R, K) a real candidate whose codes equal the row's item so far
+
+
+@dataclass
 class EncoderState:
     """What decoding needs from the encoder: per-request cross-attention K/V, shared by all beams.
 
@@ -303,6 +327,7 @@ class EncoderState:
 
     cross_kv: torch.Tensor  # (layers, 2, B, H, S+1, dh): [k, v] per decoder layer
     mask: torch.Tensor  # (B, 1, 1, S+1) True = attend
+    copy: CandidateCopy | None = None  # with ``copy_head``
 
 
 @dataclass
@@ -340,6 +365,7 @@ class StepBatch:
     self_mask: torch.Tensor | None  # (R, t_hi, 1) additive: 0 at positions <= pos[r], -inf after; None if all equal
     groups: list[CrossGroup]
     levels: list[tuple[int, torch.Tensor | None]]  # (level, its rows; None when every row is at it)
+    copy: CopyRows | None = None  # with ``copy_head``
 
 
 @dataclass
@@ -376,6 +402,8 @@ class OneRecModel(nn.Module):
         super().__init__()
         if cfg.d_model % cfg.n_heads:
             raise ValueError(f"d_model {cfg.d_model} is not divisible by n_heads {cfg.n_heads}")
+        if cfg.copy_head and not cfg.candidate_tokens:
+            raise ValueError("copy_head needs candidate_tokens > 0 (the candidates it points at)")
         self.cfg = cfg
         d = cfg.d_model
         self.enc_codes = nn.ModuleList(nn.Embedding(v, d) for v in cfg.level_sizes)
@@ -387,6 +415,10 @@ class OneRecModel(nn.Module):
             self.cand_rank = nn.Embedding(cfg.candidate_tokens, d)  # rank 0 = the strongest candidate
             if cfg.candidate_scores:
                 self.cand_score = nn.Linear(2, d, bias=False)  # [log(1 + score), score / top score] -> d
+            if cfg.copy_head:
+                self.copy_query = nn.Linear(d, d, bias=False)  # decoder state -> pointer query
+                self.copy_key = nn.Linear(d, d, bias=False)  # candidate's encoder output -> pointer key
+                self.copy_gate = nn.Linear(d, 1)  # decoder state -> logit of the pointer's share
             # Neighbour lists (item indices, -1 = none, and weights), saved with the weights; float32 keeps
             # indices < 2**24 exact, which bundle.CONFIG_LIMITS guarantees for catalogue_items.
             shape = (cfg.catalogue_items, cfg.candidate_tokens)
@@ -412,6 +444,8 @@ class OneRecModel(nn.Module):
                 self.dec_codes[lvl].weight = emb.weight
                 self.heads[lvl].weight = emb.weight
         self.apply(self._init)
+        if cfg.copy_head:
+            nn.init.zeros_(self.copy_gate.bias)
 
     def use_kernel_backend(self, backend: str | None) -> None:
         """The kernel backend every MoE layer asks ``kernels.moe`` for ("torch", "triton", None = auto).
@@ -545,6 +579,43 @@ class OneRecModel(nn.Module):
         x = x + self.dec_pos(torch.arange(slots * depth, device=x.device))[None]
         return F.dropout(x, self.cfg.embedding_dropout, self.training)
 
+    def position_log_probs(
+        self,
+        hist_codes: torch.Tensor,
+        hist_mask: torch.Tensor,
+        user: torch.Tensor,
+        target_codes: torch.Tensor,
+        candidates: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Teacher-forced log p(code) at every decoder position: per level (B, m', V_l), and the MoE
+        balance loss. The one full-sequence path: the training loss, IPA's session log-probs and the
+        tests' reference for the decode step all read it.
+
+        target_codes: (B, m', D); candidates: see ``encode``.
+        """
+        if self.cfg.candidate_tokens and candidates is None:
+            candidates = self.candidates(hist_codes, hist_mask)
+        memory, mem_mask = self.encode(hist_codes, hist_mask, user, candidates)
+        x = self.decoder_inputs(target_codes)
+        balance = x.new_zeros((), dtype=torch.float32)
+        for layer in self.decoder:
+            x, routed = layer.forward_with_router_input(x, memory, mem_mask)
+            balance = balance + layer.moe.balance_loss(routed)
+        x = self.dec_norm(x)  # (B, T, d)
+        copy = self.copy_source(memory, candidates[0]) if self.cfg.copy_head and candidates is not None else None
+        depth = self.cfg.depth
+        out = []
+        for lvl, head in enumerate(self.heads):
+            x_lvl = x[:, lvl::depth]  # (B, m', d)
+            logits = head(x_lvl)  # (B, m', V_lvl)
+            if copy is None:
+                out.append(torch.log_softmax(logits.float(), dim=-1))
+                continue
+            prefix = target_codes[:, :, None, :lvl]  # (B, m', 1, lvl): the item's codes before this level
+            match = copy.valid[:, None] & (copy.codes[:, None, :, :lvl] == prefix).all(-1)  # (B, m', K)
+            out.append(self.copy_mix(x_lvl, logits, copy.keys[:, None], copy.codes[:, None, :, lvl], match))
+        return out, balance / len(self.decoder)
+
     def forward(
         self,
         hist_codes: torch.Tensor,
@@ -563,35 +634,60 @@ class OneRecModel(nn.Module):
         mean (default: all 1); next-item quality reads slot 1 only, so training may favour it.
         label_smoothing is passed to the cross-entropy of every code. candidates: see ``encode``.
         """
-        memory, mem_mask = self.encode(hist_codes, hist_mask, user, candidates)
-        x = self.decoder_inputs(target_codes)
-        balance = x.new_zeros((), dtype=torch.float32)
-        for layer in self.decoder:
-            x, routed = layer.forward_with_router_input(x, memory, mem_mask)
-            balance = balance + layer.moe.balance_loss(routed)
-        x = self.dec_norm(x)  # (B, T, d)
+        log_probs, balance = self.position_log_probs(hist_codes, hist_mask, user, target_codes, candidates)
         depth = self.cfg.depth
         b, slots = target_codes.shape[:2]
         flat = target_codes.reshape(b, -1)  # (B, T)
         if target_mask is None:
-            target_mask = torch.ones(target_codes.shape[:2], dtype=torch.bool, device=x.device)
+            target_mask = torch.ones(target_codes.shape[:2], dtype=torch.bool, device=flat.device)
         weight = target_mask.float()  # (B, m')
         if slot_weights is not None:
             if len(slot_weights) < slots:
                 raise ValueError(f"{len(slot_weights)} slot weights for {slots} slots")
-            weight = weight * torch.tensor(list(slot_weights)[:slots], dtype=torch.float32, device=x.device)
+            weight = weight * torch.tensor(list(slot_weights)[:slots], dtype=torch.float32, device=flat.device)
         weight = weight.flatten()  # (B*m',)
-        loss = x.new_zeros((), dtype=torch.float32)
-        for lvl, head in enumerate(self.heads):
-            logits = head(x[:, lvl::depth])  # (B, m', V_lvl)
+        loss = weight.new_zeros(())
+        for lvl, logp in enumerate(log_probs):
+            # logp is already normalised, so cross_entropy's own log-softmax leaves it as it is
             ce = F.cross_entropy(
-                logits.flatten(0, 1).float(),
+                logp.flatten(0, 1),
                 flat[:, lvl::depth].flatten(),
                 reduction="none",
                 label_smoothing=label_smoothing,
             )
             loss = loss + (ce * weight).sum() / weight.sum().clamp(min=1e-6)
-        return loss / depth, balance / len(self.decoder)
+        return loss / depth, balance
+
+    # ---- copy head ----------------------------------------------------------------------------
+
+    def copy_source(self, memory: torch.Tensor, rows: torch.Tensor) -> CandidateCopy:
+        """The pointer's keys and the code paths of the candidates, which sit last in the memory.
+
+        memory: (B, M, d) from ``encode`` with candidates; rows: (B, K) their catalogue rows (-1 = none).
+        """
+        k = rows.shape[1]
+        return CandidateCopy(self.copy_key(memory[:, -k:]), self.catalogue_codes[rows.clamp(min=0)], rows >= 0)
+
+    def copy_mix(
+        self, x: torch.Tensor, logits: torch.Tensor, keys: torch.Tensor, codes: torch.Tensor, match: torch.Tensor
+    ) -> torch.Tensor:
+        """log((1 - g) softmax(logits) + g pointer) over one level's codes, float32 (pointer-generator).
+
+        The pointer attends over the candidates that still match the item being generated and puts
+        each one's weight on its code at this level; g = sigmoid(gate(x)), and g = 0 where no
+        candidate matches. x: (..., d); logits: (..., V); keys: (..., K, d); codes, match: (..., K).
+        """
+        score = (self.copy_query(x).float().unsqueeze(-2) * keys.float()).sum(-1) * x.shape[-1] ** -0.5  # (..., K)
+        # a large finite fill, not -inf: a row with no match must not turn the softmax's gradient to NaN
+        point = torch.softmax(score.masked_fill(~match, -1e9), dim=-1) * match  # (..., K), 0 off the matches
+        mass = point.new_zeros((*point.shape[:-1], logits.shape[-1]))
+        mass.scatter_add_(-1, codes.expand(point.shape), point)  # (..., V) the pointer's mass per code
+        gate = self.copy_gate(x).float().squeeze(-1)  # (...,) logit of g
+        found = match.any(-1)  # (...,)
+        keep = torch.where(found, F.logsigmoid(-gate), 0.0)  # log(1 - g)
+        generated = torch.log_softmax(logits.float(), dim=-1) + keep[..., None]
+        copied = torch.log(mass.clamp(min=1e-30)) + F.logsigmoid(gate)[..., None]
+        return torch.logaddexp(generated, torch.where(found[..., None], copied, float("-inf")))
 
     # ---- incremental decoding -----------------------------------------------------------------
 
@@ -619,12 +715,14 @@ class OneRecModel(nn.Module):
         weights: DecodeWeights | None = None,
     ) -> EncoderState:
         """Encode once per request and project every decoder layer's cross-attention K/V in one matmul."""
-        memory, mem_mask = self.encode(hist_codes, hist_mask, user)  # (B, M, d), (B, 1, 1, M)
+        candidates = self.candidates(hist_codes, hist_mask) if self.cfg.candidate_tokens else None
+        memory, mem_mask = self.encode(hist_codes, hist_mask, user, candidates)  # (B, M, d), (B, 1, 1, M)
         b, s1, d = memory.shape
         cfg = self.cfg
         w = weights.cross_kv if weights is not None else torch.cat([la.cross_attn.kv.weight for la in self.decoder])
         kv = F.linear(memory, w).view(b, s1, cfg.n_decoder_layers, 2, cfg.n_heads, d // cfg.n_heads)
-        return EncoderState(kv.permute(2, 3, 0, 4, 1, 5).contiguous(), mem_mask)
+        copy = self.copy_source(memory, candidates[0]) if cfg.copy_head and candidates is not None else None
+        return EncoderState(kv.permute(2, 3, 0, 4, 1, 5).contiguous(), mem_mask, copy)
 
     def step_input(self, tokens: torch.Tensor, weights: DecodeWeights) -> torch.Tensor:
         """Decoder input of each row, (R, d): one gather-sum over the fused table.
@@ -641,17 +739,25 @@ class OneRecModel(nn.Module):
 
         V is the vocabulary of the one level present, or the widest level when rows sit at several
         (columns past a row's level are -inf and never read). Each level's head runs on its rows only.
+        With ``batch.copy`` the logits are the copy head's mixed log-probs (float32).
         """
         for i, layer in enumerate(self.decoder):
             x = layer.step(x, i, weights.qkv[i], batch)
         x = rms(self.dec_norm, x)  # (R, d)
+        copy = batch.copy
         if len(batch.levels) == 1:
-            return F.linear(x, self.heads[batch.levels[0][0]].weight)  # (R, V_level)
-        logits = x.new_full((x.shape[0], max(self.cfg.level_sizes)), float("-inf"))
+            logits = F.linear(x, self.heads[batch.levels[0][0]].weight)  # (R, V_level)
+            return logits if copy is None else self.copy_mix(x, logits, copy.keys, copy.codes, copy.match)
+        dtype = x.dtype if copy is None else torch.float32
+        logits = x.new_full((x.shape[0], max(self.cfg.level_sizes)), float("-inf"), dtype=dtype)
         for lvl, idx in batch.levels:
             assert idx is not None
             head = self.heads[lvl].weight  # (V_lvl, d)
-            logits[:, : head.shape[0]].index_copy_(0, idx, F.linear(x.index_select(0, idx), head))
+            x_lvl = x.index_select(0, idx)
+            out = F.linear(x_lvl, head)
+            if copy is not None:
+                out = self.copy_mix(x_lvl, out, copy.keys[idx], copy.codes[idx], copy.match[idx])
+            logits[:, : head.shape[0]].index_copy_(0, idx, out)
         return logits
 
     def allocate_cache(self, rows: int, positions: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:

@@ -23,11 +23,13 @@ def tiny_world(
     history_window: int = 6,
     candidates: int = 0,
     tie: bool = False,
+    copy: bool = False,
 ) -> tuple[OneRecModel, TrieIndex]:
     """A random model over a random catalogue of ``n_items`` paths: small enough for many searches.
 
     With ``candidates`` > 0 the encoder memory also holds that many co-occurrence candidates, from
-    random neighbour lists; with ``tie`` each level's codes have one table (encoder, decoder, head)."""
+    random neighbour lists; with ``tie`` each level's codes have one table (encoder, decoder, head);
+    with ``copy`` the output also mixes in the copy head's pointer over those candidates."""
     rng = np.random.default_rng(seed)
     space = np.array(list(itertools.product(*[range(s) for s in sizes])))
     paths = space[rng.choice(len(space), n_items, replace=False)]
@@ -47,6 +49,7 @@ def tiny_world(
         catalogue_items=n_items if candidates else 0,
         candidate_tokens=candidates,
         tie_code_embeddings=tie,
+        copy_head=copy,
     )
     model = OneRecModel(cfg).eval()
     with torch.no_grad():
@@ -69,14 +72,10 @@ def teacher_forced_logprobs(
     codes = snap.item_codes[hist][None]
     mask = torch.tensor([bool(history)] * len(hist))[None]
     users = torch.tensor([hash_user(user, model.cfg.user_buckets)])
-    memory, mem_mask = model.encode(codes, mask, users)
     target = snap.item_codes[torch.tensor(session)][None]  # (1, m', D)
-    x = model.decoder_inputs(target)
-    for layer in model.decoder:
-        x = layer(x, memory, mem_mask)
-    x = model.dec_norm(x)
+    per_level, _ = model.position_log_probs(codes, mask, users, target)  # per level (1, m', V_l)
     depth = model.cfg.depth
-    return [torch.log_softmax(model.heads[t % depth](x[0, t]), -1) for t in range(x.shape[1])]
+    return [per_level[t % depth][0, t // depth] for t in range(target.shape[1] * depth)]
 
 
 def brute_force(
@@ -100,9 +99,13 @@ def brute_force(
     return sorted(scored, reverse=True)
 
 
-@pytest.mark.parametrize(("candidates", "tie"), [(0, False), (3, False), (3, True)])
-def test_items_mode_equals_brute_force_when_the_beam_covers_the_catalogue(candidates: int, tie: bool) -> None:
-    model, trie = tiny_world(n_items=9, session_items=1, candidates=candidates, tie=tie)
+@pytest.mark.parametrize(
+    ("candidates", "tie", "copy"), [(0, False, False), (3, False, False), (3, True, False), (3, True, True)]
+)
+def test_items_mode_equals_brute_force_when_the_beam_covers_the_catalogue(
+    candidates: int, tie: bool, copy: bool
+) -> None:
+    model, trie = tiny_world(n_items=9, session_items=1, candidates=candidates, tie=tie, copy=copy)
     gen = Generator(model, trie)
     history = [1, 4]
     req = RecRequest(history=history, num_items=7, mode="items", beam_width=9, user_id="u1")
@@ -113,8 +116,10 @@ def test_items_mode_equals_brute_force_when_the_beam_covers_the_catalogue(candid
     assert stats.invalid_paths == 0
 
 
-def test_session_mode_equals_brute_force_over_ordered_pairs() -> None:
-    model, trie = tiny_world(n_items=6, session_items=2)
+@pytest.mark.parametrize("copy", [False, True])
+def test_session_mode_equals_brute_force_over_ordered_pairs(copy: bool) -> None:
+    """With the copy head too: the pointer's matching candidates restart with each slot's item."""
+    model, trie = tiny_world(n_items=6, session_items=2, candidates=3 if copy else 0, copy=copy)
     gen = Generator(model, trie)
     history = [0]
     # 5 allowed items -> 20 ordered pairs; a beam of 20 keeps every partial sequence
@@ -130,12 +135,17 @@ def test_session_mode_equals_brute_force_over_ordered_pairs() -> None:
     np.testing.assert_allclose([v for v, _ in got], [v for v, _ in expected], rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize(("seed", "candidates", "tie"), [(0, 0, False), (1, 0, False), (2, 4, False), (3, 4, True)])
-def test_decode_step_logits_equal_the_training_forward_at_every_position(seed: int, candidates: int, tie: bool) -> None:
+@pytest.mark.parametrize(
+    ("seed", "candidates", "tie", "copy"),
+    [(0, 0, False, False), (1, 0, False, False), (2, 4, False, False), (3, 4, True, False), (4, 4, True, True)],
+)
+def test_decode_step_logits_equal_the_training_forward_at_every_position(
+    seed: int, candidates: int, tie: bool, copy: bool
+) -> None:
     """The two paths of ``DecoderLayer`` (every position at once, one cached position per row) agree,
     with candidate tokens in the memory too (the search gathers each request's attended positions),
     and with tied code tables (the decode step's fused input table copies the shared one)."""
-    model, trie = tiny_world(n_items=12, session_items=3, seed=seed, candidates=candidates, tie=tie)
+    model, trie = tiny_world(n_items=12, session_items=3, seed=seed, candidates=candidates, tie=tie, copy=copy)
     steps: list[torch.Tensor] = []
     decode_step = model.decode_step
 
@@ -183,9 +193,9 @@ def test_history_is_allowed_back_when_asked() -> None:
     assert sorted(it.item for it in result.items) == list(range(9))
 
 
-@pytest.mark.parametrize("candidates", [0, 4])
-def test_same_answer_alone_and_inside_a_batch(candidates: int) -> None:
-    model, trie = tiny_world(n_items=18, session_items=2, seed=2, candidates=candidates)
+@pytest.mark.parametrize(("candidates", "copy"), [(0, False), (4, False), (4, True)])
+def test_same_answer_alone_and_inside_a_batch(candidates: int, copy: bool) -> None:
+    model, trie = tiny_world(n_items=18, session_items=2, seed=2, candidates=candidates, copy=copy)
     gen = Generator(model, trie)
     target = RecRequest(history=[2], num_items=4, mode="session", beam_width=3, user_id="alone")
     others = [

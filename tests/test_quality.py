@@ -325,6 +325,91 @@ def test_candidate_scores_enter_the_memory_when_configured() -> None:
     assert torch.equal(a, b)  # without the option only the rank is read
 
 
+def copy_model(gate_bias: float | None = None) -> OneRecModel:
+    """Two-level paths for eight items, each item's neighbours given by hand, and the copy head on."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(level_sizes=[4, 4], session_items=3, history_window=4, d_model=8, n_heads=2, d_ff=8,
+                      catalogue_items=8, candidate_tokens=3, copy_head=True)  # fmt: skip
+    model = OneRecModel(cfg).eval()
+    model.set_catalogue(torch.tensor([[0, 0], [0, 1], [1, 0], [1, 2], [2, 3], [2, 0], [0, 3], [3, 1]]))
+    items = torch.tensor([[1, 2, 4]] * 8)  # every item's neighbours: items 1 (0, 1), 2 (1, 0), 4 (2, 3)
+    model.set_neighbours(items, torch.tensor([[3.0, 2.0, 1.0]] * 8))
+    if gate_bias is not None:
+        with torch.no_grad():
+            model.copy_gate.weight.zero_()
+            model.copy_gate.bias.fill_(gate_bias)
+    return model
+
+
+@torch.no_grad()
+def test_copy_head_mixes_a_distribution_that_points_at_the_matching_candidates() -> None:
+    hist, mask, user = torch.tensor([[[0, 0]]]), torch.ones(1, 1, dtype=torch.bool), torch.tensor([0])  # item 0
+    target = torch.tensor([[[1, 0], [3, 1], [0, 3]]])  # items 2 (a candidate), 7 and 6 (not candidates)
+    logps, _ = copy_model().position_log_probs(hist, mask, user, target)
+    for logp in logps:  # a distribution at every position
+        torch.testing.assert_close(logp.exp().sum(-1), torch.ones(1, 3))
+    shut = copy_model(gate_bias=-30.0)  # gate forced shut: the head's own softmax
+    got, _ = shut.position_log_probs(hist, mask, user, target)
+    shut.cfg.copy_head = False  # the same weights, read without the pointer
+    plain, _ = shut.position_log_probs(hist, mask, user, target)
+    for a, b in zip(got, plain, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+    # gate forced open: all the mass on the codes of the candidates that agree with the item so far
+    p0, p1 = (logp[0].exp() for logp in copy_model(gate_bias=30.0).position_log_probs(hist, mask, user, target)[0])
+    assert p0[:, 3].max().item() < 1e-6 and bool((p0[:, :3] > 0).all())  # level 0: items 1, 2, 4 start 0, 1, 2
+    assert p1[0, 0].item() == pytest.approx(1.0, abs=1e-6)  # after code 1 only item 2 matches: its code 0
+    assert p1[2, 1].item() == pytest.approx(1.0, abs=1e-6)  # after code 0 only item 1 matches: its code 1
+    torch.testing.assert_close(p1[1], plain[1][0, 1].exp())  # after code 3 nothing matches: the head alone
+
+
+def test_copy_head_needs_candidates() -> None:
+    with pytest.raises(ValueError, match="copy_head needs candidate_tokens"):
+        OneRecModel(ModelConfig(copy_head=True))
+
+
+def unseen_transition_hits(copy_head: bool) -> tuple[int, int]:
+    """Every item's next item is its strongest neighbour; train on two thirds of the items and count
+    the others whose next item (never a training target) comes first: (hits, held-out items)."""
+    from onerec.generate import Generator, RecRequest
+    from onerec.trie import TrieIndex
+
+    rng = np.random.default_rng(0)
+    n, sizes = 36, [6, 6]
+    paths = np.array([(c // 6, c % 6) for c in rng.choice(36, n, replace=False)])
+    successor = np.roll(rng.permutation(n), 1)  # a random cycle: item successor[i] follows item i
+    other = (successor + 1 + rng.integers(0, n - 2, n)) % n  # a weaker neighbour, a distractor
+    other = np.where(other == np.arange(n), (other + 1) % n, other)
+    torch.manual_seed(0)
+    cfg = ModelConfig(level_sizes=sizes, session_items=1, history_window=2, d_model=32, n_heads=2, d_ff=32,
+                      n_encoder_layers=1, n_decoder_layers=1, user_buckets=4, dropout=0.0,
+                      catalogue_items=n, candidate_tokens=2, copy_head=copy_head)  # fmt: skip
+    model = OneRecModel(cfg)
+    model.set_catalogue(torch.from_numpy(paths))
+    model.set_neighbours(torch.from_numpy(np.stack([successor, other], 1)), torch.tensor([[2.0, 1.0]] * n))
+    train, held_out = np.arange(n)[: 2 * n // 3], np.arange(n)[2 * n // 3 :]
+    codes = torch.from_numpy(paths)
+    hist, mask = codes[train][:, None], torch.ones(len(train), 1, dtype=torch.bool)
+    users, target = torch.zeros(len(train), dtype=torch.long), codes[successor[train]][:, None]
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(300):
+        loss, _ = model(hist, mask, users, target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    gen = Generator(model.eval(), TrieIndex(paths, sizes))
+    results, _ = gen.generate([RecRequest(history=[int(i)], num_items=1, mode="items", beam_width=4) for i in held_out])
+    return sum(r.items[0].item == successor[i] for r, i in zip(results, held_out)), len(held_out)
+
+
+def test_copy_head_follows_transitions_it_never_trained_on() -> None:
+    """The pointer generalises where the head cannot: the same model without it, candidates still in
+    its memory, barely finds those next items (0-2 of 12 over three seeds; 10-12 with the head)."""
+    hits, total = unseen_transition_hits(copy_head=True)
+    assert hits >= 0.75 * total, f"copy head: {hits} of {total} unseen transitions"
+    hits, total = unseen_transition_hits(copy_head=False)
+    assert hits <= total // 3, f"without the copy head: {hits} of {total} unseen transitions"
+
+
 def test_top_neighbours_keep_the_strongest_per_item() -> None:
     from onerec.tokenizer import cooccurrence, top_neighbours
 
@@ -381,7 +466,7 @@ def test_selection_on_validation_rows_trains_every_sample_and_keeps_the_best_epo
     assert kept == pytest.approx(min(report.holdout_loss), rel=1e-5)  # the best epoch's weights are loaded
 
 
-def test_build_with_scored_candidates_and_tied_codes_answers_the_same_after_loading(tmp_path: Path) -> None:
+def test_build_with_scored_candidates_tied_codes_and_copy_head_answers_the_same_after_loading(tmp_path: Path) -> None:
     from onerec.bundle import load_bundle
     from onerec.data import leave_one_out
     from onerec.evaluate import evaluate_split
@@ -392,6 +477,7 @@ def test_build_with_scored_candidates_and_tied_codes_answers_the_same_after_load
     cfg.model.candidate_tokens = 5
     cfg.model.candidate_scores = True
     cfg.model.tie_code_embeddings = True
+    cfg.model.copy_head = True
     published, summary = build(cfg, tmp_path / "store", progress=False)
     bundle = load_bundle(published.path)
     model = bundle.model

@@ -25,14 +25,16 @@ N_ITEMS = 30
 SESSION = 3
 
 
-def small_world(seed: int = 0) -> Generator:
-    """A demo-shaped model small enough for many searches per test; sharp weights, so no near-ties."""
-    return Generator(*tiny_world(N_ITEMS, SESSION, seed, sizes=SIZES, history_window=8))
+def small_world(seed: int = 0, copy: bool = False) -> Generator:
+    """A demo-shaped model small enough for many searches per test; sharp weights, so no near-ties.
+    With ``copy``: co-occurrence candidates in the memory and the copy head pointing at them."""
+    world = tiny_world(N_ITEMS, SESSION, seed, sizes=SIZES, history_window=8, candidates=5 if copy else 0, copy=copy)
+    return Generator(*world)
 
 
-@pytest.fixture(scope="module")
-def gen() -> Generator:
-    return small_world()
+@pytest.fixture(scope="module", params=[False, True], ids=["plain", "copy-head"])
+def gen(request: pytest.FixtureRequest) -> Generator:
+    return small_world(copy=request.param)
 
 
 def drain(search: StepSearch, out: dict[int, RecResult], max_steps: int = 200) -> None:
@@ -193,9 +195,12 @@ def test_memory_kv_is_per_request_not_per_beam(gen: Generator) -> None:
     by_width = {g.width: g for g in search._groups}
     assert set(by_width) == {2, 7}
     assert by_width[7].kv.shape[2] == 2  # (layers, 2, Q_w, H, S, dh): two requests, not 14 beams
-    assert by_width[7].kv.shape[4] == 4  # padded to the longest history (+ the user column)
+    # padded to the longest history (+ the user column, + its candidates in the copy-head world: 5 here)
+    assert by_width[7].kv.shape[4] == 4 + gen.cfg.candidate_tokens
     assert by_width[2].kv.shape[2] == 1
-    assert by_width[7].mask[:, 0, 0].tolist() == [[True] * 4, [True, True, False, False]]
+    lens = [search._keys[key].mem_len for key in (0, 1)]  # user + history (+ that request's candidates)
+    assert lens[0] == by_width[7].kv.shape[4] and 2 <= lens[1] <= 2 + gen.cfg.candidate_tokens
+    assert by_width[7].mask[:, 0, 0].tolist() == [[i < n for i in range(lens[0])] for n in lens]
 
 
 def test_withdrawal_between_steps_takes_effect_at_once(gen: Generator) -> None:

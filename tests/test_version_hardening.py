@@ -630,7 +630,7 @@ def test_service_becomes_ready_on_v1_beside_a_broken_v2(
                     n_experts=3, d_model=12, n_heads=3, user_buckets=9, history_window=7),
         ModelConfig(level_sizes=[5, 7], catalogue_items=11, candidate_tokens=4, embedding_dropout=0.3),
         ModelConfig(level_sizes=[5, 7], catalogue_items=9, candidate_tokens=2, candidate_scores=True,
-                    tie_code_embeddings=True),
+                    tie_code_embeddings=True, copy_head=True),
     ],
 )  # fmt: skip
 def test_expected_tensors_follow_the_model(config: ModelConfig) -> None:
