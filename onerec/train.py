@@ -3,7 +3,8 @@
 Every position p of a user's training sequence is a sample: the encoder reads the items before p
 (newest first, at most ``history_window``), the decoder is taught the codes of items p .. p+m-1. The
 loss is the mean cross-entropy per code plus the MoE load-balancing term; AdamW with warm-up and
-cosine decay; the weights of the epoch with the best selection loss are kept.
+cosine decay; the weights of the epoch with the best selection loss are kept (with
+``average_epochs``, the moving average of the weights at that epoch).
 
 Selection. Given validation rows (each user's next item after the training sequence), the best
 epoch is the one whose next-item loss on them is lowest, and every training sample trains. Without
@@ -16,7 +17,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -40,6 +42,9 @@ class TrainConfig:
     holdout_share: float = 0.05  # share of samples kept out to pick the best epoch (0: train on all, keep the last)
     slot_weights: list[float] | None = None  # per-slot loss weights (None: every slot weighs 1)
     label_smoothing: float = 0.0
+    # Average the weights over about this many epochs (an exponential moving average, see
+    # WeightAverage; None: off). Selection and the published model then read the averaged weights.
+    average_epochs: float | None = None
     # Wall-clock budget of the training loop (None: none). The learning-rate schedule follows
     # progress = max(steps done / planned steps, seconds spent / budget) and training stops at 1, so
     # a slow machine trains fewer steps but still warms up, decays and finishes on time.
@@ -62,6 +67,42 @@ class TrainReport:
 
     def as_dict(self) -> dict[str, object]:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+class WeightAverage:
+    """An exponential moving average of a model's parameters.
+
+    Why: on a Beauty-sized file the validation loss turns up while the learning rate is still high,
+    so the kept epoch is a single noisy point of the trajectory; the average over the last epoch or
+    so is smoother and generalises better. The decay follows the number of steps it should span,
+    and starts low (``(1 + n) / (10 + n)``) so the random initial weights fade out quickly.
+    """
+
+    def __init__(self, model: torch.nn.Module, span_steps: float):
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.shadow = [p.detach().clone() for p in self.params]
+        self.decay = 1.0 - 1.0 / max(1.0, span_steps)
+        self.updates = 0
+
+    @torch.no_grad()
+    def update(self) -> None:
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        torch._foreach_lerp_(self.shadow, [p.detach() for p in self.params], 1.0 - decay)
+        self.updates += 1
+
+    @contextmanager
+    def applied(self) -> Iterator[None]:
+        """The model holds the averaged weights inside the block, its own ones again after."""
+        with torch.no_grad():
+            own = [p.detach().clone() for p in self.params]
+            for p, s in zip(self.params, self.shadow):
+                p.copy_(s)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, o in zip(self.params, own):
+                    p.copy_(o)
 
 
 class SessionSamples:
@@ -162,6 +203,7 @@ def train_model(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, warmup, total, done()))
     next_item_only = [1.0] + [0.0] * (model.cfg.session_items - 1)  # holdout: the loss that ranking reads
     best_loss, best_state = float("inf"), None
+    average = WeightAverage(model, tcfg.average_epochs * steps_per_epoch) if tcfg.average_epochs else None
     bar = tqdm(total=total, desc="train", unit="step", disable=not progress, leave=False)
     for epoch in range(tcfg.epochs):
         if done() >= 1.0:
@@ -184,6 +226,8 @@ def train_model(
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             sched.step()
+            if average is not None:
+                average.update()
             value = loss.item()
             running += value
             ran += 1
@@ -195,16 +239,17 @@ def train_model(
             bar.set_postfix(postfix)
         report.train_loss.append(running / max(ran, 1))
         report.epochs_run = epoch + 1
-        if selection is not None:
-            held = selection_loss(model, samples, selection, tcfg.batch_size, device)
-        elif n_hold == 0:
-            continue
-        else:
-            held = holdout_loss(model, samples, hold, tcfg.batch_size, device, next_item_only)
-        report.holdout_loss.append(held)
-        if held < best_loss:
-            best_loss, report.best_epoch = held, epoch + 1
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        with average.applied() if average is not None else nullcontext():
+            if selection is not None:
+                held = selection_loss(model, samples, selection, tcfg.batch_size, device)
+            elif n_hold > 0:
+                held = holdout_loss(model, samples, hold, tcfg.batch_size, device, next_item_only)
+            else:
+                continue
+            report.holdout_loss.append(held)
+            if held < best_loss:
+                best_loss, report.best_epoch = held, epoch + 1
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         if progress:
             what = "validation next-item" if selection is not None else "holdout slot-1"
             bar.write(
@@ -216,6 +261,10 @@ def train_model(
         model.load_state_dict(best_state)
     else:
         report.best_epoch = report.epochs_run
+        if average is not None:  # nothing to select on: publish the averaged weights
+            with torch.no_grad():
+                for p, s in zip(average.params, average.shadow):
+                    p.copy_(s)
     model.eval()
     report.seconds = time.perf_counter() - t0
     return report

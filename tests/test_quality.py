@@ -466,6 +466,55 @@ def test_selection_on_validation_rows_trains_every_sample_and_keeps_the_best_epo
     assert kept == pytest.approx(min(report.holdout_loss), rel=1e-5)  # the best epoch's weights are loaded
 
 
+def test_weight_average_follows_the_moving_average_and_gives_the_weights_back() -> None:
+    from onerec.train import WeightAverage
+
+    layer = torch.nn.Linear(3, 2)
+    average = WeightAverage(layer, span_steps=4.0)  # decay 0.75 once the warm-up cap passes it
+    expected = [p.detach().clone() for p in layer.parameters()]
+    for n in range(12):
+        with torch.no_grad():
+            for p in layer.parameters():
+                p.add_(float(n + 1))
+        average.update()
+        decay = min(0.75, (1 + n) / (10 + n))
+        expected = [e * decay + p.detach() * (1 - decay) for e, p in zip(expected, layer.parameters())]
+    for got, want in zip(average.shadow, expected):
+        torch.testing.assert_close(got, want)
+    own = [p.detach().clone() for p in layer.parameters()]
+    assert not torch.allclose(own[0], average.shadow[0])
+    with average.applied():
+        assert all(torch.equal(p, s) for p, s in zip(layer.parameters(), average.shadow))
+    assert all(torch.equal(p, o) for p, o in zip(layer.parameters(), own))
+
+
+@pytest.mark.parametrize("with_selection", [True, False])
+def test_training_with_a_weight_average_selects_and_publishes_the_averaged_weights(
+    tmp_path: Path, with_selection: bool
+) -> None:
+    from onerec.data import leave_one_out
+    from onerec.train import SessionSamples, selection_loss, train_model
+
+    data = load_sequence_file(write_catalogue(tmp_path, with_content=False))
+    split = leave_one_out(data)
+    codes = np.stack([np.arange(data.n_items) % 7, np.arange(data.n_items) // 7], axis=1)
+    cfg = ModelConfig(level_sizes=[7, 14], session_items=2, history_window=8, d_model=16, n_heads=2, d_ff=16)
+    samples = SessionSamples(split.train, data.user_ids, codes, cfg)
+    kept = {}
+    for average in (None, 1.0):
+        torch.manual_seed(0)
+        model = OneRecModel(cfg)
+        tcfg = TrainConfig(epochs=3, batch_size=64, lr=3e-3, holdout_share=0.0, threads=1, average_epochs=average)
+        report = train_model(
+            model, split.train, data.user_ids, codes, tcfg, progress=False,
+            selection=split.valid if with_selection else None,
+        )  # fmt: skip
+        kept[average] = selection_loss(model, samples, split.valid, 64, torch.device("cpu"))
+        if with_selection:  # the epoch was chosen on, and kept with, the weights it was scored with
+            assert kept[average] == pytest.approx(min(report.holdout_loss), rel=1e-5)
+    assert kept[1.0] != pytest.approx(kept[None], rel=1e-4)  # the same run without the average ends elsewhere
+
+
 def test_build_with_scored_candidates_tied_codes_and_copy_head_answers_the_same_after_loading(tmp_path: Path) -> None:
     from onerec.bundle import load_bundle
     from onerec.data import leave_one_out

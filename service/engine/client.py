@@ -256,7 +256,9 @@ class EnginePool:
         if errors:
             raise EngineRefused("; ".join(errors))
 
-    async def _control(self, slot: _EngineSlot, message: Any, timeout_s: float) -> msg.ControlDone:
+    async def _control(
+        self, slot: _EngineSlot, message: msg.LoadModel | msg.CatalogChange, timeout_s: float
+    ) -> msg.ControlDone:
         future: asyncio.Future[msg.ControlDone] = asyncio.get_running_loop().create_future()
         slot.controls[message.id] = future
         try:
@@ -333,7 +335,7 @@ class EnginePool:
         self._owner[rid] = slot
         return rid
 
-    def _send(self, slot: _EngineSlot, message: Any) -> None:
+    def _send(self, slot: _EngineSlot, message: msg.ToEngine) -> None:
         """Queue a message for the engine without waiting; NotReady when it cannot take it now."""
         if slot.inbox is None:
             raise NotReady("the engine is not running")
@@ -451,5 +453,5 @@ class EnginePool:
             self._fail_slot(slot, error)
 
 
-def _ok(reply: Any) -> bool:
+def _ok(reply: object) -> bool:
     return isinstance(reply, msg.ControlDone) and reply.ok

@@ -25,10 +25,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from service.engine import messages as msg
 from service.logs import get_logger
+
+if TYPE_CHECKING:  # the engine imports torch and the model lazily, where it loads one
+    from onerec.bundle import ModelBundle
+    from onerec.generate import RecRequest, StepSearch
 
 log = get_logger("engine")
 
@@ -51,8 +55,8 @@ class _Live:
 class _Version:
     """A loaded model version and its row set."""
 
-    bundle: Any  # onerec.bundle.ModelBundle
-    search: Any  # onerec.generate.StepSearch
+    bundle: ModelBundle
+    search: StepSearch
     live: dict[int, _Live] = field(default_factory=dict)
 
 
@@ -296,7 +300,7 @@ class Scheduler:
         self.emit(msg.ControlDone(m.id, True, version=m.version))
 
 
-def _request(m: msg.Submit) -> Any:
+def _request(m: msg.Submit) -> RecRequest:
     """The generator's request type from the wire message (internal ids already)."""
     from onerec.generate import RecRequest
 
