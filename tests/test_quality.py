@@ -515,6 +515,23 @@ def test_training_with_a_weight_average_selects_and_publishes_the_averaged_weigh
     assert kept[1.0] != pytest.approx(kept[None], rel=1e-4)  # the same run without the average ends elsewhere
 
 
+def test_training_progress_goes_to_stderr_so_stdout_stays_machine_readable(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from onerec.data import leave_one_out
+    from onerec.train import train_model
+
+    data = load_sequence_file(write_catalogue(tmp_path, with_content=False))
+    split = leave_one_out(data)
+    codes = np.stack([np.arange(data.n_items) % 7, np.arange(data.n_items) // 7], axis=1)
+    cfg = ModelConfig(level_sizes=[7, 14], session_items=2, history_window=8, d_model=16, n_heads=2, d_ff=16)
+    tcfg = TrainConfig(epochs=2, batch_size=64, threads=1)
+    train_model(OneRecModel(cfg), split.train, data.user_ids, codes, tcfg, progress=True, selection=split.valid)
+    out, err = capsys.readouterr()
+    assert out == ""  # `onerec build` prints its summary JSON there
+    assert "[train] epoch 2:" in err
+
+
 def test_build_with_scored_candidates_tied_codes_and_copy_head_answers_the_same_after_loading(tmp_path: Path) -> None:
     from onerec.bundle import load_bundle
     from onerec.data import leave_one_out
