@@ -93,19 +93,21 @@ class WeightAverage:
         torch._foreach_lerp_(self.shadow, [p.detach() for p in self.params], 1.0 - decay)
         self.updates += 1
 
+    @torch.no_grad()
+    def load_into_model(self) -> None:
+        """The model's parameters become the averaged ones."""
+        torch._foreach_copy_(self.params, self.shadow)
+
     @contextmanager
     def applied(self) -> Iterator[None]:
         """The model holds the averaged weights inside the block, its own ones again after."""
-        with torch.no_grad():
-            own = [p.detach().clone() for p in self.params]
-            for p, s in zip(self.params, self.shadow):
-                p.copy_(s)
+        own = [p.detach().clone() for p in self.params]
+        self.load_into_model()
         try:
             yield
         finally:
             with torch.no_grad():
-                for p, o in zip(self.params, own):
-                    p.copy_(o)
+                torch._foreach_copy_(self.params, own)
 
 
 class SessionSamples:
@@ -266,9 +268,7 @@ def train_model(
     else:
         report.best_epoch = report.epochs_run
         if average is not None:  # nothing to select on: publish the averaged weights
-            with torch.no_grad():
-                for p, s in zip(average.params, average.shadow):
-                    p.copy_(s)
+            average.load_into_model()
     model.eval()
     report.seconds = time.perf_counter() - t0
     return report

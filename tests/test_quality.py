@@ -21,7 +21,7 @@ from onerec.baselines import (
     train_sasrec,
 )
 from onerec.build import BuildConfig, build
-from onerec.data import load_item_content, load_sequence_file
+from onerec.data import InteractionData, Split, leave_one_out, load_item_content, load_sequence_file
 from onerec.model import ModelConfig, OneRecModel
 from onerec.tokenizer import codebook_size, content_embeddings, join_embeddings, residual_semantic_ids
 from onerec.train import TrainConfig
@@ -447,14 +447,18 @@ def test_embedding_dropout_acts_in_training_only() -> None:
         assert torch.equal(model(*batch)[0], model(*batch)[0])
 
 
-def test_selection_on_validation_rows_trains_every_sample_and_keeps_the_best_epoch(tmp_path: Path) -> None:
-    from onerec.data import leave_one_out
-    from onerec.train import SessionSamples, selection_loss, train_model
-
+def training_world(tmp_path: Path) -> tuple[InteractionData, Split, np.ndarray, ModelConfig]:
+    """The small catalogue split leave-one-out, two-level codes for it, and a tiny model config."""
     data = load_sequence_file(write_catalogue(tmp_path, with_content=False))
-    split = leave_one_out(data)
     codes = np.stack([np.arange(data.n_items) % 7, np.arange(data.n_items) // 7], axis=1)
     cfg = ModelConfig(level_sizes=[7, 14], session_items=2, history_window=8, d_model=16, n_heads=2, d_ff=16)
+    return data, leave_one_out(data), codes, cfg
+
+
+def test_selection_on_validation_rows_trains_every_sample_and_keeps_the_best_epoch(tmp_path: Path) -> None:
+    from onerec.train import SessionSamples, selection_loss, train_model
+
+    data, split, codes, cfg = training_world(tmp_path)
     model = OneRecModel(cfg)
     tcfg = TrainConfig(epochs=4, batch_size=64, lr=3e-3, holdout_share=0.2, threads=1)
     report = train_model(model, split.train, data.user_ids, codes, tcfg, progress=False, selection=split.valid)
@@ -492,13 +496,9 @@ def test_weight_average_follows_the_moving_average_and_gives_the_weights_back() 
 def test_training_with_a_weight_average_selects_and_publishes_the_averaged_weights(
     tmp_path: Path, with_selection: bool
 ) -> None:
-    from onerec.data import leave_one_out
     from onerec.train import SessionSamples, selection_loss, train_model
 
-    data = load_sequence_file(write_catalogue(tmp_path, with_content=False))
-    split = leave_one_out(data)
-    codes = np.stack([np.arange(data.n_items) % 7, np.arange(data.n_items) // 7], axis=1)
-    cfg = ModelConfig(level_sizes=[7, 14], session_items=2, history_window=8, d_model=16, n_heads=2, d_ff=16)
+    data, split, codes, cfg = training_world(tmp_path)
     samples = SessionSamples(split.train, data.user_ids, codes, cfg)
     kept = {}
     for average in (None, 1.0):
@@ -518,13 +518,9 @@ def test_training_with_a_weight_average_selects_and_publishes_the_averaged_weigh
 def test_training_progress_goes_to_stderr_so_stdout_stays_machine_readable(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from onerec.data import leave_one_out
     from onerec.train import train_model
 
-    data = load_sequence_file(write_catalogue(tmp_path, with_content=False))
-    split = leave_one_out(data)
-    codes = np.stack([np.arange(data.n_items) % 7, np.arange(data.n_items) // 7], axis=1)
-    cfg = ModelConfig(level_sizes=[7, 14], session_items=2, history_window=8, d_model=16, n_heads=2, d_ff=16)
+    data, split, codes, cfg = training_world(tmp_path)
     tcfg = TrainConfig(epochs=2, batch_size=64, threads=1)
     train_model(OneRecModel(cfg), split.train, data.user_ids, codes, tcfg, progress=True, selection=split.valid)
     out, err = capsys.readouterr()
@@ -534,7 +530,6 @@ def test_training_progress_goes_to_stderr_so_stdout_stays_machine_readable(
 
 def test_build_with_scored_candidates_tied_codes_and_copy_head_answers_the_same_after_loading(tmp_path: Path) -> None:
     from onerec.bundle import load_bundle
-    from onerec.data import leave_one_out
     from onerec.evaluate import evaluate_split
 
     seq = write_catalogue(tmp_path / "data", with_content=False)
