@@ -79,6 +79,7 @@ class ModelConfig:
     candidate_scores: bool = False  # each candidate also carries its co-occurrence score (log and share of the top)
     tie_code_embeddings: bool = False  # one (V_l, d) table per level: encoder items, decoder inputs, output head
     copy_head: bool = False  # each level's distribution also mixes in a learned pointer over the candidates
+    residual_dropout: float = 0.0  # on each sublayer's output (attention, FFN, MoE) before it joins the residual
 
     @property
     def depth(self) -> int:
@@ -190,16 +191,27 @@ class MoEFFN(nn.Module):
         return probs.shape[-1] * (share * probs.mean(0)).sum()
 
 
+def drop_sublayer(out: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Residual dropout; no op at all when it is off, so the decode step's op count does not grow."""
+    if not training or p == 0.0:
+        return out
+    return F.dropout(out, p, True)
+
+
 class EncoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n1, self.attn = RMSNorm(cfg.d_model), Attention(cfg)
         self.n2, self.ffn = RMSNorm(cfg.d_model), SwiGLU(cfg.d_model, cfg.d_ff)
+        self.residual_dropout = cfg.residual_dropout
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         h = self.n1(x)
-        x = x + self.attn(h, h, mask)
-        return x + self.ffn(self.n2(x))
+        x = x + self._drop(self.attn(h, h, mask))
+        return x + self._drop(self.ffn(self.n2(x)))
+
+    def _drop(self, sublayer_out: torch.Tensor) -> torch.Tensor:
+        return drop_sublayer(sublayer_out, self.residual_dropout, self.training)
 
 
 class DecoderLayer(nn.Module):
@@ -215,6 +227,7 @@ class DecoderLayer(nn.Module):
         self.n1, self.self_attn = RMSNorm(cfg.d_model), Attention(cfg)
         self.n2, self.cross_attn = RMSNorm(cfg.d_model), Attention(cfg)
         self.n3, self.moe = RMSNorm(cfg.d_model), MoEFFN(cfg)
+        self.residual_dropout = cfg.residual_dropout
 
     def forward(self, x: torch.Tensor, memory: torch.Tensor, mem_mask: torch.Tensor) -> torch.Tensor:
         return self.forward_with_router_input(x, memory, mem_mask)[0]
@@ -253,11 +266,18 @@ class DecoderLayer(nn.Module):
         self_attend: Callable[[torch.Tensor], torch.Tensor],
         cross_attend: Callable[[torch.Tensor], torch.Tensor],
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The residual structure of the layer: returns its output and the MoE router's input."""
-        x = x + self_attend(norm(self.n1, x))
-        x = x + cross_attend(norm(self.n2, x))
+        """The residual structure of the layer: returns its output and the MoE router's input.
+
+        Residual dropout (training only) regularises every sublayer, as SASRec's blocks do; at
+        inference ``self.training`` is off and it is the identity.
+        """
+        x = x + self._drop(self_attend(norm(self.n1, x)))
+        x = x + self._drop(cross_attend(norm(self.n2, x)))
         routed = norm(self.n3, x)
-        return x + self.moe(routed), routed
+        return x + self._drop(self.moe(routed)), routed
+
+    def _drop(self, sublayer_out: torch.Tensor) -> torch.Tensor:
+        return drop_sublayer(sublayer_out, self.residual_dropout, self.training)
 
     def _cached_self_attention(
         self, h: torch.Tensor, i: int, qkv_weight: torch.Tensor, batch: StepBatch

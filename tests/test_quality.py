@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -445,6 +446,23 @@ def test_embedding_dropout_acts_in_training_only() -> None:
         assert not torch.equal(model(*batch)[0], model(*batch)[0])
         model.eval()
         assert torch.equal(model(*batch)[0], model(*batch)[0])
+
+
+def test_residual_dropout_acts_in_training_only_and_leaves_inference_unchanged() -> None:
+    _, batch = tiny_model()
+    base = ModelConfig(level_sizes=[5, 6], session_items=3, history_window=4, d_model=16, n_heads=2, d_ff=16,
+                       dropout=0.0)  # fmt: skip
+    plain = OneRecModel(base)
+    dropped = OneRecModel(replace(base, residual_dropout=0.5))
+    dropped.load_state_dict(plain.state_dict())  # same weights: only the dropout differs
+    with torch.no_grad():
+        dropped.train()
+        assert not torch.equal(dropped(*batch)[0], dropped(*batch)[0])
+        plain.train()
+        assert not torch.equal(dropped(*batch)[0], plain(*batch)[0])
+        dropped.eval()
+        plain.eval()
+        assert torch.equal(dropped(*batch)[0], plain(*batch)[0])
 
 
 def training_world(tmp_path: Path) -> tuple[InteractionData, Split, np.ndarray, ModelConfig]:
