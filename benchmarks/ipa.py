@@ -1,7 +1,7 @@
 """IPA benchmark: what preference alignment buys on the synthetic world, judged by the TRUE affinity.
 
     python -m benchmarks.ipa [--quick] [--seeds 0 1 2] [--iterations N] [--set KEY=VALUE ...] [--out FILE]
-                             [--cache DIR] [--reward learned|popularity-oracle]
+                             [--cache DIR] [--reward learned|popularity-oracle|training-frequency]
 
 For each seed: generate the demo synthetic world (``onerec.build.demo_config``, world seed = seed),
 build the demo generator on every user's training sequence, then split the users in two:
@@ -28,7 +28,8 @@ Reported per seed and as mean +- std over seeds (one JSON document on stdout):
 on one core); ``--set`` overrides an ``IpaConfig`` field (e.g. ``--set lam=0`` for the NTP-only
 control, ``--set constrained=false`` for the plain-softmax DPO log-probs); ``--cache`` keeps the
 trained base generators (safetensors) for reruns; ``--reward popularity-oracle`` runs IPA with a
-diagnostic reward read from the world's hidden popularity (``PopularityOracle``).
+diagnostic reward read from the world's hidden popularity (``PopularityOracle``);
+``--reward training-frequency`` with a count prior from the IPA pool's sequences (``FrequencyReward``).
 """
 
 from __future__ import annotations
@@ -180,6 +181,21 @@ class PopularityOracle:
         return torch.tensor([sum(self.log_pop[tuple(c)] for c in row) for row in session_codes.tolist()])
 
 
+class FrequencyReward:
+    """A count prior (``--reward training-frequency``): R(u, S) = sum of log(1 + training count) of S's
+    items, counted on the IPA pool's training sequences only (observed data, no hidden parameter).
+    Not personal: it asks whether the popularity half of the world's taste, estimated from the data, is
+    a reward IPA can use; the generator's beams carry the personal half."""
+
+    def __init__(self, codes: np.ndarray, sequences: list[np.ndarray], n_items: int, history_window: int):
+        self.cfg = RewardConfig(history_window=history_window)
+        counts = np.bincount(np.concatenate(sequences), minlength=n_items)
+        self.log_count = {tuple(c): float(np.log1p(v)) for c, v in zip(np.asarray(codes).tolist(), counts)}
+
+    def score(self, hist_codes: torch.Tensor, hist_mask: torch.Tensor, session_codes: torch.Tensor) -> torch.Tensor:
+        return torch.tensor([sum(self.log_count[tuple(c)] for c in row) for row in session_codes.tolist()])
+
+
 def align(s: Setup, ipa_cfg: IpaConfig, iterations: int) -> tuple[OneRecModel, dict[str, Any]]:
     """IPA on the pool only; fails if it sampled a held-out user."""
     data = s.world.data
@@ -210,11 +226,26 @@ def align(s: Setup, ipa_cfg: IpaConfig, iterations: int) -> tuple[OneRecModel, d
 
 
 def run_seed(
-    cfg: BuildConfig, seed: int, ipa_cfg: IpaConfig, iterations: int, cache: Path | None, oracle: bool = False
+    cfg: BuildConfig, seed: int, ipa_cfg: IpaConfig, iterations: int, cache: Path | None, reward: str = "learned"
 ) -> dict[str, Any]:
     s = setup(cfg, seed, ipa_cfg.n_sessions, cache)
-    if oracle:  # the learned R is still trained and measured (reward_info); IPA uses the oracle
+    # the learned R is still trained and measured (reward_info); IPA uses the one asked for
+    if reward == "popularity-oracle":
         s.reward = PopularityOracle(s.sids.codes, s.world.item_popularity, cfg.model.history_window)  # type: ignore[assignment]
+    elif reward == "training-frequency":
+        pool = [s.split.train[u] for u in s.pool]
+        s.reward = FrequencyReward(s.sids.codes, pool, s.world.data.n_items, cfg.model.history_window)  # type: ignore[assignment]
+    if reward != "learned":
+        s.reward_info["used_by_ipa"] = reward_truth_agreement(
+            s.base,
+            s.reward,
+            s.catalog.trie,
+            s.world.true_affinity(s.held_out),
+            [s.split.train[u] for u in s.held_out],
+            [s.world.data.user_ids[u] for u in s.held_out],
+            s.sids.codes,
+            ipa_cfg.n_sessions,
+        )
     t = time.perf_counter()
     before = s.measure(s.base)
     s.timings["evaluate_before"] = time.perf_counter() - t
@@ -253,7 +284,11 @@ def summarise(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
         "reward_auc_heldout_users": ("reward", "auc_heldout_users"),
         "reward_beam_pair_agreement": ("reward", "beam_pair_agreement"),
     }
-    return {name: mean_std([float(r[a][b]) for r in per_seed]) for name, (a, b) in pick.items()}
+    out = {name: mean_std([float(r[a][b]) for r in per_seed]) for name, (a, b) in pick.items()}
+    if all("used_by_ipa" in r["reward"] for r in per_seed):  # a reward other than the learned one drove IPA
+        agreement = [float(r["reward"]["used_by_ipa"]["beam_pair_agreement"]) for r in per_seed]
+        out["ipa_reward_beam_pair_agreement"] = mean_std(agreement)
+    return out
 
 
 def parse_override(cfg: IpaConfig, items: list[str]) -> IpaConfig:
@@ -281,9 +316,10 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument(
         "--reward",
-        choices=("learned", "popularity-oracle"),
+        choices=("learned", "popularity-oracle", "training-frequency"),
         default="learned",
-        help="popularity-oracle: a diagnostic R read from the world's hidden popularity (see PopularityOracle)",
+        help="popularity-oracle: a diagnostic R read from the world's hidden popularity (PopularityOracle); "
+        "training-frequency: a count prior from the IPA pool's sequences (FrequencyReward)",
     )
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
@@ -297,7 +333,7 @@ def main() -> None:
     t0 = time.perf_counter()
     per_seed = []
     for seed in seeds:
-        row = run_seed(cfg, seed, ipa_cfg, iterations, args.cache, oracle=args.reward == "popularity-oracle")
+        row = run_seed(cfg, seed, ipa_cfg, iterations, args.cache, reward=args.reward)
         per_seed.append(row)
         ta, rc = row["true_affinity"], row["recall@10"]
         print(

@@ -695,15 +695,10 @@ class StepSearch:
         self_mask = None  # every row reads all of [0, t_hi)
         if t_job.min() + 1 < t_hi:
             self_mask = torch.where(self._arange_to(t_hi)[None, :, None] <= pos[:, None, None], 0.0, float("-inf"))
-        job_levels = np.unique(t_job % depth)
-        levels: list[tuple[int, torch.Tensor | None]] = (
-            [(int(job_levels[0]), None)]
-            if len(job_levels) == 1
-            else [(int(lv), self._host(np.flatnonzero(level_np == lv))) for lv in job_levels]
-        )
+        level = self._host(level_np)
         copy, copy_codes = None, None
         if self._copy is not None:  # each candidate's code at the row's level, and the still-matching ones
-            at = self._host(level_np)[:, None, None].expand(rows, self._copy.codes.shape[1], 1)
+            at = level[:, None, None].expand(rows, self._copy.codes.shape[1], 1)
             copy_codes = self._copy.codes.gather(2, at).squeeze(2)  # (R, K)
             copy = CopyRows(self._copy.keys, copy_codes, self._copy_match & self._copy.valid)
         batch = StepBatch(
@@ -713,7 +708,7 @@ class StepSearch:
             t_hi=t_hi,
             self_mask=self_mask,
             groups=self._groups,
-            levels=levels,
+            level=level,
             copy=copy,
         )
         tokens = torch.stack([self._tok, self._host(pos_np + w_.pos_offset)], 1)  # (R, 2) rows of the input table

@@ -30,9 +30,9 @@ point-wise layout is the first D positions of the same model (one slot).
 Incremental decoding (``prepare_decoding``, ``step_input``, ``decode_step``, ``DecoderLayer.step``)
 serves a search whose rows sit at different positions: each row carries its own position, the
 self-attention cache (K and V of all layers in one tensor) is written at it and read up to it, rows
-are grouped by beam width for cross-attention, and each level's head runs on its rows. The stored
-weights are fused at load time (``DecodeWeights``: QKV, every layer's cross K/V, one input table)
-and never saved that way.
+are grouped by beam width for cross-attention, and each row reads its own level's columns of one
+matmul over every level's head. The stored weights are fused at load time (``DecodeWeights``: QKV,
+every layer's cross K/V, one input table, one output head) and never saved that way.
 
 Shapes: B requests, S history length, D levels, T = m*D decoder positions, R = B*beams rows,
 d = d_model, H heads, dh = d/H.
@@ -364,6 +364,9 @@ class DecodeWeights:
     table: torch.Tensor  # (1 + sum V + T, d): [start vector; level 0 codes; level 1 codes; ...; positions]
     code_offset: list[int]  # row of level l's code 0 in ``table``
     pos_offset: int  # row of position 0 in ``table``
+    head: torch.Tensor  # (sum V, d): every level's output head, one matmul for rows at any levels
+    head_columns: torch.Tensor  # (D, V_max) int64: level l's columns of ``head``'s output (clamped past V_l)
+    head_valid: torch.Tensor  # (D, V_max) bool: column c < V_l
     sources: list[tuple[torch.Tensor, int]] = field(default_factory=list)  # (parameter, its version when fused)
 
     def stale(self) -> bool:
@@ -384,7 +387,7 @@ class StepBatch:
     t_hi: int  # max(pos) + 1: positions any row reads
     self_mask: torch.Tensor | None  # (R, t_hi, 1) additive: 0 at positions <= pos[r], -inf after; None if all equal
     groups: list[CrossGroup]
-    levels: list[tuple[int, torch.Tensor | None]]  # (level, its rows; None when every row is at it)
+    level: torch.Tensor  # (R,) int64 code level of each row's position
     copy: CopyRows | None = None  # with ``copy_head``
 
 
@@ -717,6 +720,7 @@ class OneRecModel(nn.Module):
         sources = [p for layer in self.decoder for p in (layer.self_attn.q.weight, layer.self_attn.kv.weight)]
         sources += [layer.cross_attn.kv.weight for layer in self.decoder]
         sources += [self.dec_start, self.dec_pos.weight, *(e.weight for e in self.dec_codes)]
+        sources += [h.weight for h in self.heads]
         scale = (self.cfg.d_model // self.cfg.n_heads) ** -0.5  # SDPA's 1/sqrt(dh), folded into q
         qkv = [torch.cat([layer.self_attn.q.weight * scale, layer.self_attn.kv.weight]) for layer in self.decoder]
         cross_kv = torch.cat([layer.cross_attn.kv.weight for layer in self.decoder])
@@ -724,7 +728,22 @@ class OneRecModel(nn.Module):
         sizes = [0, *self.cfg.level_sizes]
         code_offset = [1 + sum(sizes[: lvl + 1]) for lvl in range(self.cfg.depth)]
         pos_offset = 1 + sum(self.cfg.level_sizes)
-        return DecodeWeights(qkv, cross_kv, table, code_offset, pos_offset, [(p, p._version) for p in sources])
+        head = torch.cat([h.weight for h in self.heads])
+        v = torch.tensor(self.cfg.level_sizes)
+        starts = torch.cumsum(v, 0) - v  # (D,) first column of each level
+        span = torch.arange(int(v.max()))  # (V_max,)
+        columns = (starts[:, None] + span[None, :]).clamp(max=head.shape[0] - 1)
+        return DecodeWeights(
+            qkv,
+            cross_kv,
+            table,
+            code_offset,
+            pos_offset,
+            head,
+            columns.to(head.device),
+            (span[None, :] < v[:, None]).to(head.device),
+            [(p, p._version) for p in sources],
+        )
 
     @torch.no_grad()
     def prepare_decoding(
@@ -755,30 +774,25 @@ class OneRecModel(nn.Module):
 
     @torch.no_grad()
     def decode_step(self, x: torch.Tensor, batch: StepBatch, weights: DecodeWeights) -> torch.Tensor:
-        """One position for every row; returns logits (R, V) over each row's own level.
+        """One position for every row; returns logits (R, V_max) over each row's own level.
 
-        V is the vocabulary of the one level present, or the widest level when rows sit at several
-        (columns past a row's level are -inf and never read). Each level's head runs on its rows only.
-        With ``batch.copy`` the logits are the copy head's mixed log-probs (float32).
+        Columns past a row's level are -inf and never read. All levels' heads are one matmul, and each
+        row gathers its level's columns, so a step costs the same ops whether its rows sit at one level
+        or at all of them (a per-level loop cost about 25 ops per level present), and a row's logits
+        come from the same ops alone or beside rows at other levels. With ``batch.copy`` the logits are
+        the copy head's mixed log-probs (float32).
         """
         for i, layer in enumerate(self.decoder):
             x = layer.step(x, i, weights.qkv[i], batch)
         x = rms(self.dec_norm, x)  # (R, d)
+        off_level = ~weights.head_valid.index_select(0, batch.level)  # (R, V_max)
+        logits = F.linear(x, weights.head).gather(1, weights.head_columns.index_select(0, batch.level))
+        logits = logits.masked_fill(off_level, float("-inf"))  # (R, V_max)
         copy = batch.copy
-        if len(batch.levels) == 1:
-            logits = F.linear(x, self.heads[batch.levels[0][0]].weight)  # (R, V_level)
-            return logits if copy is None else self.copy_mix(x, logits, copy.keys, copy.codes, copy.match)
-        dtype = x.dtype if copy is None else torch.float32
-        logits = x.new_full((x.shape[0], max(self.cfg.level_sizes)), float("-inf"), dtype=dtype)
-        for lvl, idx in batch.levels:
-            assert idx is not None
-            head = self.heads[lvl].weight  # (V_lvl, d)
-            x_lvl = x.index_select(0, idx)
-            out = F.linear(x_lvl, head)
-            if copy is not None:
-                out = self.copy_mix(x_lvl, out, copy.keys[idx], copy.codes[idx], copy.match[idx])
-            logits[:, : head.shape[0]].index_copy_(0, idx, out)
-        return logits
+        if copy is None:
+            return logits
+        mixed = self.copy_mix(x, logits, copy.keys, copy.codes, copy.match)
+        return mixed.masked_fill(off_level, float("-inf"))  # the pointer's floor would fill them
 
     def allocate_cache(self, rows: int, positions: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         """Self-attention cache, (rows, layers, 2, positions, d): K and V of all layers in one tensor.
