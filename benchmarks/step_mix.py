@@ -5,9 +5,10 @@ Continuous batching mixes levels: requests join at every step, so the live rows 
 decode part of ``StepSearch.step`` (``_decode``: decoder, output head, constrained top-k, beam update)
 in both situations, on the same model and the same number of requests:
 
-- ``one_level``: ``--requests`` session requests join together and step in lockstep;
 - ``mixed``: one request joins every ``--every`` steps (30% ``items``), so the rows spread over every
-  level; steps after the first ``--warm`` are measured.
+  level; steps after the first ``--warm`` are measured;
+- ``one_level``: as many session requests as ``mixed`` keeps live on average join together and step
+  in lockstep, round after round.
 
 Per situation: top-level aten ops per decode (``torch.profiler``, what the interpreter pays per op),
 the median of this thread's CPU time per decode, and the mean number of live requests and of distinct
