@@ -12,8 +12,10 @@ in both situations, on the same model and the same number of requests:
 
 Per situation: top-level aten ops per decode (``torch.profiler``, what the interpreter pays per op),
 the median of this thread's CPU time per decode, and the mean number of live requests and of distinct
-levels. Without ``--store`` the model is the demo configuration with random weights
-(``benchmarks.decode_step.build``); with it, the newest version of ``--name`` there.
+levels; and what joining and leaving cost beside it: top-level aten ops per re-layout (without its
+encoder call), per encoder call, and re-layouts per decode. Without ``--store`` the model is the demo
+configuration with random weights (``benchmarks.decode_step.build``); with it, the newest version of
+``--name`` there.
 
     python -m benchmarks.step_mix [--store STORE --name NAME] [--out FILE]
 """
@@ -37,21 +39,47 @@ from benchmarks.report import emit
 from benchmarks.workload import newest_version_dir
 from onerec.generate import Generator, RecRequest, StepSearch
 
-DECODE = "step_mix::decode"
+PHASES = {"_decode": "step_mix::decode", "_relayout": "step_mix::relayout", "_encode": "step_mix::encode"}
 
 
-def decode_ops(prof: profile) -> int:
-    """Top-level aten ops (called from Python, not from another aten op) inside ``_decode`` calls."""
-    count = 0
+def phase_ops(prof: profile) -> dict[str, int]:
+    """Top-level aten ops (called from Python, not from another aten op) by the innermost StepSearch
+    phase they ran in: a re-layout's count leaves out the encoder call it makes."""
+    marker_of = {marker: name for name, marker in PHASES.items()}
+    counts = dict.fromkeys(PHASES, 0)
     for ev in prof.events():
         if not ev.name.startswith("aten::"):
             continue
-        parent, inside = ev.cpu_parent, False
+        parent, phase = ev.cpu_parent, None
         while parent is not None and not parent.name.startswith("aten::"):
-            inside = inside or parent.name == DECODE
+            phase = phase or marker_of.get(parent.name)
             parent = parent.cpu_parent
-        count += parent is None and inside
-    return count
+        if parent is None and phase is not None:
+            counts[phase] += 1
+    return counts
+
+
+@contextmanager
+def marked_phases() -> Iterator[dict[str, int]]:
+    """Each StepSearch phase of ``PHASES`` inside a profiler scope, and its calls counted."""
+    calls = dict.fromkeys(PHASES, 0)
+    originals = {name: getattr(StepSearch, name) for name in PHASES}
+
+    def marked(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def wrapper(self: StepSearch, *args: Any, **kwargs: Any) -> Any:
+            calls[name] += 1
+            with record_function(PHASES[name]):
+                return fn(self, *args, **kwargs)
+
+        return wrapper
+
+    for name, fn in originals.items():
+        setattr(StepSearch, name, marked(name, fn))
+    try:
+        yield calls
+    finally:
+        for name, fn in originals.items():
+            setattr(StepSearch, name, fn)
 
 
 @contextmanager
@@ -63,8 +91,7 @@ def decode_log() -> Iterator[list[tuple[float, int, int]]]:
     def timed(self: StepSearch, snap: Any) -> Any:
         levels = len({job.t % self.cfg.depth for job in self._order})
         t0 = time.thread_time()
-        with record_function(DECODE):
-            out = original(self, snap)
+        out = original(self, snap)
         log.append((time.thread_time() - t0, len(self._order), levels))
         return out
 
@@ -111,12 +138,16 @@ def measure(run: Callable[[], None], warm: int) -> dict[str, Any]:
     with decode_log() as log:
         run()
     kept = log[warm:] if len(log) > warm else log
-    with profile(activities=[ProfilerActivity.CPU]) as prof, decode_log() as counted:
+    with profile(activities=[ProfilerActivity.CPU]) as prof, marked_phases() as calls:
         run()
-    top = decode_ops(prof)
+    ops = phase_ops(prof)
+    per_call = {name: round(ops[name] / calls[name], 1) if calls[name] else None for name in PHASES}
     return {
         "decodes": len(kept),
-        "aten_ops_per_decode": round(top / len(counted), 1),
+        "aten_ops_per_decode": per_call["_decode"],
+        "aten_ops_per_relayout": per_call["_relayout"],  # without its encoder call
+        "aten_ops_per_encode": per_call["_encode"],
+        "relayouts_per_decode": round(calls["_relayout"] / calls["_decode"], 3),
         "median_cpu_us_per_decode": round(statistics.median(t for t, _, _ in kept) * 1e6, 1),
         "mean_requests": round(statistics.mean(r for _, r, _ in kept), 2),
         "mean_levels": round(statistics.mean(lv for _, _, lv in kept), 2),

@@ -28,11 +28,13 @@ def test_step_mix_measures_decodes_at_one_level_and_at_many(demo_bundle: ModelBu
     from benchmarks.step_mix import measure, mixed, one_level
 
     gen = demo_bundle.generator
-    original = StepSearch._decode
+    original, relayout = StepSearch._decode, StepSearch._relayout
     steady = measure(mixed(gen, every=1, steps=24, seed=0), warm=8)
     lockstep = measure(one_level(gen, requests=2, steps=24, seed=0), warm=0)
     assert steady["decodes"] == 24 - 8 and steady["mean_levels"] > 1.5  # rows spread over the levels
     assert lockstep["mean_levels"] == 1 and lockstep["mean_requests"] <= 2
     for result in (steady, lockstep):
         assert result["aten_ops_per_decode"] > 50 and result["median_cpu_us_per_decode"] > 0
-    assert StepSearch._decode is original  # the timer was taken off
+    assert steady["aten_ops_per_relayout"] > 0 and steady["aten_ops_per_encode"] > 0
+    assert steady["relayouts_per_decode"] > lockstep["relayouts_per_decode"]  # a join at every step
+    assert StepSearch._decode is original and StepSearch._relayout is relayout  # the timers were taken off
