@@ -206,9 +206,10 @@ class EncoderLayer(nn.Module):
         self.residual_dropout = cfg.residual_dropout
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        h = self.n1(x)
+        norm = _module_norm if self.training else rms  # inference: one fused op per norm, not five
+        h = norm(self.n1, x)
         x = x + self._drop(self.attn(h, h, mask))
-        return x + self._drop(self.ffn(self.n2(x)))
+        return x + self._drop(self.ffn(norm(self.n2, x)))
 
     def _drop(self, sublayer_out: torch.Tensor) -> torch.Tensor:
         return drop_sublayer(sublayer_out, self.residual_dropout, self.training)
@@ -583,7 +584,7 @@ class OneRecModel(nn.Module):
         mask = mask[:, None, None, :]  # (B, 1, 1, M)
         for layer in self.encoder:
             x = layer(x, mask)
-        return self.enc_norm(x), mask
+        return (_module_norm if self.training else rms)(self.enc_norm, x), mask
 
     def item_embeddings(self, codes: torch.Tensor) -> torch.Tensor:
         """codes (..., D) -> (..., d): an item is the sum of its per-level code embeddings."""
