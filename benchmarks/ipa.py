@@ -167,33 +167,35 @@ def setup(cfg: BuildConfig, seed: int, n_sessions: int, cache: Path | None = Non
     return Setup(seed, world, split, sids, catalog, base, pool, held_out, reward, info, timings)
 
 
-class PopularityOracle:
-    """DIAGNOSTIC reward (``--reward popularity-oracle``): R(u, S) = sum of log in-topic popularity of S's
-    items, read from the world's hidden parameters. It ranks the base model's beams as the true affinity
-    does 0.89 of the time (the learned R: about 0.54), so it shows what IPA's machinery (pairs, DPO,
-    NTP, the held-out evaluation) makes of a good reward. Never a recipe: it sees the ground truth."""
+class ItemValueReward:
+    """R(u, S) = the sum of a fixed value per item of S, looked up by the item's code path. Not personal:
+    the generator's beams carry the user; these rewards only say which of them to prefer."""
+
+    def __init__(self, codes: np.ndarray, values: np.ndarray, history_window: int):
+        self.cfg = RewardConfig(history_window=history_window)
+        self.value = {tuple(c): float(v) for c, v in zip(np.asarray(codes).tolist(), values)}
+
+    def score(self, hist_codes: torch.Tensor, hist_mask: torch.Tensor, session_codes: torch.Tensor) -> torch.Tensor:
+        return torch.tensor([sum(self.value[tuple(c)] for c in row) for row in session_codes.tolist()])
+
+
+class PopularityOracle(ItemValueReward):
+    """DIAGNOSTIC reward (``--reward popularity-oracle``): the log in-topic popularity of each item, read
+    from the world's hidden parameters. It ranks the base model's beams as the true affinity does 0.89 of
+    the time (the learned R: about 0.54), so it shows what IPA's machinery (pairs, DPO, NTP, the held-out
+    evaluation) makes of a good reward. Never a recipe: it sees the ground truth."""
 
     def __init__(self, codes: np.ndarray, popularity: np.ndarray, history_window: int):
-        self.cfg = RewardConfig(history_window=history_window)
-        self.log_pop = {tuple(c): float(np.log(v)) for c, v in zip(np.asarray(codes).tolist(), popularity)}
-
-    def score(self, hist_codes: torch.Tensor, hist_mask: torch.Tensor, session_codes: torch.Tensor) -> torch.Tensor:
-        return torch.tensor([sum(self.log_pop[tuple(c)] for c in row) for row in session_codes.tolist()])
+        super().__init__(codes, np.log(popularity), history_window)
 
 
-class FrequencyReward:
-    """A count prior (``--reward training-frequency``): R(u, S) = sum of log(1 + training count) of S's
-    items, counted on the IPA pool's training sequences only (observed data, no hidden parameter).
-    Not personal: it asks whether the popularity half of the world's taste, estimated from the data, is
-    a reward IPA can use; the generator's beams carry the personal half."""
+class FrequencyReward(ItemValueReward):
+    """A count prior (``--reward training-frequency``): log(1 + training count) of each item, counted on
+    the IPA pool's training sequences only (observed data, no hidden parameter). It asks whether the
+    popularity half of the world's taste, estimated from the data, is a reward IPA can use."""
 
     def __init__(self, codes: np.ndarray, sequences: list[np.ndarray], n_items: int, history_window: int):
-        self.cfg = RewardConfig(history_window=history_window)
-        counts = np.bincount(np.concatenate(sequences), minlength=n_items)
-        self.log_count = {tuple(c): float(np.log1p(v)) for c, v in zip(np.asarray(codes).tolist(), counts)}
-
-    def score(self, hist_codes: torch.Tensor, hist_mask: torch.Tensor, session_codes: torch.Tensor) -> torch.Tensor:
-        return torch.tensor([sum(self.log_count[tuple(c)] for c in row) for row in session_codes.tolist()])
+        super().__init__(codes, np.log1p(np.bincount(np.concatenate(sequences), minlength=n_items)), history_window)
 
 
 def align(s: Setup, ipa_cfg: IpaConfig, iterations: int) -> tuple[OneRecModel, dict[str, Any]]:

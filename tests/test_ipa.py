@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks.ipa import HELD_OUT_SHARE, PopularityOracle, base_generator
+from benchmarks.ipa import HELD_OUT_SHARE, FrequencyReward, PopularityOracle, base_generator
 from onerec.build import BuildConfig, build, demo_config
 from onerec.bundle import Catalog
 from onerec.data import SyntheticConfig, SyntheticWorld, leave_one_out, make_synthetic
@@ -291,3 +291,12 @@ def test_ipa_driven_by_a_reward_that_knows_the_taste_raises_true_affinity_on_use
     before = true_session_affinity(base, catalog.trie, affinity, histories, user_ids)
     with_dpo, control = gain(1.0), gain(0.0)
     assert with_dpo > 0.03 + control, f"IPA moved true affinity {with_dpo:+.3f}, NTP alone {control:+.3f}"
+
+
+def test_frequency_reward_scores_a_session_by_its_items_training_counts() -> None:
+    codes = np.array([[0, 0], [0, 1], [1, 0]])  # items 0, 1, 2 by code path
+    reward = FrequencyReward(codes, [np.array([0, 0, 1]), np.array([0, 2])], 3, history_window=4)
+    sessions = torch.tensor([[[0, 0], [1, 0]], [[0, 1], [0, 1]]])  # items (0, 2) and (1, 1)
+    no_history = torch.zeros(2, 1, 2, dtype=torch.int64), torch.zeros(2, 1, dtype=torch.bool)
+    expected = torch.tensor([np.log(4) + np.log(2), 2 * np.log(2)], dtype=torch.float32)
+    assert torch.allclose(reward.score(*no_history, sessions).float(), expected)
