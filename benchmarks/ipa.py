@@ -105,6 +105,20 @@ class Setup:
             [self.world.data.user_ids[u] for u in users],
         )
 
+    def agreement(self, reward: Any, n_sessions: int) -> dict[str, float]:
+        """How ``reward`` ranks the base model's beams against the true affinity, on the held-out users."""
+        users = self.held_out
+        return reward_truth_agreement(
+            self.base,
+            reward,
+            self.catalog.trie,
+            self.world.true_affinity(users),
+            [self.split.train[u] for u in users],
+            [self.world.data.user_ids[u] for u in users],
+            self.sids.codes,
+            n_sessions,
+        )
+
 
 Base = tuple[SyntheticWorld, Split, SemanticIds, Catalog, OneRecModel]
 
@@ -150,21 +164,11 @@ def setup(cfg: BuildConfig, seed: int, n_sessions: int, cache: Path | None = Non
     t = time.perf_counter()
     value, sessions = heldout_auc(reward, [split.train[u] for u in held_out], sids.codes)
     info: dict[str, Any] = {"auc_heldout_users": value, "heldout_sessions": sessions}
-    info.update(
-        reward_truth_agreement(
-            base,
-            reward,
-            catalog.trie,
-            world.true_affinity(held_out),
-            [split.train[u] for u in held_out],
-            [world.data.user_ids[u] for u in held_out],
-            sids.codes,
-            n_sessions,
-        )
-    )
+    s = Setup(seed, world, split, sids, catalog, base, pool, held_out, reward, info, timings)
+    info.update(s.agreement(reward, n_sessions))
     info.update(train_users=len(pool), train_loss=report.train_loss)
     timings["reward_quality"] = time.perf_counter() - t
-    return Setup(seed, world, split, sids, catalog, base, pool, held_out, reward, info, timings)
+    return s
 
 
 class ItemValueReward:
@@ -238,16 +242,7 @@ def run_seed(
         pool = [s.split.train[u] for u in s.pool]
         s.reward = FrequencyReward(s.sids.codes, pool, s.world.data.n_items, cfg.model.history_window)  # type: ignore[assignment]
     if reward != "learned":
-        s.reward_info["used_by_ipa"] = reward_truth_agreement(
-            s.base,
-            s.reward,
-            s.catalog.trie,
-            s.world.true_affinity(s.held_out),
-            [s.split.train[u] for u in s.held_out],
-            [s.world.data.user_ids[u] for u in s.held_out],
-            s.sids.codes,
-            ipa_cfg.n_sessions,
-        )
+        s.reward_info["used_by_ipa"] = s.agreement(s.reward, ipa_cfg.n_sessions)
     t = time.perf_counter()
     before = s.measure(s.base)
     s.timings["evaluate_before"] = time.perf_counter() - t

@@ -18,7 +18,7 @@ import collections
 import random
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -37,10 +37,24 @@ Arrival = tuple[float, str, list[int]]  # (offset in seconds, mode, history)
 
 
 @contextmanager
+def wrapped_phases(
+    names: Iterable[str], wrap: Callable[[str, Callable[..., Any]], Callable[..., Any]]
+) -> Iterator[None]:
+    """StepSearch's methods ``names`` replaced by ``wrap(name, original)`` inside the block, restored after."""
+    originals = {name: getattr(StepSearch, name) for name in names}
+    for name, fn in originals.items():
+        setattr(StepSearch, name, wrap(name, fn))
+    try:
+        yield
+    finally:
+        for name, fn in originals.items():
+            setattr(StepSearch, name, fn)
+
+
+@contextmanager
 def phase_timers() -> Iterator[dict[str, list[float]]]:
     """Time every call of the StepSearch phases (wrapped for the duration of the block)."""
     spent: dict[str, list[float]] = collections.defaultdict(list)
-    originals = {name: getattr(StepSearch, name) for name in PHASES}
 
     def timed(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         def wrapper(self: StepSearch, *args: Any, **kwargs: Any) -> Any:
@@ -52,13 +66,8 @@ def phase_timers() -> Iterator[dict[str, list[float]]]:
 
         return wrapper
 
-    for name, fn in originals.items():
-        setattr(StepSearch, name, timed(name, fn))
-    try:
+    with wrapped_phases(PHASES, timed):
         yield spent
-    finally:
-        for name, fn in originals.items():
-            setattr(StepSearch, name, fn)
 
 
 def quantile_ms(values: list[float], q: float) -> float | None:

@@ -36,6 +36,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 from benchmarks.decode_step import build
 from benchmarks.report import emit
+from benchmarks.scheduler_profile import wrapped_phases
 from benchmarks.workload import newest_version_dir
 from onerec.generate import Generator, RecRequest, StepSearch
 
@@ -63,7 +64,6 @@ def phase_ops(prof: profile) -> dict[str, int]:
 def marked_phases() -> Iterator[dict[str, int]]:
     """Each StepSearch phase of ``PHASES`` inside a profiler scope, and its calls counted."""
     calls = dict.fromkeys(PHASES, 0)
-    originals = {name: getattr(StepSearch, name) for name in PHASES}
 
     def marked(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         def wrapper(self: StepSearch, *args: Any, **kwargs: Any) -> Any:
@@ -73,33 +73,27 @@ def marked_phases() -> Iterator[dict[str, int]]:
 
         return wrapper
 
-    for name, fn in originals.items():
-        setattr(StepSearch, name, marked(name, fn))
-    try:
+    with wrapped_phases(PHASES, marked):
         yield calls
-    finally:
-        for name, fn in originals.items():
-            setattr(StepSearch, name, fn)
 
 
 @contextmanager
 def decode_log() -> Iterator[list[tuple[float, int, int]]]:
     """(thread CPU seconds, live requests, distinct levels) of every ``StepSearch._decode`` in the block."""
     log: list[tuple[float, int, int]] = []
-    original = StepSearch._decode
 
-    def timed(self: StepSearch, snap: Any) -> Any:
-        levels = len({job.t % self.cfg.depth for job in self._order})
-        t0 = time.thread_time()
-        out = original(self, snap)
-        log.append((time.thread_time() - t0, len(self._order), levels))
-        return out
+    def timed(_: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def wrapper(self: StepSearch, snap: Any) -> Any:
+            levels = len({job.t % self.cfg.depth for job in self._order})
+            t0 = time.thread_time()
+            out = fn(self, snap)
+            log.append((time.thread_time() - t0, len(self._order), levels))
+            return out
 
-    StepSearch._decode = timed  # type: ignore[method-assign]
-    try:
+        return wrapper
+
+    with wrapped_phases(["_decode"], timed):
         yield log
-    finally:
-        StepSearch._decode = original  # type: ignore[method-assign]
 
 
 def request(rng: random.Random, n_items: int, key: int, mode: str) -> RecRequest:

@@ -191,11 +191,12 @@ class MoEFFN(nn.Module):
         return probs.shape[-1] * (share * probs.mean(0)).sum()
 
 
-def drop_sublayer(out: torch.Tensor, p: float, training: bool) -> torch.Tensor:
-    """Residual dropout; no op at all when it is off, so the decode step's op count does not grow."""
-    if not training or p == 0.0:
-        return out
-    return F.dropout(out, p, True)
+class SublayerDropout(nn.Dropout):
+    """Residual dropout on a sublayer's output, as SASRec's blocks have; when it is off (inference, or
+    p = 0) it calls no op at all, where ``nn.Dropout`` would, so the decode step's op count does not grow."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) if self.training and self.p > 0.0 else x
 
 
 class EncoderLayer(nn.Module):
@@ -203,16 +204,13 @@ class EncoderLayer(nn.Module):
         super().__init__()
         self.n1, self.attn = RMSNorm(cfg.d_model), Attention(cfg)
         self.n2, self.ffn = RMSNorm(cfg.d_model), SwiGLU(cfg.d_model, cfg.d_ff)
-        self.residual_dropout = cfg.residual_dropout
+        self.drop = SublayerDropout(cfg.residual_dropout)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         norm = _module_norm if self.training else rms  # inference: one fused op per norm, not five
         h = norm(self.n1, x)
-        x = x + self._drop(self.attn(h, h, mask))
-        return x + self._drop(self.ffn(norm(self.n2, x)))
-
-    def _drop(self, sublayer_out: torch.Tensor) -> torch.Tensor:
-        return drop_sublayer(sublayer_out, self.residual_dropout, self.training)
+        x = x + self.drop(self.attn(h, h, mask))
+        return x + self.drop(self.ffn(norm(self.n2, x)))
 
 
 class DecoderLayer(nn.Module):
@@ -228,7 +226,7 @@ class DecoderLayer(nn.Module):
         self.n1, self.self_attn = RMSNorm(cfg.d_model), Attention(cfg)
         self.n2, self.cross_attn = RMSNorm(cfg.d_model), Attention(cfg)
         self.n3, self.moe = RMSNorm(cfg.d_model), MoEFFN(cfg)
-        self.residual_dropout = cfg.residual_dropout
+        self.drop = SublayerDropout(cfg.residual_dropout)
 
     def forward(self, x: torch.Tensor, memory: torch.Tensor, mem_mask: torch.Tensor) -> torch.Tensor:
         return self.forward_with_router_input(x, memory, mem_mask)[0]
@@ -269,16 +267,12 @@ class DecoderLayer(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The residual structure of the layer: returns its output and the MoE router's input.
 
-        Residual dropout (training only) regularises every sublayer, as SASRec's blocks do; at
-        inference ``self.training`` is off and it is the identity.
+        Residual dropout (training only) regularises every sublayer; at inference it is the identity.
         """
-        x = x + self._drop(self_attend(norm(self.n1, x)))
-        x = x + self._drop(cross_attend(norm(self.n2, x)))
+        x = x + self.drop(self_attend(norm(self.n1, x)))
+        x = x + self.drop(cross_attend(norm(self.n2, x)))
         routed = norm(self.n3, x)
-        return x + self._drop(self.moe(routed)), routed
-
-    def _drop(self, sublayer_out: torch.Tensor) -> torch.Tensor:
-        return drop_sublayer(sublayer_out, self.residual_dropout, self.training)
+        return x + self.drop(self.moe(routed)), routed
 
     def _cached_self_attention(
         self, h: torch.Tensor, i: int, qkv_weight: torch.Tensor, batch: StepBatch
