@@ -203,7 +203,10 @@ def content_embeddings(tokens: Sequence[Sequence[str]], dim: int, seed: int = 0)
     rows: list[int] = []
     cols: list[int] = []
     for item, toks in enumerate(tokens):
-        for tok in set(toks):
+        # sorted: a set's order follows Python's per-process string hashing, and the column order
+        # decides which random sketch column each token meets, so unsorted the embedding (and the
+        # semantic IDs built on it) changed from one build of the same data to the next
+        for tok in sorted(set(toks)):
             rows.append(item)
             cols.append(vocab.setdefault(tok, len(vocab)))
     emb = np.zeros((n, dim), dtype=np.float64)

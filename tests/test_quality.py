@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -150,6 +153,26 @@ def test_content_embeddings_put_items_with_shared_tokens_together() -> None:
     sim = emb[:60] @ emb[:60].T
     same = np.equal.outer(np.arange(60) // 10, np.arange(60) // 10)
     assert sim[same].mean() > sim[~same].mean() + 0.5
+
+
+def test_content_embeddings_are_the_same_in_every_process() -> None:
+    """Python salts string hashes per process (PYTHONHASHSEED), so anything built from a set of tokens
+    in iteration order differs between two builds of the same data; the embeddings must not."""
+    script = (
+        "import sys, numpy as np\n"
+        "from onerec.tokenizer import content_embeddings\n"
+        "rng = np.random.default_rng(0)\n"
+        "tokens = [[f'a:{i % 7}', f'w:{i % 5}', f'w:x{rng.integers(40)}', f'w:y{rng.integers(40)}']\n"
+        "          for i in range(60)]\n"
+        "sys.stdout.write(content_embeddings(tokens, dim=6, seed=0).tobytes().hex())\n"
+    )
+    outputs = set()
+    for hash_seed in ("1", "2", "3"):
+        env = {**os.environ, "PYTHONHASHSEED": hash_seed}
+        run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+        assert run.returncode == 0, run.stderr
+        outputs.add(run.stdout)
+    assert len(outputs) == 1
 
 
 def test_join_embeddings_weights_the_content_share() -> None:
