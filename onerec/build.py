@@ -118,9 +118,9 @@ def sequence_file_config(path: str) -> BuildConfig:
     point at them (test R@10 0.068 -> 0.085 on Beauty, benchmarks/results/quality_beauty_cpu_levers4.json).
     Two semantic-ID levels (K = the power of two nearest 2 * sqrt(n) each, plus the extra level that
     names colliding items) make an item 3 decoder steps instead of 4; the coarser codes overfit sooner,
-    so dropout is 0.3 on attention and on the input embeddings (two seeds on Beauty: test R@10
-    0.0865-0.0873 / N@10 0.0506-0.0510 against 0.0838-0.0849 / 0.0475-0.0487 for three levels and 0.2,
-    benchmarks/results/quality_beauty_cpu_levers10.json).
+    so dropout is 0.3 on attention and on the input embeddings (three builds on Beauty: test R@10
+    0.0852-0.0873 / N@10 0.0490-0.0510 against 0.0838-0.0849 / 0.0475-0.0487 for three levels and 0.2,
+    benchmarks/results/quality_beauty_cpu_levers10.json and _two_levels_benchmark_run.json).
     """
     return BuildConfig(
         dataset=path,
