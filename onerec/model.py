@@ -207,7 +207,7 @@ class EncoderLayer(nn.Module):
         self.drop = SublayerDropout(cfg.residual_dropout)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        norm = _module_norm if self.training else rms  # inference: one fused op per norm, not five
+        norm = norm_for(self.training)
         h = norm(self.n1, x)
         x = x + self.drop(self.attn(h, h, mask))
         return x + self.drop(self.ffn(norm(self.n2, x)))
@@ -415,6 +415,11 @@ def _module_norm(norm: RMSNorm, x: torch.Tensor) -> torch.Tensor:
     return norm(x)
 
 
+def norm_for(training: bool) -> Callable[[RMSNorm, torch.Tensor], torch.Tensor]:
+    """The encoder's norm: the module's own ops in training, one fused op (``rms``) at inference."""
+    return _module_norm if training else rms
+
+
 class OneRecModel(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -578,7 +583,7 @@ class OneRecModel(nn.Module):
         mask = mask[:, None, None, :]  # (B, 1, 1, M)
         for layer in self.encoder:
             x = layer(x, mask)
-        return (_module_norm if self.training else rms)(self.enc_norm, x), mask
+        return norm_for(self.training)(self.enc_norm, x), mask
 
     def item_embeddings(self, codes: torch.Tensor) -> torch.Tensor:
         """codes (..., D) -> (..., d): an item is the sum of its per-level code embeddings."""
