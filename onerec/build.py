@@ -146,9 +146,13 @@ def sequence_file_config(path: str) -> BuildConfig:
             warmup_steps=300,
             slot_weights=[1.0, 0.5, 0.25],
             time_budget_s=40 * 60.0,
-            # One torch thread: on the shared 2-core host two threads ran this model at 1-5 s/step
-            # (threads waiting on each other whenever one is descheduled), one thread at 0.2-0.5 s/step.
+            # One torch thread per process: on the shared 2-core host two threads ran this model at
+            # 1-5 s/step (threads waiting on each other whenever one is descheduled), one at 0.2-0.5 s/step.
             threads=1,
+            # One process: two data-parallel ones (onerec.data_parallel) made 1.2x the steps in the same
+            # budget on Beauty, but the validation loss had flattened by then and test R@10 / N@10 landed
+            # at 0.0842 / 0.0484 (benchmarks/results/quality_beauty_cpu_two_processes.json).
+            processes=1,
         ),
         train_steps=15_000,
         eval_beam=20,

@@ -52,6 +52,10 @@ def _add_build(sub: Any) -> None:
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--ipa-iterations", type=int, default=0)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument(
+        "--processes", type=int, default=None,
+        help="data-parallel training processes on CPU, at most one per core (default: the recipe's, 1)",
+    )  # fmt: skip
     p.add_argument("--eval-users", type=int, default=None, help="evaluate on at most this many users")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_run_build)
@@ -72,6 +76,10 @@ def _run_build(args: argparse.Namespace) -> int:
         cfg.train_steps = None
         cfg.train.time_budget_s = None
     cfg.train.device = args.device
+    if args.processes is not None:
+        if args.processes < 1:
+            raise ValueError(f"--processes {args.processes}: must be at least 1")
+        cfg.train.processes = args.processes
     cfg.ipa_iterations = args.ipa_iterations
     cfg.eval_users = args.eval_users
     _, summary = build(cfg, args.out, progress=not args.quiet)

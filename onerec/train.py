@@ -27,6 +27,7 @@ import torch
 from tqdm import tqdm
 
 from onerec.data import EvalSet
+from onerec.data_parallel import GradientGroup, usable_processes
 from onerec.model import CANDIDATE_RECENCY, CANDIDATE_WINDOW, ModelConfig, OneRecModel, hash_user
 from onerec.reward import history_tensors
 from onerec.tokenizer import cooccurrence
@@ -53,6 +54,9 @@ class TrainConfig:
     seed: int = 0
     device: str = "cpu"
     threads: int | None = None
+    # Data-parallel processes on CPU (onerec.data_parallel), at most one per usable core: each takes
+    # its share of every batch, so a step of the same batch takes about 1/processes of the time.
+    processes: int = 1
 
 
 @dataclass
@@ -65,6 +69,7 @@ class TrainReport:
     holdout_loss: list[float] = field(default_factory=list)
     best_epoch: int = 0
     epochs_run: int = 0  # fewer than `epochs` when the time budget ran out
+    processes: int = 1  # data-parallel processes that trained (TrainConfig.processes, where usable)
 
     def as_dict(self) -> dict[str, object]:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -196,72 +201,98 @@ def train_model(
     steps_per_epoch = math.ceil(len(train_idx) / tcfg.batch_size)
     total = max(1, steps_per_epoch * tcfg.epochs)
     t0 = time.perf_counter()
+    report = TrainReport(epochs=tcfg.epochs, steps=0, samples=len(samples), seconds=0.0)
+    report.processes = usable_processes(tcfg.processes, tcfg.device)
+    group = GradientGroup.fork(report.processes, tcfg.seed) if report.processes > 1 else None
+    rank = group.rank if group is not None else 0
+    clock = 0.0  # rank 0's share of the budget spent, as of the last step (what every process follows)
 
     def done() -> float:  # training progress in [0, 1]: by steps, or by the clock when that is ahead
         by_steps = report.steps / total
         if tcfg.time_budget_s is None:
             return by_steps
-        return max(by_steps, (time.perf_counter() - t0) / max(tcfg.time_budget_s, 1e-9))
+        own = (time.perf_counter() - t0) / max(tcfg.time_budget_s, 1e-9)
+        return max(by_steps, own if group is None else clock)
 
-    report = TrainReport(epochs=tcfg.epochs, steps=0, samples=len(samples), seconds=0.0)
     warmup = min(tcfg.warmup_steps, max(1, total // 10))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, warmup, total, done()))
     next_item_only = [1.0] + [0.0] * (model.cfg.session_items - 1)  # holdout: the loss that ranking reads
     best_loss, best_state = float("inf"), None
     average = WeightAverage(model, tcfg.average_epochs * steps_per_epoch) if tcfg.average_epochs else None
-    bar = tqdm(total=total, desc="train", unit="step", disable=not progress, leave=False)
-    for epoch in range(tcfg.epochs):
-        if done() >= 1.0:
-            break
-        model.train()
-        perm = rng.permutation(train_idx)
-        running, ran = 0.0, 0
-        for start in range(0, len(perm), tcfg.batch_size):
+    params = [p for p in model.parameters() if p.requires_grad]
+    bar = tqdm(total=total, desc="train", unit="step", disable=not progress or rank != 0, leave=False)
+    try:
+        for epoch in range(tcfg.epochs):
             if done() >= 1.0:
                 break
-            idx = perm[start : start + tcfg.batch_size]
-            loss, balance = model(
-                *[t.to(device) for t in samples.batch(idx)],
-                slot_weights=tcfg.slot_weights,
-                label_smoothing=tcfg.label_smoothing,
-                candidates=samples.batch_candidates(idx, device),
-            )
-            opt.zero_grad(set_to_none=True)
-            (loss + tcfg.balance_weight * balance).backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            sched.step()
-            if average is not None:
-                average.update()
-            value = loss.item()
-            running += value
-            ran += 1
-            report.steps += 1
-            bar.update(1)
-            postfix = {"epoch": epoch + 1, "loss": f"{value:.3f}"}
-            if tcfg.time_budget_s is not None:
-                postfix["budget_left"] = f"{max(0.0, tcfg.time_budget_s - (time.perf_counter() - t0)) / 60:.1f}min"
-            bar.set_postfix(postfix)
-        report.train_loss.append(running / max(ran, 1))
-        report.epochs_run = epoch + 1
-        with average.applied() if average is not None else nullcontext():
-            if selection is not None:
-                held = selection_loss(model, samples, selection, tcfg.batch_size, device)
-            elif n_hold > 0:
-                held = holdout_loss(model, samples, hold, tcfg.batch_size, device, next_item_only)
-            else:
-                continue
-            report.holdout_loss.append(held)
-            if held < best_loss:
-                best_loss, report.best_epoch = held, epoch + 1
-                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        if progress:
-            what = "validation next-item" if selection is not None else "holdout slot-1"
-            bar.write(
-                f"[train] epoch {epoch + 1}: train loss {report.train_loss[-1]:.4f}, {what} loss {held:.4f}"
-                f" (best {best_loss:.4f}, epoch {report.best_epoch})",
-                file=sys.stderr,
-            )
+            model.train()
+            perm = rng.permutation(train_idx)
+            running, ran = 0.0, 0
+            for start in range(0, len(perm), tcfg.batch_size):
+                if done() >= 1.0:
+                    break
+                idx = perm[start : start + tcfg.batch_size]
+                mine = group.shard(idx) if group is not None else idx
+                opt.zero_grad(set_to_none=True)
+                value = 0.0
+                if len(mine):
+                    loss, balance = model(
+                        *[t.to(device) for t in samples.batch(mine)],
+                        slot_weights=tcfg.slot_weights,
+                        label_smoothing=tcfg.label_smoothing,
+                        candidates=samples.batch_candidates(mine, device),
+                    )
+                    (loss + tcfg.balance_weight * balance).backward()
+                    value = loss.item()
+                if group is not None:
+                    own_clock = (time.perf_counter() - t0) / max(tcfg.time_budget_s or math.inf, 1e-9)
+                    totals = group.sum_gradients(params, len(mine), value, own_clock)
+                    value, clock = totals.loss, totals.clock
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                opt.step()
+                sched.step()
+                if average is not None:
+                    average.update()
+                running += value
+                ran += 1
+                report.steps += 1
+                bar.update(1)
+                postfix = {"epoch": epoch + 1, "loss": f"{value:.3f}"}
+                if tcfg.time_budget_s is not None:
+                    postfix["budget_left"] = f"{max(0.0, tcfg.time_budget_s - (time.perf_counter() - t0)) / 60:.1f}min"
+                bar.set_postfix(postfix)
+            report.train_loss.append(running / max(ran, 1))
+            report.epochs_run = epoch + 1
+            with average.applied() if average is not None else nullcontext():
+                if selection is not None:
+                    rows = shared(group, np.arange(len(selection)))
+                    held = selection_loss(model, samples, selection, tcfg.batch_size, device, rows)
+                elif n_hold > 0:
+                    rows = shared(group, hold)
+                    held = holdout_loss(model, samples, rows, tcfg.batch_size, device, next_item_only)
+                else:
+                    continue
+                if group is not None:  # every process scored its share of the rows
+                    held = group.mean(held, len(rows))
+                if rank != 0:  # rank 0 keeps the best weights (every process holds the same ones)
+                    continue
+                report.holdout_loss.append(held)
+                if held < best_loss:
+                    best_loss, report.best_epoch = held, epoch + 1
+                    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            if progress:
+                what = "validation next-item" if selection is not None else "holdout slot-1"
+                bar.write(
+                    f"[train] epoch {epoch + 1}: train loss {report.train_loss[-1]:.4f}, {what} loss {held:.4f}"
+                    f" (best {best_loss:.4f}, epoch {report.best_epoch})",
+                    file=sys.stderr,
+                )
+    except BaseException:
+        if group is not None:
+            group.abort()
+        raise
+    if group is not None:
+        group.close()  # a peer exits here
     bar.close()
     if best_state is not None:
         model.load_state_dict(best_state)
@@ -272,6 +303,11 @@ def train_model(
     model.eval()
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def shared(group: GradientGroup | None, rows: np.ndarray) -> np.ndarray:
+    """The rows this process scores at the end of an epoch (all of them when it trains alone)."""
+    return rows if group is None else group.shard(rows)
 
 
 @torch.no_grad()
@@ -299,16 +335,23 @@ def holdout_loss(
 
 @torch.no_grad()
 def selection_loss(
-    model: OneRecModel, samples: SessionSamples, rows: EvalSet, batch_size: int, device: torch.device
+    model: OneRecModel,
+    samples: SessionSamples,
+    rows: EvalSet,
+    batch_size: int,
+    device: torch.device,
+    subset: np.ndarray | None = None,
 ) -> float:
-    """Mean next-item loss (per code) on evaluation rows: what picks the best epoch."""
+    """Mean next-item loss (per code) on evaluation rows (or the rows `subset` of them): what picks
+    the best epoch."""
     model.eval()
+    order = np.arange(len(rows)) if subset is None else subset
     total = 0.0
-    for start in range(0, len(rows), batch_size):
-        idx = np.arange(start, min(start + batch_size, len(rows)))
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
         loss, _ = model(*[t.to(device) for t in samples.next_item_batch(rows, idx)])
         total += float(loss) * len(idx)
-    return total / max(len(rows), 1)
+    return total / max(len(order), 1)
 
 
 def leave_user_out_candidates(
