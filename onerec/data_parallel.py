@@ -37,14 +37,13 @@ def usable_processes(requested: int, device: str) -> int:
         return 1
     if dist.is_initialized():  # already inside a process group (not ours): train alone
         return 1
-    return max(1, min(requested, len(os.sched_getaffinity(0))))
+    return min(requested, len(os.sched_getaffinity(0)))
 
 
 @dataclass
 class StepTotals:
     """What one step's all-reduce tells every process."""
 
-    samples: int  # the batch's samples over all processes
     loss: float  # the batch's mean loss (each process's mean weighed by its samples)
     clock: float  # rank 0's share of the time budget spent (what every process's schedule follows)
 
@@ -108,7 +107,7 @@ class GradientGroup:
             else:
                 p.grad.copy_(g)
             offset += n
-        return StepTotals(samples=int(flat[-3]), loss=float(flat[-2]) / total, clock=float(flat[-1]))
+        return StepTotals(loss=float(flat[-2]) / total, clock=float(flat[-1]))
 
     def mean(self, value: float, weight: int) -> float:
         """The weighted mean over processes of one number each (e.g. a loss over each one's rows)."""

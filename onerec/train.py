@@ -207,12 +207,11 @@ def train_model(
     rank = group.rank if group is not None else 0
     clock = 0.0  # rank 0's share of the budget spent, as of the last step (what every process follows)
 
+    def budget_spent() -> float:  # this process's share of the time budget spent (0 without one)
+        return 0.0 if tcfg.time_budget_s is None else (time.perf_counter() - t0) / max(tcfg.time_budget_s, 1e-9)
+
     def done() -> float:  # training progress in [0, 1]: by steps, or by the clock when that is ahead
-        by_steps = report.steps / total
-        if tcfg.time_budget_s is None:
-            return by_steps
-        own = (time.perf_counter() - t0) / max(tcfg.time_budget_s, 1e-9)
-        return max(by_steps, own if group is None else clock)
+        return max(report.steps / total, budget_spent() if group is None else clock)
 
     warmup = min(tcfg.warmup_steps, max(1, total // 10))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, warmup, total, done()))
@@ -232,7 +231,7 @@ def train_model(
                 if done() >= 1.0:
                     break
                 idx = perm[start : start + tcfg.batch_size]
-                mine = group.shard(idx) if group is not None else idx
+                mine = own_share(group, idx)
                 opt.zero_grad(set_to_none=True)
                 value = 0.0
                 if len(mine):
@@ -245,8 +244,7 @@ def train_model(
                     (loss + tcfg.balance_weight * balance).backward()
                     value = loss.item()
                 if group is not None:
-                    own_clock = (time.perf_counter() - t0) / max(tcfg.time_budget_s or math.inf, 1e-9)
-                    totals = group.sum_gradients(params, len(mine), value, own_clock)
+                    totals = group.sum_gradients(params, len(mine), value, budget_spent())
                     value, clock = totals.loss, totals.clock
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
                 opt.step()
@@ -259,16 +257,16 @@ def train_model(
                 bar.update(1)
                 postfix = {"epoch": epoch + 1, "loss": f"{value:.3f}"}
                 if tcfg.time_budget_s is not None:
-                    postfix["budget_left"] = f"{max(0.0, tcfg.time_budget_s - (time.perf_counter() - t0)) / 60:.1f}min"
+                    postfix["budget_left"] = f"{max(0.0, 1.0 - budget_spent()) * tcfg.time_budget_s / 60:.1f}min"
                 bar.set_postfix(postfix)
             report.train_loss.append(running / max(ran, 1))
             report.epochs_run = epoch + 1
             with average.applied() if average is not None else nullcontext():
                 if selection is not None:
-                    rows = shared(group, np.arange(len(selection)))
+                    rows = own_share(group, np.arange(len(selection)))
                     held = selection_loss(model, samples, selection, tcfg.batch_size, device, rows)
                 elif n_hold > 0:
-                    rows = shared(group, hold)
+                    rows = own_share(group, hold)
                     held = holdout_loss(model, samples, rows, tcfg.batch_size, device, next_item_only)
                 else:
                     continue
@@ -305,8 +303,9 @@ def train_model(
     return report
 
 
-def shared(group: GradientGroup | None, rows: np.ndarray) -> np.ndarray:
-    """The rows this process scores at the end of an epoch (all of them when it trains alone)."""
+def own_share(group: GradientGroup | None, rows: np.ndarray) -> np.ndarray:
+    """The rows (of a batch, or of the epoch's selection rows) this process takes: all of them when it
+    trains alone."""
     return rows if group is None else group.shard(rows)
 
 
