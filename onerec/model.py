@@ -71,7 +71,7 @@ class ModelConfig:
     d_ff: int = 128  # hidden width of the encoder FFN and of each expert
     n_experts: int = 4
     experts_top_k: int = 2
-    user_buckets: int = 1000  # hashed user-id embedding table size
+    user_buckets: int = 1000  # hashed user-id embedding table size (1: one learned user token for all)
     dropout: float = 0.1  # on attention probabilities
     catalogue_items: int = 0  # items with a neighbour list (the catalogue trained on); 0 = no candidates
     candidate_tokens: int = 0  # K co-occurrence candidates in the encoder memory (and neighbours kept per item)
@@ -312,6 +312,15 @@ class DecoderLayer(nn.Module):
             att = F.scaled_dot_product_attention(qg, g.k[i], g.v[i], attn_mask=g.mask)  # (Q_w, H, w, dh)
             outs.append(att.transpose(1, 2).reshape(g.stop - g.start, d))
         return F.linear(outs[0] if len(outs) == 1 else torch.cat(outs), ca.o.weight)
+
+
+@dataclass
+class NextItemTargets:
+    """The auxiliary item-level softmax of a training batch (``OneRecModel.next_item_logits``)."""
+
+    catalogue_codes: torch.Tensor  # (I, D) every item's code path, the softmax's classes in order
+    targets: torch.Tensor  # (B,) each sample's next item, a row of catalogue_codes
+    weight: float  # its share in the loss (added to the per-code cross-entropy)
 
 
 @dataclass
@@ -619,6 +628,16 @@ class OneRecModel(nn.Module):
         if self.cfg.candidate_tokens and candidates is None:
             candidates = self.candidates(hist_codes, hist_mask)
         memory, mem_mask = self.encode(hist_codes, hist_mask, user, candidates)
+        return self.decode_log_probs(memory, mem_mask, target_codes, candidates)
+
+    def decode_log_probs(
+        self,
+        memory: torch.Tensor,
+        mem_mask: torch.Tensor,
+        target_codes: torch.Tensor,
+        candidates: tuple[torch.Tensor, torch.Tensor] | None,
+    ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """``position_log_probs`` from an encoded memory (B, M, d) and its mask."""
         x = self.decoder_inputs(target_codes)
         balance = x.new_zeros((), dtype=torch.float32)
         for layer in self.decoder:
@@ -649,6 +668,7 @@ class OneRecModel(nn.Module):
         slot_weights: Sequence[float] | None = None,
         label_smoothing: float = 0.0,
         candidates: tuple[torch.Tensor, torch.Tensor] | None = None,
+        next_items: NextItemTargets | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Teacher-forced next-token loss over sessions. Returns (mean cross-entropy, MoE balance loss).
 
@@ -656,8 +676,12 @@ class OneRecModel(nn.Module):
         last session can be shorter than m). slot_weights (length >= m') weighs each slot's codes in the
         mean (default: all 1); next-item quality reads slot 1 only, so training may favour it.
         label_smoothing is passed to the cross-entropy of every code. candidates: see ``encode``.
+        next_items adds its weight times the item-level softmax loss of ``next_item_logits`` (training only).
         """
-        log_probs, balance = self.position_log_probs(hist_codes, hist_mask, user, target_codes, candidates)
+        if self.cfg.candidate_tokens and candidates is None:
+            candidates = self.candidates(hist_codes, hist_mask)
+        memory, mem_mask = self.encode(hist_codes, hist_mask, user, candidates)
+        log_probs, balance = self.decode_log_probs(memory, mem_mask, target_codes, candidates)
         depth = self.cfg.depth
         b, slots = target_codes.shape[:2]
         flat = target_codes.reshape(b, -1)  # (B, T)
@@ -679,7 +703,21 @@ class OneRecModel(nn.Module):
                 label_smoothing=label_smoothing,
             )
             loss = loss + (ce * weight).sum() / weight.sum().clamp(min=1e-6)
-        return loss / depth, balance
+        loss = loss / depth
+        if next_items is not None and next_items.weight > 0:
+            logits = self.next_item_logits(memory, next_items.catalogue_codes)  # (B, I)
+            loss = loss + next_items.weight * F.cross_entropy(logits.float(), next_items.targets)
+        return loss, balance
+
+    def next_item_logits(self, memory: torch.Tensor, catalogue_codes: torch.Tensor) -> torch.Tensor:
+        """Item-level scores of every catalogue item from the user token's encoder output: (B, I).
+
+        Why: the code-level loss never compares whole items, so nothing asks two items that follow the
+        same histories to have close embeddings (the sum of their codes' vectors). This auxiliary
+        softmax, SASRec's full cross-entropy, asks exactly that of the encoder and the code tables the
+        decoder shares; serving never calls it. memory: (B, M, d); catalogue_codes: (I, D).
+        """
+        return memory[:, 0] @ self.item_embeddings(catalogue_codes).T  # (B, d) @ (d, I)
 
     # ---- copy head ----------------------------------------------------------------------------
 

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from onerec.data import EvalSet
 from onerec.data_parallel import GradientGroup, usable_processes
-from onerec.model import CANDIDATE_RECENCY, CANDIDATE_WINDOW, ModelConfig, OneRecModel, hash_user
+from onerec.model import CANDIDATE_RECENCY, CANDIDATE_WINDOW, ModelConfig, NextItemTargets, OneRecModel, hash_user
 from onerec.reward import history_tensors
 from onerec.tokenizer import cooccurrence
 
@@ -44,6 +44,8 @@ class TrainConfig:
     holdout_share: float = 0.05  # share of samples kept out to pick the best epoch (0: train on all, keep the last)
     slot_weights: list[float] | None = None  # per-slot loss weights (None: every slot weighs 1)
     label_smoothing: float = 0.0
+    # Weight of the auxiliary item-level softmax (OneRecModel.next_item_logits) added to the loss; 0: off.
+    next_item_weight: float = 0.0
     # Average the weights over about this many epochs (an exponential moving average, see
     # WeightAverage; None: off). Selection and the published model then read the averaged weights.
     average_epochs: float | None = None
@@ -164,6 +166,14 @@ class SessionSamples:
             torch.from_numpy(target_mask),
         )
 
+    def next_items(self, idx: np.ndarray, weight: float, device: torch.device) -> NextItemTargets | None:
+        """The samples' next items (their first slot) as targets of the item-level softmax over every
+        item; None when its weight is 0."""
+        if weight <= 0:
+            return None
+        targets = np.array([self.sequences[u][p] for u, p in self.pairs[idx]], dtype=np.int64)
+        return NextItemTargets(self.codes.to(device), torch.from_numpy(targets).to(device), weight)
+
     def batch_candidates(self, idx: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The samples' candidates computed without their own user's sequence: (B, K) rows and scores
         on `device`; None for a model without candidates."""
@@ -240,6 +250,7 @@ def train_model(
                         slot_weights=tcfg.slot_weights,
                         label_smoothing=tcfg.label_smoothing,
                         candidates=samples.batch_candidates(mine, device),
+                        next_items=samples.next_items(mine, tcfg.next_item_weight, device),
                     )
                     (loss + tcfg.balance_weight * balance).backward()
                     value = loss.item()

@@ -26,7 +26,7 @@ from onerec.baselines import (
 )
 from onerec.build import BuildConfig, build
 from onerec.data import InteractionData, Split, leave_one_out, load_item_content, load_sequence_file
-from onerec.model import ModelConfig, OneRecModel
+from onerec.model import ModelConfig, NextItemTargets, OneRecModel
 from onerec.tokenizer import codebook_size, content_embeddings, join_embeddings, residual_semantic_ids
 from onerec.train import TrainConfig
 
@@ -292,6 +292,46 @@ def test_slot_weights_zero_reduce_the_loss_to_the_first_slot() -> None:
     assert torch.allclose(plain, same, atol=1e-6) and not torch.allclose(plain, weighted)
     with pytest.raises(ValueError):
         model(hist, mask, users, target, slot_weights=[1.0])
+
+
+def test_next_item_loss_adds_the_weighted_softmax_over_every_item() -> None:
+    model, (hist, mask, users, target) = tiny_model()
+    catalogue = torch.tensor([[a, b] for a in range(5) for b in range(6)])  # (30, D) every code path
+    wanted = torch.tensor([4, 17, 29])
+    with torch.no_grad():
+        plain, _ = model(hist, mask, users, target)
+        joined, _ = model(hist, mask, users, target, next_items=NextItemTargets(catalogue, wanted, 0.5))
+        off, _ = model(hist, mask, users, target, next_items=NextItemTargets(catalogue, wanted, 0.0))
+        user_token = model.encode(hist, mask, users)[0][:, 0]  # (B, d)
+        items = model.enc_codes[0].weight[catalogue[:, 0]] + model.enc_codes[1].weight[catalogue[:, 1]]  # (I, d)
+        by_hand = torch.nn.functional.cross_entropy(user_token @ items.T, wanted)
+    assert torch.allclose(joined - plain, 0.5 * by_hand, atol=1e-5)
+    assert torch.equal(off, plain)
+
+
+def test_training_with_the_next_item_loss_ranks_validation_items_higher(tmp_path: Path) -> None:
+    from onerec.train import SessionSamples, train_model
+
+    data, split, codes, cfg = training_world(tmp_path)
+    samples = SessionSamples(split.train, data.user_ids, codes, cfg)
+    first = samples.next_items(np.arange(len(samples)), 1.0, torch.device("cpu"))
+    assert first is not None and samples.next_items(np.arange(3), 0.0, torch.device("cpu")) is None
+    assert first.targets.tolist() == [int(split.train[u][p]) for u, p in samples.pairs]  # slot 1 of each sample
+
+    def validation_item_loss(weight: float) -> float:
+        torch.manual_seed(0)
+        model = OneRecModel(cfg)
+        tcfg = TrainConfig(epochs=6, batch_size=32, lr=3e-3, threads=1, next_item_weight=weight)
+        train_model(model, split.train, data.user_ids, codes, tcfg, progress=False, selection=split.valid)
+        idx = np.arange(len(split.valid))
+        hist, mask, users, _, _ = samples.next_item_batch(split.valid, idx)
+        with torch.no_grad():
+            logits = model.next_item_logits(model.encode(hist, mask, users)[0], torch.from_numpy(codes))
+        return float(torch.nn.functional.cross_entropy(logits, torch.tensor(split.valid.targets)))
+
+    # without the loss nothing trains these scores to mean anything; with it they rank the next item
+    with_loss, without = validation_item_loss(1.0), validation_item_loss(0.0)
+    assert with_loss < without - 0.5
 
 
 # ---- item identities and epoch selection ---------------------------------------------------------
