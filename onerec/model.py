@@ -625,19 +625,22 @@ class OneRecModel(nn.Module):
 
         target_codes: (B, m', D); candidates: see ``encode``.
         """
+        log_probs, balance, _ = self._teacher_forced(hist_codes, hist_mask, user, target_codes, candidates)
+        return log_probs, balance
+
+    def _teacher_forced(
+        self,
+        hist_codes: torch.Tensor,
+        hist_mask: torch.Tensor,
+        user: torch.Tensor,
+        target_codes: torch.Tensor,
+        candidates: tuple[torch.Tensor, torch.Tensor] | None,
+    ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+        """``position_log_probs`` plus the encoder memory (B, M, d) it decoded from, which the
+        training loss's item-level softmax also reads."""
         if self.cfg.candidate_tokens and candidates is None:
             candidates = self.candidates(hist_codes, hist_mask)
         memory, mem_mask = self.encode(hist_codes, hist_mask, user, candidates)
-        return self.decode_log_probs(memory, mem_mask, target_codes, candidates)
-
-    def decode_log_probs(
-        self,
-        memory: torch.Tensor,
-        mem_mask: torch.Tensor,
-        target_codes: torch.Tensor,
-        candidates: tuple[torch.Tensor, torch.Tensor] | None,
-    ) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """``position_log_probs`` from an encoded memory (B, M, d) and its mask."""
         x = self.decoder_inputs(target_codes)
         balance = x.new_zeros((), dtype=torch.float32)
         for layer in self.decoder:
@@ -656,7 +659,7 @@ class OneRecModel(nn.Module):
             prefix = target_codes[:, :, None, :lvl]  # (B, m', 1, lvl): the item's codes before this level
             match = copy.valid[:, None] & (copy.codes[:, None, :, :lvl] == prefix).all(-1)  # (B, m', K)
             out.append(self.copy_mix(x_lvl, logits, copy.keys[:, None], copy.codes[:, None, :, lvl], match))
-        return out, balance / len(self.decoder)
+        return out, balance / len(self.decoder), memory
 
     def forward(
         self,
@@ -678,10 +681,7 @@ class OneRecModel(nn.Module):
         label_smoothing is passed to the cross-entropy of every code. candidates: see ``encode``.
         next_items adds its weight times the item-level softmax loss of ``next_item_logits`` (training only).
         """
-        if self.cfg.candidate_tokens and candidates is None:
-            candidates = self.candidates(hist_codes, hist_mask)
-        memory, mem_mask = self.encode(hist_codes, hist_mask, user, candidates)
-        log_probs, balance = self.decode_log_probs(memory, mem_mask, target_codes, candidates)
+        log_probs, balance, memory = self._teacher_forced(hist_codes, hist_mask, user, target_codes, candidates)
         depth = self.cfg.depth
         b, slots = target_codes.shape[:2]
         flat = target_codes.reshape(b, -1)  # (B, T)
