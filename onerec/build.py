@@ -133,20 +133,18 @@ def sequence_file_config(path: str) -> BuildConfig:
         content=True,
         content_weight=0.2,
         model=replace(
-            # Dropout 0.2 rather than 0.3 once the user token stopped memorising users: validation loss
-            # 2.7576 / 2.7519 -> 2.7469 / 2.7491 and test R@10 / N@10 0.0876 / 0.0506 -> 0.0886 / 0.0519
-            # (seed 0) and 0.0889 / 0.0519 -> 0.0893 / 0.0526 (seed 1), seed 2 0.0892 / 0.0521; 0.1 gave
-            # 0.0880 / 0.0515 (benchmarks/results/quality_beauty_cpu_levers14.json).
+            # Dropout 0.2, not 0.3 (why: the docstring): validation loss 2.7576 / 2.7519 -> 2.7469 / 2.7491,
+            # test R@10 / N@10 0.0876 / 0.0506 -> 0.0886 / 0.0519 (seed 0) and 0.0889 / 0.0519 -> 0.0893 /
+            # 0.0526 (seed 1), seed 2 0.0892 / 0.0521; 0.1 gave 0.0880 / 0.0515 (quality_beauty_cpu_levers14.json).
             small_model(session_items=3, dropout=0.2),
             embedding_dropout=0.2,
             candidate_tokens=20,
             candidate_scores=True,
             tie_code_embeddings=True,
             copy_head=True,
-            # One user token for everyone: 1,000 hashed buckets gave each about 22 of Beauty's users, an
-            # embedding that can only memorise them (validation loss 2.7831 -> 2.7576, test R@10 / N@10
-            # 0.0854 / 0.0488 -> 0.0876 / 0.0506 side by side, 0.0889 / 0.0519 with seed 1;
-            # benchmarks/results/quality_beauty_cpu_levers13.json).
+            # One user token (why: the docstring; 1,000 hashed buckets gave each about 22 of Beauty's users):
+            # validation loss 2.7831 -> 2.7576, test R@10 / N@10 0.0854 / 0.0488 -> 0.0876 / 0.0506 side by
+            # side, 0.0889 / 0.0519 with seed 1 (quality_beauty_cpu_levers13.json).
             user_buckets=1,
         ),
         select_on_valid=True,
