@@ -262,19 +262,23 @@ def test_sigterm_drains_in_flight_requests_then_exits(tight_server: ServiceHandl
             results.append("refused")  # connected after the listener closed: never in flight
 
     # Three callers behind a one-request engine (queue of 2): however fast a request is, some wait while one runs.
-    callers = [threading.Thread(target=call) for _ in range(3)]
-    for caller in callers:
-        caller.start()
-    deadline = time.monotonic() + 30
+    # A host loaded enough can still start them one after another; then three more go, until two overlap.
+    callers: list[threading.Thread] = []
+    deadline = time.monotonic() + 60
     while (in_flight := metric(scrape(tight_server.http_url), "onerec_inflight_requests", api="http")) < 2:
         assert time.monotonic() < deadline, "requests never became in-flight"
+        if not any(caller.is_alive() for caller in callers):
+            fresh = [threading.Thread(target=call) for _ in range(3)]
+            for caller in fresh:
+                caller.start()
+            callers += fresh
         time.sleep(0.005)
     tight_server.terminate()  # SIGTERM while at least two are being served / queued
     for caller in callers:
         caller.join(60)
     # Every request in flight at SIGTERM is answered in full; one that arrives later (a loaded machine can
     # start the third caller late) is refused cleanly, with 503 or a closed socket, never lost.
-    assert len(results) == 3, results
+    assert len(results) == len(callers), results
     assert results.count(200) >= in_flight, (results, in_flight)
     assert all(r in (200, 503, "refused") for r in results), results
     assert tight_server.proc.wait(30) == 0
