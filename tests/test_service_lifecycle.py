@@ -277,7 +277,7 @@ def test_sigterm_drains_in_flight_requests_then_exits(tight_server: ServiceHandl
     for caller in callers:
         caller.join(60)
     # Every request in flight at SIGTERM is answered in full; one that arrives later (a loaded machine can
-    # start the third caller late) is refused cleanly, with 503 or a closed socket, never lost.
+    # start a caller late) is refused cleanly, with 503 or a closed socket, never lost.
     assert len(results) == len(callers), results
     assert results.count(200) >= in_flight, (results, in_flight)
     assert all(r in (200, 503, "refused") for r in results), results
