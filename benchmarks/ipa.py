@@ -1,7 +1,8 @@
 """IPA benchmark: what preference alignment buys on the synthetic world, judged by the TRUE affinity.
 
     python -m benchmarks.ipa [--quick] [--seeds 0 1 2] [--iterations N] [--set KEY=VALUE ...] [--out FILE]
-                             [--cache DIR] [--reward learned|popularity-oracle|training-frequency]
+                             [--cache DIR]
+                             [--reward learned|popularity-oracle|training-frequency|cooccurrence|category]
 
 For each seed: generate the demo synthetic world (``onerec.build.demo_config``, world seed = seed),
 build the demo generator on every user's training sequence, then split the users in two:
@@ -29,7 +30,10 @@ on one core); ``--set`` overrides an ``IpaConfig`` field (e.g. ``--set lam=0`` f
 control, ``--set constrained=false`` for the plain-softmax DPO log-probs); ``--cache`` keeps the
 trained base generators (safetensors) for reruns; ``--reward popularity-oracle`` runs IPA with a
 diagnostic reward read from the world's hidden popularity (``PopularityOracle``);
-``--reward training-frequency`` with a count prior from the IPA pool's sequences (``FrequencyReward``).
+``--reward training-frequency`` with a count prior from the IPA pool's sequences (``FrequencyReward``),
+``cooccurrence`` and ``category`` with two personal count estimates from the same sequences
+(``CooccurrenceReward``, ``CategoryReward``). ``--set anchor=1`` adds IPA's first-slot KL to the model it
+started from (``IpaConfig.anchor``).
 """
 
 from __future__ import annotations
@@ -202,6 +206,64 @@ class FrequencyReward(ItemValueReward):
         super().__init__(codes, np.log1p(np.bincount(np.concatenate(sequences), minlength=n_items)), history_window)
 
 
+class CooccurrenceReward:
+    """A personal count estimate (``--reward cooccurrence``): R(u, S) = the sum over the items i of S of
+    log(1e-3 + the mean over u's history items h of P(a pool user has i | they have h)), counted on the
+    IPA pool's training sequences only. The world's taste is the user's topic interest times the item's
+    popularity within the topic; users who share an item share topics, so this reads both halves from the
+    data, where the training-frequency prior reads only the popularity half."""
+
+    def __init__(self, codes: np.ndarray, sequences: list[np.ndarray], n_items: int, history_window: int):
+        self.cfg = RewardConfig(history_window=history_window)
+        self.item_of = {tuple(c): i for i, c in enumerate(np.asarray(codes).tolist())}
+        has = np.zeros((len(sequences), n_items), dtype=np.float32)
+        for u, seq in enumerate(sequences):
+            has[u, np.asarray(seq, dtype=np.int64)] = 1.0
+        together = has.T @ has  # (items, items): pool users who have both
+        count = np.diag(together).copy()
+        np.fill_diagonal(together, 0.0)
+        self.given = together / np.maximum(count, 1.0)[:, None]  # row h: P(i | h)
+
+    def score(self, hist_codes: torch.Tensor, hist_mask: torch.Tensor, session_codes: torch.Tensor) -> torch.Tensor:
+        out = []
+        for h_codes, h_mask, s_codes in zip(hist_codes.tolist(), hist_mask.tolist(), session_codes.tolist()):
+            hist = [self.item_of[tuple(c)] for c, m in zip(h_codes, h_mask) if m]
+            if not hist:
+                out.append(0.0)
+                continue
+            est = self.given[hist].mean(axis=0)
+            out.append(float(sum(np.log(1e-3 + est[self.item_of[tuple(c)]]) for c in s_codes)))
+        return torch.tensor(out)
+
+
+class CategoryReward:
+    """A category prior (``--reward category``): R(u, S) = the sum over the items i of S of
+    log P(c(i) | u's history) + log P(i | c(i)), c = the item's first semantic-ID code. The first term is
+    the share of the user's history in the item's category (smoothed towards the category's share of all
+    interactions), the second the item's share of its category's interactions, both counted on the IPA
+    pool's training sequences. Taste as category interest times popularity within the category."""
+
+    def __init__(self, codes: np.ndarray, sequences: list[np.ndarray], n_items: int, history_window: int):
+        self.cfg = RewardConfig(history_window=history_window)
+        codes = np.asarray(codes)
+        self.item_of = {tuple(c): i for i, c in enumerate(codes.tolist())}
+        self.category = codes[:, 0]
+        n_cat = int(self.category.max()) + 1
+        count = np.bincount(np.concatenate(sequences), minlength=n_items).astype(np.float64) + 1.0
+        per_cat = np.bincount(self.category, weights=count, minlength=n_cat)
+        self.in_category = np.log(count / per_cat[self.category])  # log P(i | c(i))
+        self.cat_share = per_cat / per_cat.sum()
+
+    def score(self, hist_codes: torch.Tensor, hist_mask: torch.Tensor, session_codes: torch.Tensor) -> torch.Tensor:
+        out = []
+        for h_codes, h_mask, s_codes in zip(hist_codes.tolist(), hist_mask.tolist(), session_codes.tolist()):
+            hist = [c[0] for c, m in zip(h_codes, h_mask) if m]
+            share = (np.bincount(hist, minlength=len(self.cat_share)) + self.cat_share) / (len(hist) + 1.0)
+            items = [self.item_of[tuple(c)] for c in s_codes]
+            out.append(float(sum(np.log(share[self.category[i]]) + self.in_category[i] for i in items)))
+        return torch.tensor(out)
+
+
 def align(s: Setup, ipa_cfg: IpaConfig, iterations: int) -> tuple[OneRecModel, dict[str, Any]]:
     """IPA on the pool only; fails if it sampled a held-out user."""
     data = s.world.data
@@ -241,6 +303,12 @@ def run_seed(
     elif reward == "training-frequency":
         pool = [s.split.train[u] for u in s.pool]
         s.reward = FrequencyReward(s.sids.codes, pool, s.world.data.n_items, cfg.model.history_window)  # type: ignore[assignment]
+    elif reward == "category":
+        pool = [s.split.train[u] for u in s.pool]
+        s.reward = CategoryReward(s.sids.codes, pool, s.world.data.n_items, cfg.model.history_window)  # type: ignore[assignment]
+    elif reward == "cooccurrence":
+        pool = [s.split.train[u] for u in s.pool]
+        s.reward = CooccurrenceReward(s.sids.codes, pool, s.world.data.n_items, cfg.model.history_window)  # type: ignore[assignment]
     if reward != "learned":
         s.reward_info["used_by_ipa"] = s.agreement(s.reward, ipa_cfg.n_sessions)
     t = time.perf_counter()
@@ -313,10 +381,11 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument(
         "--reward",
-        choices=("learned", "popularity-oracle", "training-frequency"),
+        choices=("learned", "popularity-oracle", "training-frequency", "cooccurrence", "category"),
         default="learned",
         help="popularity-oracle: a diagnostic R read from the world's hidden popularity (PopularityOracle); "
-        "training-frequency: a count prior from the IPA pool's sequences (FrequencyReward)",
+        "training-frequency: a count prior from the IPA pool's sequences (FrequencyReward); "
+        "cooccurrence / category: personal count estimates from them (CooccurrenceReward, CategoryReward)",
     )
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()

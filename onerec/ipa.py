@@ -58,6 +58,9 @@ class IpaConfig:
     chosen_nll: float = 0.0  # weight of -log pi(chosen) per code (RPO-style), 0 = the paper's loss
     dpo_first_slot: int = 0  # DPO log-probs sum the slots from this one on (0: the whole session)
     constrained: bool = True  # DPO log-probs renormalised over the trie's allowed codes, as beams are ranked
+    # Weight of KL(M_0 || policy) over the first slot's codes on L_NTP's batch, M_0 = the model IPA started
+    # from (0: off). Next-item answers read slot 1; this keeps it where pre-training put it.
+    anchor: float = 0.0
     seed: int = 0
 
 
@@ -301,6 +304,15 @@ def log_prob_margin(
     return float(((pi_c - pi_r) - (ref_c - ref_r)).mean())
 
 
+def first_slot_kl(base: OneRecModel, policy: OneRecModel, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """KL(base || policy) of the teacher-forced code distributions at slot 1, mean per code."""
+    with torch.no_grad():
+        ref, _ = base.position_log_probs(*batch[:4])  # per level (B, m', V_l)
+    pol, _ = policy.position_log_probs(*batch[:4])
+    kl = [(r[:, 0].exp() * (r[:, 0] - p[:, 0])).sum(-1).mean() for r, p in zip(ref, pol)]
+    return torch.stack(kl).mean()
+
+
 def train_iteration(
     reference: OneRecModel,
     pairs: PreferencePairs,
@@ -308,6 +320,7 @@ def train_iteration(
     cfg: IpaConfig,
     rng: np.random.Generator,
     progress: bool = True,
+    base: OneRecModel | None = None,
 ) -> tuple[OneRecModel, IpaIteration]:
     """M_{t+1} = copy of M_t trained on L_NTP + lambda * L_DPO; ``reference`` (M_t) stays frozen."""
     policy = copy.deepcopy(reference)
@@ -338,9 +351,12 @@ def train_iteration(
             pi_c, pi_r = pair_log_probs(policy, pairs, idx, cfg.constrained, cfg.dpo_first_slot)
             l_dpo = dpo_loss(pi_c, pi_r, ref_c[idx], ref_r[idx], cfg.beta)
             ntp_idx = rng.integers(0, len(samples), size=cfg.ntp_batch_size or len(idx))
-            l_ntp, _ = policy(*samples.batch(ntp_idx))
+            batch = samples.batch(ntp_idx)
+            l_ntp, _ = policy(*batch)
             opt.zero_grad(set_to_none=True)
             loss = l_ntp + cfg.lam * l_dpo
+            if cfg.anchor > 0:
+                loss = loss + cfg.anchor * first_slot_kl(base or reference, policy, batch)
             if cfg.chosen_nll > 0:
                 loss = loss - cfg.chosen_nll * pi_c.mean() / policy.cfg.session_positions
             loss.backward()
@@ -402,7 +418,7 @@ def run_ipa(
             cfg.n_sessions,
             user_index=chosen_users.tolist(),
         )
-        current, it = train_iteration(current, pairs, samples, cfg, rng, progress)
+        current, it = train_iteration(current, pairs, samples, cfg, rng, progress, base=model)
         it.users = n_users
         it.sampled_users = sorted(int(u) for u in chosen_users)
         it.seconds = time.perf_counter() - t0

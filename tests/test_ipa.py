@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -11,7 +12,14 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks.ipa import HELD_OUT_SHARE, FrequencyReward, PopularityOracle, base_generator
+from benchmarks.ipa import (
+    HELD_OUT_SHARE,
+    CategoryReward,
+    CooccurrenceReward,
+    FrequencyReward,
+    PopularityOracle,
+    base_generator,
+)
 from onerec.build import BuildConfig, build, demo_config
 from onerec.bundle import Catalog
 from onerec.data import SyntheticConfig, SyntheticWorld, leave_one_out, make_synthetic
@@ -21,6 +29,7 @@ from onerec.ipa import (
     allowed_codes,
     collect_pairs,
     dpo_loss,
+    first_slot_kl,
     held_out_partition,
     holdout_users,
     pair_log_probs,
@@ -300,3 +309,42 @@ def test_frequency_reward_scores_a_session_by_its_items_training_counts() -> Non
     no_history = torch.zeros(2, 1, 2, dtype=torch.int64), torch.zeros(2, 1, dtype=torch.bool)
     expected = torch.tensor([np.log(4) + np.log(2), 2 * np.log(2)], dtype=torch.float32)
     assert torch.allclose(reward.score(*no_history, sessions).float(), expected)
+
+
+def test_category_reward_is_the_users_category_share_times_the_items_share_of_its_category() -> None:
+    codes = np.array([[0, 0], [0, 1], [1, 0]])  # items 0 and 1 in category 0, item 2 in category 1
+    reward = CategoryReward(codes, [np.array([0, 0, 1]), np.array([2])], 3, history_window=4)
+    # counts + 1: items 3, 2, 2 -> categories 5 and 2 (shares 5/7, 2/7); within them 3/5, 2/5, 2/2
+    hist_codes = torch.tensor([[[0, 0], [0, 1]]])  # two category-0 items
+    hist_mask = torch.tensor([[True, True]])
+    share_0, share_1 = (2 + 5 / 7) / 3, (0 + 2 / 7) / 3
+    for session, expected in (([0, 0], share_0 * 3 / 5), ([1, 0], share_1 * 1.0)):
+        got = reward.score(hist_codes, hist_mask, torch.tensor([[session]]))
+        assert float(got[0]) == pytest.approx(np.log(expected), rel=1e-6)
+    both = reward.score(hist_codes.expand(2, -1, -1), hist_mask.expand(2, -1), torch.tensor([[[0, 0]], [[1, 0]]]))
+    assert float(both[0]) > float(both[1])  # this user's category first, though item 2 rules its own
+
+
+def test_cooccurrence_reward_prefers_items_the_histories_users_also_have() -> None:
+    codes = np.array([[0], [1], [2], [3]])
+    pool = [np.array([0, 1]), np.array([0, 1, 2]), np.array([3, 2])]
+    reward = CooccurrenceReward(codes, pool, 4, history_window=4)
+    hist_codes, hist_mask = torch.tensor([[[0]]]).expand(3, -1, -1), torch.ones(3, 1, dtype=torch.bool)
+    got = reward.score(hist_codes, hist_mask, torch.tensor([[[1]], [[2]], [[3]]]))
+    # P(1 | 0) = 2/2, P(2 | 0) = 1/2, P(3 | 0) = 0
+    expected = np.log(1e-3 + np.array([1.0, 0.5, 0.0]))
+    assert np.allclose(got.numpy(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_first_slot_kl_is_zero_for_the_same_weights_and_grows_as_the_policy_moves(tiny: Tiny) -> None:
+    samples = SessionSamples(tiny.train, tiny.world.data.user_ids, tiny.codes, tiny.model.cfg)
+    batch = samples.batch(np.arange(16))
+    policy = copy.deepcopy(tiny.model)
+    assert float(first_slot_kl(tiny.model, policy, batch).detach()) == pytest.approx(0.0, abs=1e-6)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    moved = first_slot_kl(tiny.model, policy, batch)
+    assert float(moved.detach()) > 1e-4
+    moved.backward()
+    assert any(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in policy.parameters())
