@@ -264,7 +264,9 @@ class CategoryReward:
         return torch.tensor(out)
 
 
-def align(s: Setup, ipa_cfg: IpaConfig, iterations: int) -> tuple[OneRecModel, dict[str, Any]]:
+def align(
+    s: Setup, ipa_cfg: IpaConfig, iterations: int, ntp_everyone: bool = False
+) -> tuple[OneRecModel, dict[str, Any]]:
     """IPA on the pool only; fails if it sampled a held-out user."""
     data = s.world.data
     aligned, report = run_ipa(
@@ -278,6 +280,7 @@ def align(s: Setup, ipa_cfg: IpaConfig, iterations: int) -> tuple[OneRecModel, d
         replace(ipa_cfg, seed=s.seed),
         progress=False,
         users=s.pool,
+        ntp_users=np.arange(len(s.split.train)) if ntp_everyone else None,
     )
     sampled = report.sampled_users()
     leaked = sampled & set(s.held_out.tolist())
@@ -288,13 +291,20 @@ def align(s: Setup, ipa_cfg: IpaConfig, iterations: int) -> tuple[OneRecModel, d
         "ipa_sampled": len(sampled),
         "evaluated": len(s.held_out),
         "evaluated_sampled_by_ipa": len(leaked),
+        "ntp_users": len(s.split.train) if ntp_everyone else len(s.pool),
     }
     iters = [{k: v for k, v in it.items() if k != "sampled_users"} for it in report.as_dict()]
     return aligned, {"users": users, "per_iteration": iters}
 
 
 def run_seed(
-    cfg: BuildConfig, seed: int, ipa_cfg: IpaConfig, iterations: int, cache: Path | None, reward: str = "learned"
+    cfg: BuildConfig,
+    seed: int,
+    ipa_cfg: IpaConfig,
+    iterations: int,
+    cache: Path | None,
+    reward: str = "learned",
+    ntp_everyone: bool = False,
 ) -> dict[str, Any]:
     s = setup(cfg, seed, ipa_cfg.n_sessions, cache)
     # the learned R is still trained and measured (reward_info); IPA uses the one asked for
@@ -315,7 +325,7 @@ def run_seed(
     before = s.measure(s.base)
     s.timings["evaluate_before"] = time.perf_counter() - t
     t = time.perf_counter()
-    aligned, info = align(s, ipa_cfg, iterations)
+    aligned, info = align(s, ipa_cfg, iterations, ntp_everyone)
     s.timings["ipa"] = time.perf_counter() - t
     t = time.perf_counter()
     after = s.measure(aligned)
@@ -387,6 +397,12 @@ def main() -> None:
         "training-frequency: a count prior from the IPA pool's sequences (FrequencyReward); "
         "cooccurrence / category: personal count estimates from them (CooccurrenceReward, CategoryReward)",
     )
+    p.add_argument(
+        "--ntp-everyone",
+        action="store_true",
+        help="L_NTP's batches from every user's training sequence (the generator's own training data), not the "
+        "pool's only; beam search and DPO still read the pool only",
+    )
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -399,7 +415,7 @@ def main() -> None:
     t0 = time.perf_counter()
     per_seed = []
     for seed in seeds:
-        row = run_seed(cfg, seed, ipa_cfg, iterations, args.cache, reward=args.reward)
+        row = run_seed(cfg, seed, ipa_cfg, iterations, args.cache, reward=args.reward, ntp_everyone=args.ntp_everyone)
         per_seed.append(row)
         ta, rc = row["true_affinity"], row["recall@10"]
         print(
@@ -417,6 +433,7 @@ def main() -> None:
         "base_generator_cache": None if args.cache is None else str(args.cache),  # weights reused from an earlier run
         "iterations": iterations,
         "reward_used_by_ipa": args.reward,
+        "ntp_everyone": args.ntp_everyone,
         "ipa_config": {k: getattr(ipa_cfg, k) for k in ipa_cfg.__dataclass_fields__},
         "evaluation": "users held out of the reward model and of IPA (pool and evaluation users disjoint)",
         "summary": summarise(per_seed),

@@ -386,12 +386,14 @@ def run_ipa(
     cfg: IpaConfig | None = None,
     progress: bool = True,
     users: Sequence[int] | np.ndarray | None = None,
+    ntp_users: Sequence[int] | np.ndarray | None = None,
 ) -> tuple[OneRecModel, IpaReport]:
     """Run ``iterations`` rounds of IPA; returns the final model and the per-iteration report.
 
     ``users`` (indices into ``sequences``) is the pool IPA samples from each iteration (default: every
     user with a history). An honest evaluation keeps its users out of it; the report lists whom each
-    iteration sampled. L_NTP's batches come from the same pool.
+    iteration sampled. L_NTP's batches come from the same pool unless ``ntp_users`` names others: the
+    training sequences the model was pre-trained on, say, which beam search and DPO never read.
     """
     cfg = cfg or IpaConfig()
     rng = np.random.default_rng(cfg.seed)
@@ -402,7 +404,8 @@ def run_ipa(
     if len(eligible) == 0:
         raise ValueError("IPA has no user with a history to sample")
     n_users = min(len(eligible), max(cfg.min_users, math.ceil(cfg.share * len(eligible))))
-    samples = SessionSamples([sequences[u] for u in eligible], [user_ids[u] for u in eligible], codes, model.cfg)
+    ntp = eligible if ntp_users is None else np.asarray(ntp_users, dtype=np.int64)
+    samples = SessionSamples([sequences[u] for u in ntp], [user_ids[u] for u in ntp], codes, model.cfg)
     report = IpaReport()
     current = model
     for _ in range(iterations):

@@ -348,3 +348,33 @@ def test_first_slot_kl_is_zero_for_the_same_weights_and_grows_as_the_policy_move
     assert float(moved.detach()) > 1e-4
     moved.backward()
     assert any(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in policy.parameters())
+
+
+def test_ntp_users_feed_l_ntp_without_joining_the_users_ipa_samples(tiny: Tiny) -> None:
+    pool, others = np.arange(0, 40), np.arange(60, 120)
+    cfg = IpaConfig(min_users=16, n_sessions=4, epochs=1, batch_size=16, lam=0.0)  # L_NTP alone moves the weights
+
+    def aligned(ntp_users: np.ndarray | None) -> tuple[OneRecModel, set[int]]:
+        model, report = run_ipa(
+            tiny.model,
+            tiny.reward,
+            tiny.catalog.trie,
+            tiny.train,
+            tiny.world.data.user_ids,
+            tiny.codes,
+            1,
+            cfg,
+            False,
+            users=pool,
+            ntp_users=ntp_users,
+        )
+        return model, report.sampled_users()
+
+    own, sampled_own = aligned(None)
+    again, _ = aligned(None)
+    elsewhere, sampled_elsewhere = aligned(others)
+    assert sampled_own == sampled_elsewhere and sampled_own <= set(pool.tolist())
+    state = again.state_dict()
+    assert all(torch.equal(v, state[k]) for k, v in own.state_dict().items())  # the same seed, the same weights
+    state = elsewhere.state_dict()
+    assert any(not torch.equal(v, state[k]) for k, v in own.state_dict().items())  # other L_NTP batches
