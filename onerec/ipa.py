@@ -322,7 +322,10 @@ def train_iteration(
     progress: bool = True,
     base: OneRecModel | None = None,
 ) -> tuple[OneRecModel, IpaIteration]:
-    """M_{t+1} = copy of M_t trained on L_NTP + lambda * L_DPO; ``reference`` (M_t) stays frozen."""
+    """M_{t+1} = copy of M_t trained on L_NTP + lambda * L_DPO; ``reference`` (M_t) stays frozen.
+
+    ``base`` is M_0, the model ``cfg.anchor`` holds the first slot to (default: ``reference``).
+    """
     policy = copy.deepcopy(reference)
     reference.eval()
     for p in reference.parameters():
