@@ -33,7 +33,7 @@ diagnostic reward read from the world's hidden popularity (``PopularityOracle``)
 ``--reward training-frequency`` with a count prior from the IPA pool's sequences (``FrequencyReward``),
 ``cooccurrence`` and ``category`` with two personal count estimates from the same sequences
 (``CooccurrenceReward``, ``CategoryReward``). ``--set anchor=1`` adds IPA's first-slot KL to the model it
-started from (``IpaConfig.anchor``).
+started from (``IpaConfig.anchor``); ``--set train_only=decoder.1,dec_norm,heads`` lets IPA update those weights only.
 """
 
 from __future__ import annotations

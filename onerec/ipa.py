@@ -61,6 +61,7 @@ class IpaConfig:
     # Weight of KL(M_0 || policy) over the first slot's codes on L_NTP's batch, M_0 = the model IPA started
     # from (0: off). Next-item answers read slot 1; this keeps it where pre-training put it.
     anchor: float = 0.0
+    train_only: str = ""  # comma-separated parameter-name prefixes IPA updates ("": every parameter)
     seed: int = 0
 
 
@@ -330,8 +331,9 @@ def train_iteration(
     reference.eval()
     for p in reference.parameters():
         p.requires_grad_(False)
-    for p in policy.parameters():
-        p.requires_grad_(True)
+    prefixes = tuple(x for x in cfg.train_only.split(",") if x)
+    for name, p in policy.named_parameters():
+        p.requires_grad_(not prefixes or name.startswith(prefixes))
     n = len(pairs)
     with torch.no_grad():
         ref_c, ref_r = pair_log_probs(reference, pairs, torch.arange(n), cfg.constrained, cfg.dpo_first_slot)
@@ -342,7 +344,7 @@ def train_iteration(
         reward_rejected=float(pairs.reward_rejected.mean()),
         margin_before=log_prob_margin(policy, reference, pairs, cfg.constrained),
     )
-    opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.0)
+    opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
     steps = math.ceil(n / cfg.batch_size)
     bar = tqdm(total=steps * cfg.epochs, desc="ipa", unit="step", disable=not progress, leave=False)
     policy.eval()  # dropout off: see the module docstring

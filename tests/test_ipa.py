@@ -378,3 +378,13 @@ def test_ntp_users_feed_l_ntp_without_joining_the_users_ipa_samples(tiny: Tiny) 
     assert all(torch.equal(v, state[k]) for k, v in own.state_dict().items())  # the same seed, the same weights
     state = elsewhere.state_dict()
     assert any(not torch.equal(v, state[k]) for k, v in own.state_dict().items())  # other L_NTP batches
+
+
+def test_train_only_leaves_every_other_weight_where_it_was(tiny: Tiny) -> None:
+    cfg = IpaConfig(min_users=16, n_sessions=4, epochs=1, batch_size=16, lr=1e-3, train_only="heads,dec_norm")
+    aligned, _ = run_ipa(
+        tiny.model, tiny.reward, tiny.catalog.trie, tiny.train, tiny.world.data.user_ids, tiny.codes, 1, cfg, False
+    )
+    before = tiny.model.state_dict()
+    moved = {k for k, v in aligned.state_dict().items() if not torch.equal(v, before[k])}
+    assert moved and all(k.startswith(("heads", "dec_norm")) for k in moved), sorted(moved)
