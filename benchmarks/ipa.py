@@ -175,16 +175,28 @@ def setup(cfg: BuildConfig, seed: int, n_sessions: int, cache: Path | None = Non
     return s
 
 
-class ItemValueReward:
-    """R(u, S) = the sum of a fixed value per item of S, looked up by the item's code path. Not personal:
-    the generator's beams carry the user; these rewards only say which of them to prefer."""
+class CodeReward:
+    """What every reward of this benchmark shares: R's interface (``cfg``, ``score``) over items looked up by
+    their code path. Not personal unless a subclass reads the history."""
+
+    def __init__(self, codes: np.ndarray, history_window: int):
+        self.cfg = RewardConfig(history_window=history_window)
+        self.item_of = {tuple(c): i for i, c in enumerate(np.asarray(codes).tolist())}
+
+    def items(self, code_rows: list[list[int]]) -> list[int]:
+        return [self.item_of[tuple(c)] for c in code_rows]
+
+
+class ItemValueReward(CodeReward):
+    """R(u, S) = the sum of a fixed value per item of S. Not personal: the generator's beams carry the user;
+    these rewards only say which of them to prefer."""
 
     def __init__(self, codes: np.ndarray, values: np.ndarray, history_window: int):
-        self.cfg = RewardConfig(history_window=history_window)
-        self.value = {tuple(c): float(v) for c, v in zip(np.asarray(codes).tolist(), values)}
+        super().__init__(codes, history_window)
+        self.value = np.asarray(values, dtype=np.float64)
 
     def score(self, hist_codes: torch.Tensor, hist_mask: torch.Tensor, session_codes: torch.Tensor) -> torch.Tensor:
-        return torch.tensor([sum(self.value[tuple(c)] for c in row) for row in session_codes.tolist()])
+        return torch.tensor([float(self.value[self.items(row)].sum()) for row in session_codes.tolist()])
 
 
 class PopularityOracle(ItemValueReward):
@@ -206,7 +218,7 @@ class FrequencyReward(ItemValueReward):
         super().__init__(codes, np.log1p(np.bincount(np.concatenate(sequences), minlength=n_items)), history_window)
 
 
-class CooccurrenceReward:
+class CooccurrenceReward(CodeReward):
     """A personal count estimate (``--reward cooccurrence``): R(u, S) = the sum over the items i of S of
     log(1e-3 + the mean over u's history items h of P(a pool user has i | they have h)), counted on the
     IPA pool's training sequences only. The world's taste is the user's topic interest times the item's
@@ -214,8 +226,7 @@ class CooccurrenceReward:
     data, where the training-frequency prior reads only the popularity half."""
 
     def __init__(self, codes: np.ndarray, sequences: list[np.ndarray], n_items: int, history_window: int):
-        self.cfg = RewardConfig(history_window=history_window)
-        self.item_of = {tuple(c): i for i, c in enumerate(np.asarray(codes).tolist())}
+        super().__init__(codes, history_window)
         has = np.zeros((len(sequences), n_items), dtype=np.float32)
         for u, seq in enumerate(sequences):
             has[u, np.asarray(seq, dtype=np.int64)] = 1.0
@@ -227,16 +238,16 @@ class CooccurrenceReward:
     def score(self, hist_codes: torch.Tensor, hist_mask: torch.Tensor, session_codes: torch.Tensor) -> torch.Tensor:
         out = []
         for h_codes, h_mask, s_codes in zip(hist_codes.tolist(), hist_mask.tolist(), session_codes.tolist()):
-            hist = [self.item_of[tuple(c)] for c, m in zip(h_codes, h_mask) if m]
+            hist = self.items([c for c, m in zip(h_codes, h_mask) if m])
             if not hist:
                 out.append(0.0)
                 continue
             est = self.given[hist].mean(axis=0)
-            out.append(float(sum(np.log(1e-3 + est[self.item_of[tuple(c)]]) for c in s_codes)))
+            out.append(float(np.log(1e-3 + est[self.items(s_codes)]).sum()))
         return torch.tensor(out)
 
 
-class CategoryReward:
+class CategoryReward(CodeReward):
     """A category prior (``--reward category``): R(u, S) = the sum over the items i of S of
     log P(c(i) | u's history) + log P(i | c(i)), c = the item's first semantic-ID code. The first term is
     the share of the user's history in the item's category (smoothed towards the category's share of all
@@ -244,10 +255,8 @@ class CategoryReward:
     pool's training sequences. Taste as category interest times popularity within the category."""
 
     def __init__(self, codes: np.ndarray, sequences: list[np.ndarray], n_items: int, history_window: int):
-        self.cfg = RewardConfig(history_window=history_window)
-        codes = np.asarray(codes)
-        self.item_of = {tuple(c): i for i, c in enumerate(codes.tolist())}
-        self.category = codes[:, 0]
+        super().__init__(codes, history_window)
+        self.category = np.asarray(codes)[:, 0]
         n_cat = int(self.category.max()) + 1
         count = np.bincount(np.concatenate(sequences), minlength=n_items).astype(np.float64) + 1.0
         per_cat = np.bincount(self.category, weights=count, minlength=n_cat)
@@ -259,9 +268,17 @@ class CategoryReward:
         for h_codes, h_mask, s_codes in zip(hist_codes.tolist(), hist_mask.tolist(), session_codes.tolist()):
             hist = [c[0] for c, m in zip(h_codes, h_mask) if m]
             share = (np.bincount(hist, minlength=len(self.cat_share)) + self.cat_share) / (len(hist) + 1.0)
-            items = [self.item_of[tuple(c)] for c in s_codes]
-            out.append(float(sum(np.log(share[self.category[i]]) + self.in_category[i] for i in items)))
+            items = self.items(s_codes)
+            out.append(float((np.log(share[self.category[items]]) + self.in_category[items]).sum()))
         return torch.tensor(out)
+
+
+# Rewards counted on the IPA pool's training sequences, by their --reward name.
+COUNT_REWARDS: dict[str, type[FrequencyReward | CooccurrenceReward | CategoryReward]] = {
+    "training-frequency": FrequencyReward,
+    "cooccurrence": CooccurrenceReward,
+    "category": CategoryReward,
+}
 
 
 def align(
@@ -269,6 +286,7 @@ def align(
 ) -> tuple[OneRecModel, dict[str, Any]]:
     """IPA on the pool only; fails if it sampled a held-out user."""
     data = s.world.data
+    ntp_users = np.arange(len(s.split.train)) if ntp_everyone else None  # None: the pool
     aligned, report = run_ipa(
         s.base,
         s.reward,
@@ -280,7 +298,7 @@ def align(
         replace(ipa_cfg, seed=s.seed),
         progress=False,
         users=s.pool,
-        ntp_users=np.arange(len(s.split.train)) if ntp_everyone else None,
+        ntp_users=ntp_users,
     )
     sampled = report.sampled_users()
     leaked = sampled & set(s.held_out.tolist())
@@ -291,7 +309,7 @@ def align(
         "ipa_sampled": len(sampled),
         "evaluated": len(s.held_out),
         "evaluated_sampled_by_ipa": len(leaked),
-        "ntp_users": len(s.split.train) if ntp_everyone else len(s.pool),
+        "ntp_users": len(s.pool if ntp_users is None else ntp_users),
     }
     iters = [{k: v for k, v in it.items() if k != "sampled_users"} for it in report.as_dict()]
     return aligned, {"users": users, "per_iteration": iters}
@@ -310,15 +328,9 @@ def run_seed(
     # the learned R is still trained and measured (reward_info); IPA uses the one asked for
     if reward == "popularity-oracle":
         s.reward = PopularityOracle(s.sids.codes, s.world.item_popularity, cfg.model.history_window)  # type: ignore[assignment]
-    elif reward == "training-frequency":
+    elif reward in COUNT_REWARDS:
         pool = [s.split.train[u] for u in s.pool]
-        s.reward = FrequencyReward(s.sids.codes, pool, s.world.data.n_items, cfg.model.history_window)  # type: ignore[assignment]
-    elif reward == "category":
-        pool = [s.split.train[u] for u in s.pool]
-        s.reward = CategoryReward(s.sids.codes, pool, s.world.data.n_items, cfg.model.history_window)  # type: ignore[assignment]
-    elif reward == "cooccurrence":
-        pool = [s.split.train[u] for u in s.pool]
-        s.reward = CooccurrenceReward(s.sids.codes, pool, s.world.data.n_items, cfg.model.history_window)  # type: ignore[assignment]
+        s.reward = COUNT_REWARDS[reward](s.sids.codes, pool, s.world.data.n_items, cfg.model.history_window)  # type: ignore[assignment]
     if reward != "learned":
         s.reward_info["used_by_ipa"] = s.agreement(s.reward, ipa_cfg.n_sessions)
     t = time.perf_counter()
@@ -391,7 +403,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument(
         "--reward",
-        choices=("learned", "popularity-oracle", "training-frequency", "cooccurrence", "category"),
+        choices=("learned", "popularity-oracle", *COUNT_REWARDS),
         default="learned",
         help="popularity-oracle: a diagnostic R read from the world's hidden popularity (PopularityOracle); "
         "training-frequency: a count prior from the IPA pool's sequences (FrequencyReward); "

@@ -26,6 +26,7 @@ from onerec.data import SyntheticConfig, SyntheticWorld, leave_one_out, make_syn
 from onerec.generate import Generator, RecRequest
 from onerec.ipa import (
     IpaConfig,
+    IpaReport,
     allowed_codes,
     collect_pairs,
     dpo_loss,
@@ -84,6 +85,22 @@ def tiny() -> Tiny:
     rcfg = RewardConfig(session_items=3, history_window=10, epochs=3, batch_size=128)
     reward, _ = train_reward(split.train[:TRAIN_USERS], sids.codes, level_sizes, rcfg, progress=False)
     return Tiny(world, split.train, sids.codes, level_sizes, catalog, model, reward, rcfg)
+
+
+def align_tiny(tiny: Tiny, cfg: IpaConfig, iterations: int, **kwargs: Any) -> tuple[OneRecModel, IpaReport]:
+    """run_ipa on the tiny world with its learned reward, no progress bar."""
+    return run_ipa(
+        tiny.model,
+        tiny.reward,
+        tiny.catalog.trie,
+        tiny.train,
+        tiny.world.data.user_ids,
+        tiny.codes,
+        iterations,
+        cfg,
+        False,
+        **kwargs,
+    )
 
 
 def test_reward_ranks_real_next_sessions_above_sampled_ones_on_held_out_users(tiny: Tiny) -> None:
@@ -188,9 +205,7 @@ def test_ipa_iteration_lowers_dpo_loss_and_widens_the_margin_over_the_reference(
 def test_run_ipa_leaves_the_input_model_untouched(tiny: Tiny) -> None:
     before = {k: v.clone() for k, v in tiny.model.state_dict().items()}
     cfg = IpaConfig(min_users=16, n_sessions=4, epochs=1, batch_size=16)
-    aligned, report = run_ipa(
-        tiny.model, tiny.reward, tiny.catalog.trie, tiny.train, tiny.world.data.user_ids, tiny.codes, 2, cfg, False
-    )
+    aligned, report = align_tiny(tiny, cfg, 2)
     assert len(report.iterations) == 2 and all(it.users == 16 for it in report.iterations)
     assert any(not torch.equal(v, before[k]) for k, v in aligned.state_dict().items())
     for name, value in tiny.model.state_dict().items():
@@ -205,18 +220,7 @@ def test_held_out_users_are_disjoint_from_every_user_ipa_samples(tiny: Tiny) -> 
     again, _ = holdout_users(len(tiny.train), 1 / 3, seed=3)
     assert np.array_equal(pool, again)  # seeded: the benchmark's split is reproducible
     cfg = IpaConfig(share=0.5, min_users=8, n_sessions=4, epochs=1, batch_size=16)
-    _, report = run_ipa(
-        tiny.model,
-        tiny.reward,
-        tiny.catalog.trie,
-        tiny.train,
-        tiny.world.data.user_ids,
-        tiny.codes,
-        3,
-        cfg,
-        progress=False,
-        users=pool,
-    )
+    _, report = align_tiny(tiny, cfg, 3, users=pool)
     sampled = report.sampled_users()
     assert all(len(it.sampled_users) == 40 for it in report.iterations)
     assert len(sampled) > 40  # three iterations drew different users ...
@@ -355,19 +359,7 @@ def test_ntp_users_feed_l_ntp_without_joining_the_users_ipa_samples(tiny: Tiny) 
     cfg = IpaConfig(min_users=16, n_sessions=4, epochs=1, batch_size=16, lam=0.0)  # L_NTP alone moves the weights
 
     def aligned(ntp_users: np.ndarray | None) -> tuple[OneRecModel, set[int]]:
-        model, report = run_ipa(
-            tiny.model,
-            tiny.reward,
-            tiny.catalog.trie,
-            tiny.train,
-            tiny.world.data.user_ids,
-            tiny.codes,
-            1,
-            cfg,
-            False,
-            users=pool,
-            ntp_users=ntp_users,
-        )
+        model, report = align_tiny(tiny, cfg, 1, users=pool, ntp_users=ntp_users)
         return model, report.sampled_users()
 
     own, sampled_own = aligned(None)
@@ -382,9 +374,7 @@ def test_ntp_users_feed_l_ntp_without_joining_the_users_ipa_samples(tiny: Tiny) 
 
 def test_train_only_leaves_every_other_weight_where_it_was(tiny: Tiny) -> None:
     cfg = IpaConfig(min_users=16, n_sessions=4, epochs=1, batch_size=16, lr=1e-3, train_only="heads,dec_norm")
-    aligned, _ = run_ipa(
-        tiny.model, tiny.reward, tiny.catalog.trie, tiny.train, tiny.world.data.user_ids, tiny.codes, 1, cfg, False
-    )
+    aligned, _ = align_tiny(tiny, cfg, 1)
     before = tiny.model.state_dict()
     moved = {k for k, v in aligned.state_dict().items() if not torch.equal(v, before[k])}
     assert moved and all(k.startswith(("heads", "dec_norm")) for k in moved), sorted(moved)
