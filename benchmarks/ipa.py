@@ -33,12 +33,16 @@ diagnostic reward read from the world's hidden popularity (``PopularityOracle``)
 ``--reward training-frequency`` with a count prior from the IPA pool's sequences (``FrequencyReward``),
 ``cooccurrence`` and ``category`` with two personal count estimates from the same sequences
 (``CooccurrenceReward``, ``CategoryReward``). ``--set anchor=1`` adds IPA's first-slot KL to the model it
-started from (``IpaConfig.anchor``); ``--set train_only=decoder.1,dec_norm,heads`` lets IPA update those weights only.
+started from (``IpaConfig.anchor``); ``--set train_only=decoder.1,dec_norm,heads`` lets IPA update those weights only;
+``--set ntp=0`` drops L_NTP.
+The summary's ``goal`` reads the issue's goal off the seeds: mean gain >= 5%, and the mean paired Recall@10
+difference no lower than 1.96 standard errors (over seeds) below zero.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import sys
 import time
@@ -351,10 +355,32 @@ def run_seed(
     }
 
 
+GOAL_AFFINITY_GAIN = 0.05  # the issue's goal: +5% true affinity of the top session ...
+NOISE_Z = 1.96  # ... with Recall@10 not lower beyond noise: the mean paired drop within 1.96 standard errors
+
+
 def mean_std(values: list[float]) -> dict[str, float]:
+    """Mean, std and the standard error of the mean over seeds (what "beyond noise" is judged by)."""
+    std = float(statistics.stdev(values)) if len(values) > 1 else 0.0
+    return {"mean": float(statistics.fmean(values)), "std": std, "stderr": std / math.sqrt(len(values))}
+
+
+def goal_verdict(summary: dict[str, Any], seeds: int) -> dict[str, Any]:
+    """The goal read from a summary over seeds; with one seed there is no spread to judge noise by."""
+    gain = summary["true_affinity_relative_gain"]["mean"]
+    recall = summary["recall@10_difference"]
+    lowest_noise = recall["mean"] + NOISE_Z * recall["stderr"]
+    affinity_met = gain >= GOAL_AFFINITY_GAIN
+    recall_met = seeds > 1 and lowest_noise >= 0.0
     return {
-        "mean": float(statistics.fmean(values)),
-        "std": float(statistics.stdev(values)) if len(values) > 1 else 0.0,
+        "rule": f"mean true-affinity gain >= {GOAL_AFFINITY_GAIN:.0%} and mean paired Recall@10 difference "
+        f"+ {NOISE_Z} standard errors (over seeds) >= 0",
+        "seeds": seeds,
+        "affinity_gain": gain,
+        "recall@10_difference_upper": lowest_noise,
+        "affinity_met": affinity_met,
+        "recall_met": recall_met,
+        "met": affinity_met and recall_met,
     }
 
 
@@ -375,6 +401,7 @@ def summarise(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
     if all("used_by_ipa" in r["reward"] for r in per_seed):  # a reward other than the learned one drove IPA
         agreement = [float(r["reward"]["used_by_ipa"]["beam_pair_agreement"]) for r in per_seed]
         out["ipa_reward_beam_pair_agreement"] = mean_std(agreement)
+    out["goal"] = goal_verdict(out, len(per_seed))
     return out
 
 
@@ -452,6 +479,13 @@ def main() -> None:
         "per_seed": per_seed,
         "seconds": round(time.perf_counter() - t0, 1),
     }
+    goal = result["summary"]["goal"]
+    print(
+        f"goal ({goal['rule']}): affinity {100 * goal['affinity_gain']:+.1f}% "
+        f"({'met' if goal['affinity_met'] else 'not met'}), Recall@10 difference + noise "
+        f"{goal['recall@10_difference_upper']:+.4f} ({'met' if goal['recall_met'] else 'not met'})",
+        file=sys.stderr,
+    )
     emit(result, args.out)
 
 

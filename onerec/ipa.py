@@ -13,7 +13,9 @@ M_t and trains on L = L_NTP + lambda * L_DPO with a frozen copy of M_t as the DP
   mass on codes the search can never take, so DPO would partly push on paths nobody serves.
 * L_NTP is the usual next-session loss on random batches of the real training samples of the users
   IPA may sample, which keeps M_{t+1} anchored to observed behaviour while DPO moves it towards
-  what R prefers.
+  what R prefers. ``IpaConfig.ntp`` weighs it (the paper's 1). On the demo world more NTP steps on
+  data the model was already fitted to cost held-out Recall@10 by themselves; ``IpaConfig.anchor``
+  (a KL to M_0 on the same batch) holds the model where pre-training left it without that cost.
 * Fine-tuning runs with dropout off, so the policy's log-probs are the same ones the reference and
   the serving path compute.
 
@@ -50,6 +52,7 @@ class IpaConfig:
     min_users: int = 32  # ... but at least this many on small worlds
     n_sessions: int = 16  # N beams per user (paper: 128)
     lam: float = 1.0  # weight of L_DPO
+    ntp: float = 1.0  # weight of L_NTP (the paper's 1; 0 leaves ``anchor`` as the only pull towards M_0)
     beta: float = 0.1  # DPO temperature
     epochs: int = 2  # passes over the iteration's preference pairs
     batch_size: int = 32
@@ -359,7 +362,7 @@ def train_iteration(
             batch = samples.batch(ntp_idx)
             l_ntp, _ = policy(*batch)
             opt.zero_grad(set_to_none=True)
-            loss = l_ntp + cfg.lam * l_dpo
+            loss = cfg.ntp * l_ntp + cfg.lam * l_dpo
             if cfg.anchor > 0:
                 loss = loss + cfg.anchor * first_slot_kl(base or reference, policy, batch)
             if cfg.chosen_nll > 0:

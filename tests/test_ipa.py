@@ -19,6 +19,7 @@ from benchmarks.ipa import (
     FrequencyReward,
     PopularityOracle,
     base_generator,
+    summarise,
 )
 from onerec.build import BuildConfig, build, demo_config
 from onerec.bundle import Catalog
@@ -378,3 +379,36 @@ def test_train_only_leaves_every_other_weight_where_it_was(tiny: Tiny) -> None:
     before = tiny.model.state_dict()
     moved = {k for k, v in aligned.state_dict().items() if not torch.equal(v, before[k])}
     assert moved and all(k.startswith(("heads", "dec_norm")) for k in moved), sorted(moved)
+
+
+def test_ntp_weight_zero_without_dpo_or_anchor_leaves_the_model_as_it_was(tiny: Tiny) -> None:
+    def moved(ntp: float) -> set[str]:
+        cfg = IpaConfig(min_users=16, n_sessions=4, epochs=1, batch_size=16, lr=1e-3, lam=0.0, ntp=ntp)
+        aligned, _ = align_tiny(tiny, cfg, 1)
+        before = tiny.model.state_dict()
+        return {k for k, v in aligned.state_dict().items() if not torch.equal(v, before[k])}
+
+    assert moved(0.0) == set()  # nothing pulls: every gradient is zero, so is every Adam step
+    assert moved(1.0)  # L_NTP alone moves the weights
+
+
+def seed_row(gain: float, recall_difference: float) -> dict[str, Any]:
+    """One seed's figures as run_seed reports them (only what summarise reads)."""
+    pair = {"before": 0.5, "after": 0.5}
+    return {
+        "true_affinity": {**pair, "relative_gain": gain},
+        "recall@10": {**pair, "difference": recall_difference},
+        "ndcg@10": pair,
+        "reward": {"auc_heldout_users": 0.8, "beam_pair_agreement": 0.6},
+    }
+
+
+def test_goal_verdict_needs_the_gain_and_a_recall_drop_within_noise_over_seeds() -> None:
+    within_noise = summarise([seed_row(0.06, d) for d in (-0.03, 0.02, -0.01, 0.01)])["goal"]
+    assert within_noise["affinity_met"] and within_noise["recall_met"] and within_noise["met"]
+    steady_drop = summarise([seed_row(0.06, d) for d in (-0.02, -0.021, -0.019, -0.02)])["goal"]
+    assert steady_drop["affinity_met"] and not steady_drop["recall_met"] and not steady_drop["met"]
+    small_gain = summarise([seed_row(0.04, d) for d in (-0.03, 0.02, -0.01, 0.01)])["goal"]
+    assert not small_gain["affinity_met"] and small_gain["recall_met"] and not small_gain["met"]
+    one_seed = summarise([seed_row(0.06, 0.0)])["goal"]
+    assert not one_seed["recall_met"]  # no spread over seeds, nothing to call noise
