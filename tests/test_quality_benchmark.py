@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from benchmarks import quality
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -58,3 +60,20 @@ def test_beating_the_baselines_needs_both_metrics_against_every_measured_one() -
         assert rep["beats_every_measured_baseline"] is False
         assert rep["beats"]["most popular"] == {"recall@10": True, "ndcg@10": True}
     assert set(rep["test"]) >= {"ours", "kNN", "most popular", "TIGER (Rajput et al. 2023)"}
+
+
+def test_baselines_only_measures_every_baseline_with_the_sasrec_seed_asked_for(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    lines = [" ".join(str(x) for x in [u, *rng.choice(40, size=8, replace=False) + 1]) for u in range(1, 61)]
+    dataset = tmp_path / "sequences.txt"
+    dataset.write_text("\n".join(lines) + "\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.quality", "--dataset", str(dataset), "--baselines-only",
+         "--sasrec-seed", "3", "--quiet"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout)
+    assert set(report["test"]) == {"most popular", "co-occurrence item-kNN", "SASRec (full softmax CE)"}
+    assert all(0.0 <= row[k] <= 1.0 for row in report["test"].values() for k in quality.METRICS)
+    assert report["baselines"]["SASRec (full softmax CE)"]["config"]["seed"] == 3
