@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 STORE ?= model-store
 MODEL ?= demo
 
-.PHONY: install proto serve demo-model test test-deploy lint bench-kernels clean
+.PHONY: install system-deps proto serve demo-model test test-deploy lint bench-kernels clean
 
 install: $(STAMP) proto
 
@@ -30,11 +30,15 @@ demo-model: install
 serve: demo-model
 	$(VENV)/bin/onerec serve --model-store $(STORE)
 
-test: install
+# redis-server, promtool, amtool and kubectl from Debian where missing (as root; else it names them).
+system-deps:
+	bash .ci/system-deps
+
+test: install system-deps
 	$(PY) -m pytest -q
 
 # Only the deployment checks (Dockerfile, compose, Kubernetes, Prometheus, Grafana; about a minute).
-test-deploy: install
+test-deploy: install system-deps
 	$(PY) -m pytest -q tests/test_deploy_*.py tests/test_service_deploy.py
 
 lint: install

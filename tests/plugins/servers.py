@@ -1,7 +1,8 @@
 """Fixtures that run real processes: `redis-server` on a free port, and `onerec serve` subprocesses.
 
 Never skipped: a missing redis-server binary fails the tests with a message saying how to install it
-(.ci/run installs Debian's redis-server), because the Redis behaviour is part of what is tested.
+(`make test` installs Debian's redis-server through .ci/system-deps), because the Redis behaviour is part of
+what is tested.
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ def redis_binary() -> str:
     if binary is None:
         pytest.fail(
             "redis-server binary not found on PATH: the service tests need a real Redis. "
-            "Install it (Debian/Ubuntu: apt-get install -y redis-server; .ci/run does this).",
+            "Install it (Debian/Ubuntu: apt-get install -y redis-server; `make test` does this as root).",
             pytrace=False,
         )
     return binary
