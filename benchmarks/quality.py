@@ -106,7 +106,7 @@ def report(manifest: dict[str, Any], seconds: float | None, baselines: dict[str,
     ours = {k: metrics["test"][k] for k in METRICS}
     rows: dict[str, dict[str, float]] = {"ours": ours}
     if baselines:
-        rows.update({name: {k: row[k] for k in METRICS} for name, row in baselines.items()})
+        rows.update(metric_rows(baselines))
     else:
         rows["most popular (same run)"] = {k: metrics["test_most_popular"][k] for k in METRICS}
     measured = [name for name in rows if name != "ours"]
@@ -140,10 +140,19 @@ def report(manifest: dict[str, Any], seconds: float | None, baselines: dict[str,
     }
 
 
+def metric_rows(measured: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """Each measured row's four test metrics, without its timings and training details."""
+    return {name: {k: row[k] for k in METRICS} for name, row in measured.items()}
+
+
+def metric_lines(rows: dict[str, dict[str, float]]) -> list[str]:
+    return [f"{'test':<30} " + " ".join(f"{k:>10}" for k in METRICS)] + [
+        f"{name:<30} " + " ".join(f"{row[k]:>10.4f}" for k in METRICS) for name, row in rows.items()
+    ]
+
+
 def table(rep: dict[str, Any]) -> str:
-    lines = [f"{'test':<30} " + " ".join(f"{k:>10}" for k in METRICS)]
-    for name, row in rep["test"].items():
-        lines.append(f"{name:<30} " + " ".join(f"{row[k]:>10.4f}" for k in METRICS))
+    lines = metric_lines(rep["test"])
     lines.append(f"ours beats every measured baseline on R@10 and N@10: {rep['beats_every_measured_baseline']}")
     if rep["goal"] is not None:
         lines.append(f"goal R@10 >= {GOAL['recall@10']}, N@10 >= {GOAL['ndcg@10']}: met = {rep['meets_goal']}")
@@ -176,11 +185,8 @@ def main() -> None:
         measured = measure_baselines(
             args.dataset, not args.no_sasrec, not args.quiet, args.sasrec_minutes, args.sasrec_seed
         )
-        rows = {name: {k: row[k] for k in METRICS} for name, row in measured.items()}
-        print(
-            "\n".join(f"{n:<30} " + " ".join(f"{r[k]:>10.4f}" for k in METRICS) for n, r in rows.items()),
-            file=sys.stderr,
-        )
+        rows = metric_rows(measured)
+        print("\n".join(metric_lines(rows)), file=sys.stderr)
         out = {"benchmark": "quality baselines", "dataset": str(args.dataset), "test": rows, "baselines": measured}
         emit({**out, "seconds": round(time.perf_counter() - started, 1)}, args.out)
         return
