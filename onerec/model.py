@@ -57,6 +57,7 @@ RENAMED_CONFIG_KEYS = {"max_history": "history_window"}
 # lists from co-occurrence within this window, and these weights for the newest three history items.
 CANDIDATE_WINDOW = 3
 CANDIDATE_RECENCY = (1.0, 0.5, 0.25)
+EXACT_BUFFERS = ("neighbour_items", "neighbour_weights")  # kept float32 by OneRecModel._apply
 
 
 @dataclass
@@ -452,7 +453,8 @@ class OneRecModel(nn.Module):
                 self.copy_key = nn.Linear(d, d, bias=False)  # candidate's encoder output -> pointer key
                 self.copy_gate = nn.Linear(d, 1)  # decoder state -> logit of the pointer's share
             # Neighbour lists (item indices, -1 = none, and weights), saved with the weights; float32 keeps
-            # indices < 2**24 exact, which bundle.CONFIG_LIMITS guarantees for catalogue_items.
+            # indices < 2**24 exact, which bundle.CONFIG_LIMITS guarantees for catalogue_items. They stay
+            # float32 when the model is cast to half precision (``_apply``).
             shape = (cfg.catalogue_items, cfg.candidate_tokens)
             self.register_buffer("neighbour_items", torch.full(shape, -1.0))
             self.register_buffer("neighbour_weights", torch.zeros(shape))
@@ -478,6 +480,19 @@ class OneRecModel(nn.Module):
         self.apply(self._init)
         if cfg.copy_head:
             nn.init.zeros_(self.copy_gate.bias)
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> OneRecModel:
+        """Every ``.to`` / ``.half`` / ``.cuda`` passes here: the neighbour lists follow the device but
+        keep float32. They are data, not weights: float16 holds integers exactly only up to 2048 (bfloat16
+        up to 256), so the generator's float16 cast on CUDA pointed Beauty's candidates at the wrong items,
+        and co-occurrence weights past 65504 would become inf."""
+        exact = {name: self._buffers[name] for name in EXACT_BUFFERS if self._buffers.get(name) is not None}
+        super()._apply(fn, recurse)
+        for name, before in exact.items():
+            after = self._buffers[name]
+            if after is not None and after.dtype != before.dtype:
+                self._buffers[name] = before.to(after.device)
+        return self
 
     def use_kernel_backend(self, backend: str | None) -> None:
         """The kernel backend every MoE layer asks ``kernels.moe`` for ("torch", "triton", None = auto).

@@ -3,6 +3,7 @@ the MoE balance loss and slot weighting, and the build's measured legality."""
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -387,6 +388,35 @@ def test_candidate_scores_enter_the_memory_when_configured() -> None:
     a, _ = plain.encode(hist, mask, user, candidates=(rows, torch.tensor([[2.0, 1.0, 0.0]])))
     b, _ = plain.encode(hist, mask, user, candidates=(rows, torch.tensor([[9.0, 1.0, 0.0]])))
     assert torch.equal(a, b)  # without the option only the rank is read
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_half_precision_model_keeps_its_neighbour_lists_exact(dtype: torch.dtype) -> None:
+    """The generator casts the model to float16 on CUDA. float16 holds integers exactly only up to 2048
+    (bfloat16 up to 256) and overflows past 65504; an H200 run of the Beauty build found candidates
+    pointing at rounded item indices, and the candidates' scatter refusing the half-precision weights."""
+    n = 4099  # item 4097 is not a float16 number
+    cfg = ModelConfig(level_sizes=[n], session_items=1, history_window=4, d_model=8, n_heads=2, d_ff=8,
+                      catalogue_items=n, candidate_tokens=2, candidate_scores=True, copy_head=True)  # fmt: skip
+    torch.manual_seed(0)
+    model = OneRecModel(cfg).eval()
+    model.set_catalogue(torch.arange(n)[:, None])
+    i = torch.arange(n)
+    model.set_neighbours(torch.stack([n - 1 - i, (i + 2049) % n], 1), torch.tensor([[70000.0, 1.0]]).repeat(n, 1))
+    half = copy.deepcopy(model).to(dtype)
+    assert half.enc_codes[0].weight.dtype == dtype  # the weights are cast...
+    assert half.neighbour_items.dtype == half.neighbour_weights.dtype == torch.float32  # ...the lists are not
+    assert torch.equal(half.neighbour_items, model.neighbour_items)
+    assert torch.equal(half.neighbour_weights, model.neighbour_weights)
+    hist, mask = torch.tensor([[[5], [4097]]]), torch.ones(1, 2, dtype=torch.bool)
+    rows, scores = half.candidates(hist, mask)
+    want_rows, want_scores = model.candidates(hist, mask)
+    assert rows.tolist() == want_rows.tolist() == [[4093, 1]]  # 4093 = the neighbour of item 5
+    assert torch.equal(scores, want_scores)
+    memory, _ = half.encode(hist, mask, torch.tensor([0]))
+    assert memory.dtype == dtype and bool(torch.isfinite(memory).all())
+    back = half.to(torch.float32)  # and back: still the same lists
+    assert torch.equal(back.neighbour_items, model.neighbour_items)
 
 
 def copy_model(gate_bias: float | None = None) -> OneRecModel:
