@@ -46,6 +46,7 @@ import math
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -69,7 +70,7 @@ from onerec.ipa import (
     run_ipa,
 )
 from onerec.model import OneRecModel
-from onerec.reward import RewardConfig, RewardModel, heldout_auc, train_reward
+from onerec.reward import CodeReward, CooccurrenceReward, RewardConfig, RewardModel, heldout_auc, train_reward
 from onerec.tokenizer import SemanticIds, item_embeddings, residual_semantic_ids
 from onerec.train import train_model
 
@@ -179,24 +180,12 @@ def setup(cfg: BuildConfig, seed: int, n_sessions: int, cache: Path | None = Non
     return s
 
 
-class CodeReward:
-    """What every reward of this benchmark shares: R's interface (``cfg``, ``score``) over items looked up by
-    their code path. Not personal unless a subclass reads the history."""
-
-    def __init__(self, codes: np.ndarray, history_window: int):
-        self.cfg = RewardConfig(history_window=history_window)
-        self.item_of = {tuple(c): i for i, c in enumerate(np.asarray(codes).tolist())}
-
-    def items(self, code_rows: list[list[int]]) -> list[int]:
-        return [self.item_of[tuple(c)] for c in code_rows]
-
-
 class ItemValueReward(CodeReward):
     """R(u, S) = the sum of a fixed value per item of S. Not personal: the generator's beams carry the user;
     these rewards only say which of them to prefer."""
 
     def __init__(self, codes: np.ndarray, values: np.ndarray, history_window: int):
-        super().__init__(codes, history_window)
+        super().__init__(codes, RewardConfig(history_window=history_window))
         self.value = np.asarray(values, dtype=np.float64)
 
     def score(self, hist_codes: torch.Tensor, hist_mask: torch.Tensor, session_codes: torch.Tensor) -> torch.Tensor:
@@ -222,35 +211,6 @@ class FrequencyReward(ItemValueReward):
         super().__init__(codes, np.log1p(np.bincount(np.concatenate(sequences), minlength=n_items)), history_window)
 
 
-class CooccurrenceReward(CodeReward):
-    """A personal count estimate (``--reward cooccurrence``): R(u, S) = the sum over the items i of S of
-    log(1e-3 + the mean over u's history items h of P(a pool user has i | they have h)), counted on the
-    IPA pool's training sequences only. The world's taste is the user's topic interest times the item's
-    popularity within the topic; users who share an item share topics, so this reads both halves from the
-    data, where the training-frequency prior reads only the popularity half."""
-
-    def __init__(self, codes: np.ndarray, sequences: list[np.ndarray], n_items: int, history_window: int):
-        super().__init__(codes, history_window)
-        has = np.zeros((len(sequences), n_items), dtype=np.float32)
-        for u, seq in enumerate(sequences):
-            has[u, np.asarray(seq, dtype=np.int64)] = 1.0
-        together = has.T @ has  # (items, items): pool users who have both
-        count = np.diag(together).copy()
-        np.fill_diagonal(together, 0.0)
-        self.given = together / np.maximum(count, 1.0)[:, None]  # row h: P(i | h)
-
-    def score(self, hist_codes: torch.Tensor, hist_mask: torch.Tensor, session_codes: torch.Tensor) -> torch.Tensor:
-        out = []
-        for h_codes, h_mask, s_codes in zip(hist_codes.tolist(), hist_mask.tolist(), session_codes.tolist()):
-            hist = self.items([c for c, m in zip(h_codes, h_mask) if m])
-            if not hist:
-                out.append(0.0)
-                continue
-            est = self.given[hist].mean(axis=0)
-            out.append(float(np.log(1e-3 + est[self.items(s_codes)]).sum()))
-        return torch.tensor(out)
-
-
 class CategoryReward(CodeReward):
     """A category prior (``--reward category``): R(u, S) = the sum over the items i of S of
     log P(c(i) | u's history) + log P(i | c(i)), c = the item's first semantic-ID code. The first term is
@@ -259,7 +219,7 @@ class CategoryReward(CodeReward):
     pool's training sequences. Taste as category interest times popularity within the category."""
 
     def __init__(self, codes: np.ndarray, sequences: list[np.ndarray], n_items: int, history_window: int):
-        super().__init__(codes, history_window)
+        super().__init__(codes, RewardConfig(history_window=history_window))
         self.category = np.asarray(codes)[:, 0]
         n_cat = int(self.category.max()) + 1
         count = np.bincount(np.concatenate(sequences), minlength=n_items).astype(np.float64) + 1.0
@@ -277,10 +237,18 @@ class CategoryReward(CodeReward):
         return torch.tensor(out)
 
 
-# Rewards counted on the IPA pool's training sequences, by their --reward name.
-COUNT_REWARDS: dict[str, type[FrequencyReward | CooccurrenceReward | CategoryReward]] = {
+def cooccurrence_reward(
+    codes: np.ndarray, sequences: list[np.ndarray], n_items: int, history_window: int
+) -> CodeReward:
+    """The library's count reward (``onerec.reward.CooccurrenceReward``, what ``onerec build`` uses)."""
+    return CooccurrenceReward(sequences, codes, RewardConfig(history_window=history_window))
+
+
+# Rewards counted on the IPA pool's training sequences, by their --reward name:
+# (codes, the pool's sequences, n_items, history window) -> the reward.
+COUNT_REWARDS: dict[str, Callable[[np.ndarray, list[np.ndarray], int, int], CodeReward]] = {
     "training-frequency": FrequencyReward,
-    "cooccurrence": CooccurrenceReward,
+    "cooccurrence": cooccurrence_reward,
     "category": CategoryReward,
 }
 

@@ -13,7 +13,10 @@ import json
 import sys
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # the build pulls in torch: imported where a command runs, not at parse time
+    from onerec.build import BuildConfig
 
 COMMAND_GROUP = "onerec.commands"
 
@@ -51,6 +54,11 @@ def _add_build(sub: Any) -> None:
     p.add_argument("--name", default=None, help="model name in the store (default: demo / the file's stem)")
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--ipa-iterations", type=int, default=0)
+    p.add_argument(
+        "--ipa-reward", default=None, choices=["cooccurrence", "learned"],
+        help="the reward IPA ranks beams by (default: cooccurrence, with the first-slot anchor in place of L_NTP; "
+        "learned: the paper's reward model and loss)",
+    )  # fmt: skip
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument(
         "--processes", type=int, default=None,
@@ -62,7 +70,18 @@ def _add_build(sub: Any) -> None:
 
 
 def _run_build(args: argparse.Namespace) -> int:
-    from onerec.build import build, demo_config, print_summary, sequence_file_config
+    from onerec.build import build, print_summary
+
+    _, summary = build(build_config(args), args.out, progress=not args.quiet)
+    print_summary(summary)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def build_config(args: argparse.Namespace) -> BuildConfig:
+    """The recipe ``onerec build`` runs: the demo's or the sequence file's, with the flags applied."""
+    from onerec.build import demo_config, sequence_file_config
+    from onerec.ipa import IpaConfig
 
     if args.dataset == "synthetic":
         cfg = demo_config()
@@ -81,11 +100,10 @@ def _run_build(args: argparse.Namespace) -> int:
             raise ValueError(f"--processes {args.processes}: must be at least 1")
         cfg.train.processes = args.processes
     cfg.ipa_iterations = args.ipa_iterations
+    if args.ipa_reward == "learned":  # the paper's recipe: its reward model and its loss
+        cfg.ipa_reward, cfg.ipa = "learned", IpaConfig()
     cfg.eval_users = args.eval_users
-    _, summary = build(cfg, args.out, progress=not args.quiet)
-    print_summary(summary)
-    print(json.dumps(summary, indent=2))
-    return 0
+    return cfg
 
 
 def _add_eval(sub: Any) -> None:

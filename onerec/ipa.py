@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 from onerec.generate import Generator, RecRequest
 from onerec.model import OneRecModel, hash_user
-from onerec.reward import RewardModel, history_tensors
+from onerec.reward import SessionReward, history_tensors
 from onerec.train import SessionSamples
 from onerec.trie import TrieIndex
 
@@ -198,7 +198,7 @@ def dpo_loss(
 
 def collect_pairs(
     model: OneRecModel,
-    reward: RewardModel,
+    reward: SessionReward,
     trie: TrieIndex,
     histories: Sequence[np.ndarray],
     user_ids: Sequence[str],
@@ -385,7 +385,7 @@ def train_iteration(
 
 def run_ipa(
     model: OneRecModel,
-    reward: RewardModel,
+    reward: SessionReward,
     trie: TrieIndex,
     sequences: Sequence[np.ndarray],
     user_ids: Sequence[str],
@@ -592,7 +592,7 @@ def compare(before: UserMeasures, after: UserMeasures) -> dict[str, dict[str, fl
 @torch.no_grad()
 def reward_truth_agreement(
     model: OneRecModel,
-    reward: RewardModel,
+    reward: SessionReward,
     trie: TrieIndex,
     affinity: np.ndarray,
     histories: Sequence[np.ndarray],

@@ -15,7 +15,6 @@ import torch
 from benchmarks.ipa import (
     HELD_OUT_SHARE,
     CategoryReward,
-    CooccurrenceReward,
     FrequencyReward,
     PopularityOracle,
     base_generator,
@@ -23,6 +22,7 @@ from benchmarks.ipa import (
 )
 from onerec.build import BuildConfig, build, demo_config
 from onerec.bundle import Catalog
+from onerec.cli import build_config, make_parser
 from onerec.data import SyntheticConfig, SyntheticWorld, leave_one_out, make_synthetic
 from onerec.generate import Generator, RecRequest
 from onerec.ipa import (
@@ -41,7 +41,15 @@ from onerec.ipa import (
     true_session_affinity,
 )
 from onerec.model import ModelConfig, OneRecModel, hash_user
-from onerec.reward import RewardConfig, RewardModel, RewardSamples, auc, history_tensors, train_reward
+from onerec.reward import (
+    CooccurrenceReward,
+    RewardConfig,
+    RewardModel,
+    RewardSamples,
+    auc,
+    history_tensors,
+    train_reward,
+)
 from onerec.tokenizer import item_embeddings, residual_semantic_ids
 from onerec.train import SessionSamples, TrainConfig, train_model
 
@@ -229,7 +237,8 @@ def test_held_out_users_are_disjoint_from_every_user_ipa_samples(tiny: Tiny) -> 
     assert not sampled & set(held_out.tolist())
 
 
-def test_build_with_ipa_records_it_and_judges_it_on_users_ipa_never_sampled(tmp_path: Path) -> None:
+@pytest.mark.parametrize("reward", ["cooccurrence", "learned"])
+def test_build_with_ipa_records_it_and_judges_it_on_users_ipa_never_sampled(tmp_path: Path, reward: str) -> None:
     cfg = BuildConfig(
         name="ipa",
         synthetic=TINY_WORLD,
@@ -241,6 +250,7 @@ def test_build_with_ipa_records_it_and_judges_it_on_users_ipa_never_sampled(tmp_
         eval_beam=10,
         eval_users=32,
         ipa_iterations=2,
+        ipa_reward=reward,
         ipa=IpaConfig(min_users=16, n_sessions=4, epochs=1),
         reward=RewardConfig(epochs=1),
         ipa_eval_users=16,
@@ -249,6 +259,8 @@ def test_build_with_ipa_records_it_and_judges_it_on_users_ipa_never_sampled(tmp_
     manifest = json.loads((published.path / "manifest.json").read_text())
     ipa = manifest["ipa"]
     assert len(ipa["iterations"]) == 2
+    assert ipa["reward"]["kind"] == reward and 0.0 <= ipa["reward"]["auc_heldout_users"] <= 1.0
+    assert ipa["reward"]["heldout_sessions"] > 0
     for it in ipa["iterations"]:
         assert it["reward_chosen"] >= it["reward_rejected"]
         assert len(it["dpo_loss"]) == 1 and 0 < it["dpo_loss"][0] < 2
@@ -262,6 +274,18 @@ def test_build_with_ipa_records_it_and_judges_it_on_users_ipa_never_sampled(tmp_
     assert truth["users"] == 16 and truth["before"] > 0 and truth["after"] > 0
     assert truth["gain"] == pytest.approx(truth["after"] - truth["before"])
     assert manifest["metrics"]["test"] == summary["metrics"]["test"]
+
+
+def test_onerec_build_aligns_with_the_count_reward_unless_asked_for_the_papers_recipe() -> None:
+    parser = make_parser()
+    plain = build_config(parser.parse_args(["build", "--out", "store", "--ipa-iterations", "2"]))
+    assert plain.ipa_iterations == 2 and plain.ipa_reward == "cooccurrence"
+    assert (plain.ipa.anchor, plain.ipa.ntp, plain.ipa.min_users) == (1.0, 0.0, 200)  # ipa_round3.json's
+    args = ["build", "--out", "store", "--ipa-iterations", "2", "--ipa-reward", "learned"]
+    paper = build_config(parser.parse_args(args))
+    assert paper.ipa_reward == "learned" and paper.ipa == IpaConfig()
+    with pytest.raises(SystemExit):
+        parser.parse_args(["build", "--out", "store", "--ipa-reward", "oracle"])
 
 
 def test_held_out_partition_is_seeded_and_keeps_both_sides_non_empty() -> None:
@@ -333,12 +357,39 @@ def test_category_reward_is_the_users_category_share_times_the_items_share_of_it
 def test_cooccurrence_reward_prefers_items_the_histories_users_also_have() -> None:
     codes = np.array([[0], [1], [2], [3]])
     pool = [np.array([0, 1]), np.array([0, 1, 2]), np.array([3, 2])]
-    reward = CooccurrenceReward(codes, pool, 4, history_window=4)
+    reward = CooccurrenceReward(pool, codes, RewardConfig(history_window=4))
     hist_codes, hist_mask = torch.tensor([[[0]]]).expand(3, -1, -1), torch.ones(3, 1, dtype=torch.bool)
     got = reward.score(hist_codes, hist_mask, torch.tensor([[[1]], [[2]], [[3]]]))
     # P(1 | 0) = 2/2, P(2 | 0) = 1/2, P(3 | 0) = 0
     expected = np.log(1e-3 + np.array([1.0, 0.5, 0.0]))
     assert np.allclose(got.numpy(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_cooccurrence_reward_counts_what_a_dense_count_gives() -> None:
+    """The library counts one P(. | h) row at a time from an item -> users index (no items x items matrix),
+    with a bounded cache; it must give what counting every pair of a dense user x item table gives."""
+    rng = np.random.default_rng(3)
+    n_items = 12
+    pool = [rng.integers(0, n_items - 1, rng.integers(1, 7)) for _ in range(30)]  # nobody has item 11
+    codes = np.stack([np.arange(n_items) // 4, np.arange(n_items) % 4], 1)
+    has = np.zeros((len(pool), n_items))
+    for u, seq in enumerate(pool):
+        has[u, seq] = 1.0
+    together = has.T @ has
+    count = np.diag(together).copy()
+    np.fill_diagonal(together, 0.0)
+    given = together / np.maximum(count, 1.0)[:, None]
+    reward = CooccurrenceReward(pool, codes, RewardConfig(history_window=5), cache_rows=2)  # rows get evicted
+    for h in [*range(n_items), 3, 0, 11]:
+        np.testing.assert_allclose(reward.given(h), given[h], rtol=1e-6)
+    assert not reward.given(11).any() and len(reward._rows) == 2
+    hist = torch.from_numpy(codes[[3, 7, 0]])[None].expand(2, -1, -1)
+    mask = torch.tensor([[True, True, False], [False, False, False]])  # the second history is empty
+    got = reward.score(hist, mask, torch.from_numpy(codes[[[1, 2], [1, 2]]]))
+    assert got[0].item() == pytest.approx(np.log(1e-3 + given[[3, 7]].mean(0)[[1, 2]]).sum(), rel=1e-5)
+    assert got[1].item() == 0.0
+    with pytest.raises(ValueError, match="item indices"):
+        CooccurrenceReward([np.array([n_items])], codes, RewardConfig())
 
 
 def test_first_slot_kl_is_zero_for_the_same_weights_and_grows_as_the_policy_moves(tiny: Tiny) -> None:
