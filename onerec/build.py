@@ -38,7 +38,7 @@ from onerec.evaluate import evaluate_split, legality, popularity_ranking
 from onerec.generate import Generator
 from onerec.ipa import IpaConfig, held_out_partition, run_ipa, true_session_affinity
 from onerec.model import CANDIDATE_WINDOW, ModelConfig, OneRecModel
-from onerec.reward import RewardConfig, heldout_auc, make_reward
+from onerec.reward import REWARDS, RewardConfig, heldout_auc, make_reward
 from onerec.tokenizer import (
     codebook_size,
     content_embeddings,
@@ -196,6 +196,8 @@ def load_dataset(cfg: BuildConfig) -> tuple[InteractionData, dict[str, Any], Syn
 
 def build(cfg: BuildConfig, store: Path, progress: bool = True) -> tuple[PublishedVersion, dict[str, Any]]:
     """Run the offline pipeline and publish a version; returns it with the build summary."""
+    if cfg.ipa_iterations and cfg.ipa_reward not in REWARDS:  # before training, not after it
+        raise ValueError(f"ipa_reward {cfg.ipa_reward!r}: want one of {', '.join(REWARDS)}")
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
     torch.manual_seed(cfg.seed)

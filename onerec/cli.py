@@ -55,7 +55,7 @@ def _add_build(sub: Any) -> None:
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--ipa-iterations", type=int, default=0)
     p.add_argument(
-        "--ipa-reward", default=None, choices=["cooccurrence", "learned"],
+        "--ipa-reward", default=None,
         help="the reward IPA ranks beams by (default: cooccurrence, with the first-slot anchor in place of L_NTP; "
         "learned: the paper's reward model and loss)",
     )  # fmt: skip
@@ -82,6 +82,7 @@ def build_config(args: argparse.Namespace) -> BuildConfig:
     """The recipe ``onerec build`` runs: the demo's or the sequence file's, with the flags applied."""
     from onerec.build import demo_config, sequence_file_config
     from onerec.ipa import IpaConfig
+    from onerec.reward import REWARDS
 
     if args.dataset == "synthetic":
         cfg = demo_config()
@@ -100,6 +101,8 @@ def build_config(args: argparse.Namespace) -> BuildConfig:
             raise ValueError(f"--processes {args.processes}: must be at least 1")
         cfg.train.processes = args.processes
     cfg.ipa_iterations = args.ipa_iterations
+    if args.ipa_reward not in (None, *REWARDS):
+        raise ValueError(f"--ipa-reward {args.ipa_reward}: want one of {', '.join(REWARDS)}")
     if args.ipa_reward == "learned":  # the paper's recipe: its reward model and its loss
         cfg.ipa_reward, cfg.ipa = "learned", IpaConfig()
     cfg.eval_users = args.eval_users

@@ -284,8 +284,10 @@ def test_onerec_build_aligns_with_the_count_reward_unless_asked_for_the_papers_r
     args = ["build", "--out", "store", "--ipa-iterations", "2", "--ipa-reward", "learned"]
     paper = build_config(parser.parse_args(args))
     assert paper.ipa_reward == "learned" and paper.ipa == IpaConfig()
-    with pytest.raises(SystemExit):
-        parser.parse_args(["build", "--out", "store", "--ipa-reward", "oracle"])
+    with pytest.raises(ValueError, match="--ipa-reward oracle"):
+        build_config(parser.parse_args(["build", "--out", "store", "--ipa-reward", "oracle"]))
+    with pytest.raises(ValueError, match="ipa_reward 'oracle'"):  # refused before any training
+        build(replace(plain, ipa_reward="oracle"), Path("never-written"), progress=False)
 
 
 def test_held_out_partition_is_seeded_and_keeps_both_sides_non_empty() -> None:
