@@ -38,7 +38,7 @@ from onerec.evaluate import evaluate_split, legality, popularity_ranking
 from onerec.generate import Generator
 from onerec.ipa import IpaConfig, held_out_partition, run_ipa, true_session_affinity
 from onerec.model import CANDIDATE_WINDOW, ModelConfig, OneRecModel
-from onerec.reward import REWARDS, RewardConfig, heldout_auc, make_reward
+from onerec.reward import RewardConfig, check_reward_kind, heldout_auc, make_reward
 from onerec.tokenizer import (
     codebook_size,
     content_embeddings,
@@ -196,8 +196,8 @@ def load_dataset(cfg: BuildConfig) -> tuple[InteractionData, dict[str, Any], Syn
 
 def build(cfg: BuildConfig, store: Path, progress: bool = True) -> tuple[PublishedVersion, dict[str, Any]]:
     """Run the offline pipeline and publish a version; returns it with the build summary."""
-    if cfg.ipa_iterations and cfg.ipa_reward not in REWARDS:  # before training, not after it
-        raise ValueError(f"ipa_reward {cfg.ipa_reward!r}: want one of {', '.join(REWARDS)}")
+    if cfg.ipa_iterations:
+        check_reward_kind(cfg.ipa_reward)  # before training, not after it
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
     torch.manual_seed(cfg.seed)
@@ -308,15 +308,13 @@ def align(
     reward, reward_meta = make_reward(
         cfg.ipa_reward, [split.train[u] for u in pool], codes, level_sizes, rcfg, progress=progress
     )
+    histories = [split.train[u] for u in held_out]
     try:
-        reward_meta["auc_heldout_users"], reward_meta["heldout_sessions"] = heldout_auc(
-            reward, [split.train[u] for u in held_out], codes
-        )
+        reward_meta["auc_heldout_users"], reward_meta["heldout_sessions"] = heldout_auc(reward, histories, codes)
         log(f"reward ({cfg.ipa_reward}): AUC {reward_meta['auc_heldout_users']:.3f} on the held-out users")
     except ValueError as err:  # no held-out history is long enough for a next session
         reward_meta["auc_heldout_users"] = None
         log(f"reward ({cfg.ipa_reward}): no held-out AUC ({err})")
-    histories = [split.train[u] for u in held_out]
     eval_ids = [data.user_ids[u] for u in held_out]
     affinity = world.true_affinity(held_out) if world is not None else None
     before = true_session_affinity(model, catalog.trie, affinity, histories, eval_ids) if affinity is not None else None

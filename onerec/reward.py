@@ -415,11 +415,16 @@ def make_reward(
 ) -> tuple[SessionReward, dict[str, object]]:
     """The reward IPA ranks beams by (``kind`` in ``REWARDS``), fitted or counted on ``sequences``, and
     what the manifest records of it."""
+    check_reward_kind(kind)
     if kind == "learned":
         model, report = train_reward(sequences, codes, level_sizes, cfg, progress=progress)
         return model, {"kind": kind, **report.as_dict()}
-    if kind == "cooccurrence":
-        t0 = time.perf_counter()
-        reward = CooccurrenceReward(sequences, codes, cfg)
-        return reward, {"kind": kind, "users": len(sequences), "seconds": time.perf_counter() - t0}
-    raise ValueError(f"reward {kind!r}: want one of {', '.join(REWARDS)}")
+    t0 = time.perf_counter()
+    reward = CooccurrenceReward(sequences, codes, cfg)
+    return reward, {"kind": kind, "users": len(sequences), "seconds": time.perf_counter() - t0}
+
+
+def check_reward_kind(kind: str) -> None:
+    """Refuse a reward ``make_reward`` cannot build (the build calls this before it trains anything)."""
+    if kind not in REWARDS:
+        raise ValueError(f"ipa_reward {kind!r}: want one of {', '.join(REWARDS)}")
