@@ -12,7 +12,8 @@ service answers, no row ever returns an item of the user's own history:
   answers), as recorded in the version's manifest;
 - most popular;
 - the co-occurrence item-kNN (window 3, 1/distance, last 3 history items weighted 1, .5, .25,
-  popularity fill: ``onerec.baselines.CooccurrenceKnn``);
+  popularity fill: ``onerec.baselines.CooccurrenceKnn``), symmetric (the issue's recipe) and directed
+  with the backward weight the build chooses for the model's candidates;
 - SASRec trained with the full softmax cross-entropy (``onerec.baselines``), best validation epoch;
 - TIGER's published figures on this data and protocol, and DESIGN.md's goal.
 ``--reuse`` skips training and reads the newest published version of ``--store``;
@@ -41,7 +42,7 @@ from onerec.baselines import (
     sasrec_scores,
     train_sasrec,
 )
-from onerec.build import build, sequence_file_config
+from onerec.build import build, choose_candidate_backward, sequence_file_config
 from onerec.data import leave_one_out, load_sequence_file
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -53,6 +54,8 @@ REFERENCES = {
     "TIGER + UniSID (as quoted)": {"recall@5": 0.0482, "ndcg@5": 0.0323, "recall@10": 0.0741, "ndcg@10": 0.0406},
 }
 GOAL = {"recall@10": 0.085, "ndcg@10": 0.050}  # DESIGN.md section 9
+# The kNN on the count the model's candidates use, with its backward weight chosen as the build chooses it.
+DIRECTED_KNN = "co-occurrence item-kNN, directed (the candidates' count)"
 
 
 def manifest_of_newest(store: Path) -> dict[str, Any]:
@@ -84,6 +87,19 @@ def measure_baselines(
         "seconds": round(time.perf_counter() - started, 1),
     }
     print(f"[quality] kNN: {json.dumps(out['co-occurrence item-kNN'])}", file=sys.stderr, flush=True)
+    started = time.perf_counter()
+    recipe = sequence_file_config(str(dataset))
+    backward, recall = choose_candidate_backward(
+        split.train, split.valid, data.n_items, recipe.model.candidate_tokens, recipe.candidate_backward_choices
+    )
+    directed = CooccurrenceKnn(split.train, data.n_items, backward=backward)
+    out[DIRECTED_KNN] = {
+        **evaluate_scorer(directed.scores, hist, targets),
+        "backward": backward,
+        "valid_candidate_recall_by_backward": recall,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    print(f"[quality] directed kNN: {json.dumps(out[DIRECTED_KNN])}", file=sys.stderr, flush=True)
     if sasrec:
         started = time.perf_counter()
         cfg = SASRecConfig(time_budget_s=None if sasrec_minutes is None else 60.0 * sasrec_minutes, seed=sasrec_seed)
@@ -146,8 +162,9 @@ def metric_rows(measured: dict[str, Any]) -> dict[str, dict[str, float]]:
 
 
 def metric_lines(rows: dict[str, dict[str, float]]) -> list[str]:
-    return [f"{'test':<30} " + " ".join(f"{k:>10}" for k in METRICS)] + [
-        f"{name:<30} " + " ".join(f"{row[k]:>10.4f}" for k in METRICS) for name, row in rows.items()
+    width = max([30, *(len(name) for name in rows)])
+    return [f"{'test':<{width}} " + " ".join(f"{k:>10}" for k in METRICS)] + [
+        f"{name:<{width}} " + " ".join(f"{row[k]:>10.4f}" for k in METRICS) for name, row in rows.items()
     ]
 
 

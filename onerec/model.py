@@ -4,7 +4,8 @@ Encoder: [user token, history items, candidate items] -> memory. An item is the 
 per-level code embeddings (so withdrawn or new items need no item table) plus a recency position
 (0 = newest). With ``candidate_tokens`` = K > 0 the memory also holds K candidates: the items that
 co-occur most with the newest three history items in the training sequences (weights 1, 0.5, 0.25;
-the kNN baseline's recipe), each as its code embeddings plus its candidate rank (and, with
+the kNN baseline's recipe, with a neighbour seen before an item weighed ``candidate_backward``
+times one seen after it), each as its code embeddings plus its candidate rank (and, with
 ``candidate_scores``, a projection of its co-occurrence score). The model holds the
 neighbour lists (``set_neighbours``, saved with the weights) and the catalogue's code paths
 (``set_catalogue``, from the bundle's catalogue, not saved twice); it finds a history item's
@@ -81,6 +82,9 @@ class ModelConfig:
     tie_code_embeddings: bool = False  # one (V_l, d) table per level: encoder items, decoder inputs, output head
     copy_head: bool = False  # each level's distribution also mixes in a learned pointer over the candidates
     residual_dropout: float = 0.0  # on each sublayer's output (attention, FFN, MoE) before it joins the residual
+    # Weight of a neighbour seen *before* an item in the candidates' co-occurrence (one seen after it weighs 1;
+    # onerec.tokenizer.cooccurrence's ``backward``). 1: symmetric, the kNN baseline's count and older models'.
+    candidate_backward: float = 1.0
 
     @property
     def depth(self) -> int:

@@ -34,13 +34,16 @@ __all__ = [
 
 
 def cooccurrence(
-    sequences: Sequence[np.ndarray], n_items: int, window: int = 5
+    sequences: Sequence[np.ndarray], n_items: int, window: int = 5, backward: float = 1.0
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Symmetric co-occurrence of items within `window` positions, weighted 1/distance, as COO arrays.
+    """Co-occurrence of items within `window` positions, weighted 1/distance, as COO arrays.
 
     Returns (rows, cols, weights) with unique (row, col) pairs sorted by row, then col. Items seen next
     to each other in a sequence are what a sequential recommender must tell apart, so they should get
-    nearby embeddings (and hence shared code prefixes).
+    nearby embeddings (and hence shared code prefixes). Row a, column b counts b seen *after* a at
+    weight 1/distance and b seen *before* a at ``backward``/distance: 1 (the default) is the symmetric
+    count the embeddings use; below 1 leans a row towards what follows the item, which is what a
+    next-item candidate list wants.
     """
     lengths = np.fromiter((len(s) for s in sequences), dtype=np.int64, count=len(sequences))
     if lengths.sum() == 0:
@@ -56,11 +59,12 @@ def cooccurrence(
         distinct = a != b
         a, b = a[distinct], b[distinct]
         keys += [a * n_items + b, b * n_items + a]
-        weights += [np.full(2 * len(a), 1.0 / dist)]
+        weights += [np.full(len(a), 1.0 / dist), np.full(len(a), backward / dist)]
     all_keys = np.concatenate(keys)
     unique, inverse = np.unique(all_keys, return_inverse=True)
     summed = np.bincount(inverse, weights=np.concatenate(weights), minlength=len(unique))
-    return unique // n_items, unique % n_items, summed
+    seen = summed > 0  # backward = 0 leaves pairs seen in one direction only at weight 0
+    return unique[seen] // n_items, unique[seen] % n_items, summed[seen]
 
 
 def top_neighbours(

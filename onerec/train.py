@@ -129,7 +129,7 @@ class SessionSamples:
         self.pairs = np.array(pairs, dtype=np.int64).reshape(-1, 2)
         self.candidates = (
             leave_user_out_candidates(self.sequences, self.pairs, cfg.history_window, cfg.catalogue_items,
-                                      cfg.candidate_tokens)
+                                      cfg.candidate_tokens, cfg.candidate_backward)
             if cfg.candidate_tokens
             else None
         )  # fmt: skip
@@ -365,7 +365,12 @@ def selection_loss(
 
 
 def leave_user_out_candidates(
-    sequences: Sequence[np.ndarray], pairs: np.ndarray, history_window: int, n_items: int, k: int
+    sequences: Sequence[np.ndarray],
+    pairs: np.ndarray,
+    history_window: int,
+    n_items: int,
+    k: int,
+    backward: float = 1.0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Each sample's K co-occurrence candidates as the model computes them at serving time, but from
     neighbour lists built without the sample's own user: (N, K) int32 rows (-1 = none) and (N, K)
@@ -375,9 +380,10 @@ def leave_user_out_candidates(
     with their own sequence counted, a training sample's target would always be a candidate, and the
     model would learn to trust candidates more than they deserve. Same scoring as
     ``OneRecModel.candidates``: per history item its K strongest neighbours, the newest three summed
-    with weights 1, 0.5, 0.25, history items dropped, the K best kept.
+    with weights 1, 0.5, 0.25, history items dropped, the K best kept; ``backward`` as in
+    ``onerec.tokenizer.cooccurrence``.
     """
-    rows, cols, weights = cooccurrence(sequences, n_items, CANDIDATE_WINDOW)
+    rows, cols, weights = cooccurrence(sequences, n_items, CANDIDATE_WINDOW, backward)
     indptr = np.searchsorted(rows, np.arange(n_items + 1))
     out = np.full((len(pairs), k), -1, dtype=np.int32)
     out_scores = np.zeros((len(pairs), k), dtype=np.float32)
@@ -385,7 +391,7 @@ def leave_user_out_candidates(
     own_user = -1
     for n, (u, p) in enumerate(pairs):
         if u != own_user:  # pairs are grouped by user: their own co-occurrence, once per user
-            own_rows, own_cols, own_weights = cooccurrence([sequences[u]], n_items, CANDIDATE_WINDOW)
+            own_rows, own_cols, own_weights = cooccurrence([sequences[u]], n_items, CANDIDATE_WINDOW, backward)
             own_user = u
         hist = sequences[u][max(0, p - history_window) : p]
         touched = []

@@ -28,21 +28,31 @@ from onerec.baselines import (
 from onerec.build import BuildConfig, build
 from onerec.data import InteractionData, Split, leave_one_out, load_item_content, load_sequence_file
 from onerec.model import ModelConfig, NextItemTargets, OneRecModel
-from onerec.tokenizer import codebook_size, content_embeddings, join_embeddings, residual_semantic_ids
+from onerec.tokenizer import (
+    codebook_size,
+    content_embeddings,
+    cooccurrence,
+    join_embeddings,
+    residual_semantic_ids,
+    top_neighbours,
+)
 from onerec.train import TrainConfig
 
 # ---- baselines -----------------------------------------------------------------------------------
 
 
-def naive_knn_top(train: list[np.ndarray], history: list[int], n_items: int, k: int) -> list[int]:
-    """The kNN recipe written the slow, obvious way: pair counts by scanning every training sequence."""
+def naive_knn_top(
+    train: list[np.ndarray], history: list[int], n_items: int, k: int, backward: float = 1.0
+) -> list[int]:
+    """The kNN recipe written the slow, obvious way: pair counts by scanning every training sequence
+    (row: the earlier item, column: the later one; the reverse pair at `backward` times the weight)."""
     co = np.zeros((n_items, n_items))
     for seq in train:
         for i in range(len(seq)):
             for j in range(i + 1, min(i + 4, len(seq))):
                 if seq[i] != seq[j]:
                     co[seq[i], seq[j]] += 1.0 / (j - i)
-                    co[seq[j], seq[i]] += 1.0 / (j - i)
+                    co[seq[j], seq[i]] += backward / (j - i)
     pop = np.zeros(n_items)
     for seq in train:
         for item in seq:
@@ -54,15 +64,16 @@ def naive_knn_top(train: list[np.ndarray], history: list[int], n_items: int, k: 
     return sorted(candidates, key=lambda i: (-round(score[i], 9), -pop[i], i))[:k]  # equal sums tie exactly
 
 
-def test_knn_matches_a_naive_count_of_the_recipe() -> None:
+@pytest.mark.parametrize("backward", [1.0, 0.25, 0.0])
+def test_knn_matches_a_naive_count_of_the_recipe(backward: float) -> None:
     rng = np.random.default_rng(3)
     n_items = 30
     train = [rng.choice(n_items, size=rng.integers(2, 9), replace=False) for _ in range(60)]
-    knn = CooccurrenceKnn(train, n_items)
+    knn = CooccurrenceKnn(train, n_items, backward=backward)
     histories = [list(rng.choice(n_items, size=rng.integers(1, 6), replace=False)) for _ in range(25)]
     ranked = rank_all(knn.scores([np.asarray(h) for h in histories]), [np.asarray(h) for h in histories], 10)
     for hist, got in zip(histories, ranked):
-        assert got == naive_knn_top(train, hist, n_items, 10)
+        assert got == naive_knn_top(train, hist, n_items, 10, backward)
 
 
 def test_rank_all_never_returns_history_and_most_popular_is_counts() -> None:
@@ -528,6 +539,44 @@ def test_training_candidates_leave_out_the_samples_own_user() -> None:
     assert by_sample[(1, 1)] == {1, 2, 3, 5}  # user 2's 0-3 still counts for user 1
 
 
+def test_training_candidates_weigh_items_seen_before_by_the_backward_weight() -> None:
+    """Users 1 and 2 saw 3 right after 0, user 2 saw 5 right before it: for user 0's first sample, 3 scores 2
+    either way and 5 scores the backward weight (1 in the symmetric count, the baseline's)."""
+    from onerec.train import leave_user_out_candidates
+
+    seqs = [np.array([0, 1, 2]), np.array([0, 3]), np.array([5, 0, 3])]
+    pairs = np.array([(0, 1)])
+    for backward, want in ((1.0, [2.0, 1.0]), (0.5, [2.0, 0.5]), (0.0, [2.0])):
+        cand, scores = leave_user_out_candidates(seqs, pairs, 20, 6, 4, backward)
+        got = cand[0][cand[0] >= 0].tolist()
+        assert got == [3, 5][: len(want)], backward
+        assert scores[0][: len(want)].tolist() == want, backward
+
+
+def test_the_build_chooses_the_backward_weight_whose_candidates_hold_the_most_targets() -> None:
+    """On the ring (the next item is always the last + 1), the symmetric count ties an item's neighbour
+    before it with the one after it, so a single candidate is the wrong one about half the time; counted
+    forward only, the one candidate is the next item every time."""
+    from onerec.build import candidate_recall, choose_candidate_backward
+    from onerec.data import EvalSet
+
+    seqs = ring_world(n_items=20, users=200)
+    rows = EvalSet(
+        users=np.arange(len(seqs)),
+        histories=[s[-2:-1] for s in seqs],  # the last item alone: its one candidate is all there is
+        targets=np.asarray([s[-1] for s in seqs]),
+    )
+    train = [s[:-1] for s in seqs]
+    assert candidate_recall(train, rows, 20, 1, 0.0) == 1.0
+    assert candidate_recall(train, rows, 20, 1, 1.0) < 0.8
+    backward, recall = choose_candidate_backward(train, rows, 20, 1, (1.0, 0.0))
+    assert backward == 0.0 and recall["0.0"] == 1.0 > recall["1.0"] and set(recall) == {"1.0", "0.0"}
+    backward, recall = choose_candidate_backward(train, rows, 20, 1, (0.5, 0.0))  # both forward: a tie
+    assert backward == 0.5 and recall["0.5"] == recall["0.0"] == 1.0
+    with pytest.raises(ValueError, match="no backward weight"):
+        choose_candidate_backward(train, rows, 20, 1, ())
+
+
 def test_embedding_dropout_acts_in_training_only() -> None:
     _, batch = tiny_model()
     model = OneRecModel(ModelConfig(level_sizes=[5, 6], session_items=3, history_window=4, d_model=16, n_heads=2,
@@ -650,14 +699,21 @@ def test_build_with_scored_candidates_tied_codes_and_copy_head_answers_the_same_
     cfg.model.candidate_scores = True
     cfg.model.tie_code_embeddings = True
     cfg.model.copy_head = True
+    cfg.candidate_backward_choices = (0.0, 1.0)
     published, summary = build(cfg, tmp_path / "store", progress=False)
     bundle = load_bundle(published.path)
     model = bundle.model
+    chosen = json.loads((published.path / "manifest.json").read_text())["candidates"]
+    assert set(chosen["valid_recall_by_backward"]) == {"0.0", "1.0"}
+    assert model.cfg.candidate_backward == chosen["backward"]
+    data = load_sequence_file(seq)
+    split = leave_one_out(data)
+    want, _ = top_neighbours(*cooccurrence(split.train, data.n_items, 3, chosen["backward"]), data.n_items, 5)
+    assert torch.equal(model.neighbour_items, torch.from_numpy(want).float())  # the lists of the chosen count
     for lvl, table in enumerate(model.enc_codes):  # still one tensor per level after the safetensors round trip
         assert model.heads[lvl].weight is table.weight and model.dec_codes[lvl].weight is table.weight
     data = load_sequence_file(seq)
     assert bundle.model.cfg.catalogue_items == data.n_items
-    split = leave_one_out(data)
     again = evaluate_split(
         bundle.generator, split.test, data.user_ids, split.train_popularity(), beam_width=10, progress=False
     )

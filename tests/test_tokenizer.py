@@ -121,6 +121,16 @@ def test_cooccurrence_is_symmetric_and_windowed() -> None:
     assert pairs == {(0, 1): 1.0, (1, 0): 1.0, (1, 2): 1.0, (2, 1): 1.0}
 
 
+def test_cooccurrence_weighs_a_neighbour_seen_before_the_item_by_backward() -> None:
+    seqs = [np.array([0, 1, 2])]
+    rows, cols, weights = cooccurrence(seqs, n_items=3, window=2, backward=0.5)
+    pairs = {(int(r), int(c)): float(w) for r, c, w in zip(rows, cols, weights, strict=True)}
+    # row a, column b: b after a at 1/distance, b before a at 0.5/distance
+    assert pairs == {(0, 1): 1.0, (0, 2): 0.5, (1, 2): 1.0, (1, 0): 0.5, (2, 1): 0.5, (2, 0): 0.25}
+    rows, cols, weights = cooccurrence(seqs, n_items=3, window=2, backward=0.0)
+    assert sorted(zip(rows.tolist(), cols.tolist(), weights.tolist())) == [(0, 1, 1.0), (0, 2, 0.5), (1, 2, 1.0)]
+
+
 def test_item_embeddings_deterministic_and_collaborative() -> None:
     # Two groups of items that only co-occur within their group.
     rng = np.random.default_rng(0)
