@@ -187,11 +187,16 @@ def sequence_file_config(path: str) -> BuildConfig:
     )
 
 
-def candidate_recall(train: list[np.ndarray], rows: EvalSet, n_items: int, k: int, backward: float) -> float:
-    """Share of `rows`' targets among the k candidates the model would read for their histories
-    (``OneRecModel.candidates``' recipe: each of the newest three items' k strongest neighbours, weighted
-    by recency, summed, history dropped), with the neighbour lists counted on `train`."""
-    items, weights = top_neighbours(*cooccurrence(train, n_items, CANDIDATE_WINDOW, backward), n_items, k)
+def candidate_lists(train: list[np.ndarray], n_items: int, k: int, backward: float) -> tuple[np.ndarray, np.ndarray]:
+    """Each item's k strongest neighbours and their weights (``top_neighbours``) on the candidates' count."""
+    return top_neighbours(*cooccurrence(train, n_items, CANDIDATE_WINDOW, backward), n_items, k)
+
+
+def candidate_recall(items: np.ndarray, weights: np.ndarray, rows: EvalSet) -> float:
+    """Share of `rows`' targets among the k candidates the model would read for their histories from
+    these neighbour lists (``OneRecModel.candidates``' recipe: each of the newest three items' neighbours,
+    weighted by recency, summed, history dropped, the k best kept)."""
+    k = items.shape[1]
     recency = np.asarray(CANDIDATE_RECENCY)
     hits = 0
     for hist, target in zip(rows.histories, rows.targets.tolist(), strict=True):
@@ -218,7 +223,7 @@ def choose_candidate_backward(
     """
     if not choices:
         raise ValueError("choose_candidate_backward: no backward weight to choose from")
-    recall = {str(b): candidate_recall(train, rows, n_items, k, b) for b in choices}
+    recall = {str(b): candidate_recall(*candidate_lists(train, n_items, k, b), rows) for b in choices}
     best = max(choices, key=lambda b: recall[str(b)])
     return best, recall
 
@@ -294,8 +299,9 @@ def build(cfg: BuildConfig, store: Path, progress: bool = True) -> tuple[Publish
     model = OneRecModel(model_cfg)
     if model_cfg.candidate_tokens:
         model.set_catalogue(torch.from_numpy(sids.codes))
-        coo = cooccurrence(split.train, data.n_items, CANDIDATE_WINDOW, model_cfg.candidate_backward)
-        items, weights = top_neighbours(*coo, data.n_items, model_cfg.candidate_tokens)
+        items, weights = candidate_lists(
+            split.train, data.n_items, model_cfg.candidate_tokens, model_cfg.candidate_backward
+        )
         model.set_neighbours(torch.from_numpy(items), torch.from_numpy(weights))
         log(f"candidates: {model_cfg.candidate_tokens} co-occurrence neighbours per item in the encoder memory")
     log(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; training on {cfg.train.device}")

@@ -557,7 +557,7 @@ def test_the_build_chooses_the_backward_weight_whose_candidates_hold_the_most_ta
     """On the ring (the next item is always the last + 1), the symmetric count ties an item's neighbour
     before it with the one after it, so a single candidate is the wrong one about half the time; counted
     forward only, the one candidate is the next item every time."""
-    from onerec.build import candidate_recall, choose_candidate_backward
+    from onerec.build import candidate_lists, candidate_recall, choose_candidate_backward
     from onerec.data import EvalSet
 
     seqs = ring_world(n_items=20, users=200)
@@ -567,8 +567,8 @@ def test_the_build_chooses_the_backward_weight_whose_candidates_hold_the_most_ta
         targets=np.asarray([s[-1] for s in seqs]),
     )
     train = [s[:-1] for s in seqs]
-    assert candidate_recall(train, rows, 20, 1, 0.0) == 1.0
-    assert candidate_recall(train, rows, 20, 1, 1.0) < 0.8
+    assert candidate_recall(*candidate_lists(train, 20, 1, 0.0), rows) == 1.0
+    assert candidate_recall(*candidate_lists(train, 20, 1, 1.0), rows) < 0.8
     backward, recall = choose_candidate_backward(train, rows, 20, 1, (1.0, 0.0))
     assert backward == 0.0 and recall["0.0"] == 1.0 > recall["1.0"] and set(recall) == {"1.0", "0.0"}
     backward, recall = choose_candidate_backward(train, rows, 20, 1, (0.5, 0.0))  # both forward: a tie
