@@ -59,6 +59,12 @@ class TrainConfig:
     # Data-parallel processes on CPU (onerec.data_parallel), at most one per usable core: each takes
     # its share of every batch, so a step of the same batch takes about 1/processes of the time.
     processes: int = 1
+    # Batches cut from chunks of this many batches' samples sorted by history length (0: plain random
+    # batches). Why: a batch pads every history to its longest, and nearly every random batch of a
+    # Beauty-sized file holds one full window, so the encoder ran on padding (length_sorted_batches).
+    # On Beauty 50 made 1.3x the steps in the same budget but lowered test N@10 (round 21 in the
+    # README, quality_beauty_cpu_levers21.json), so the recipe leaves it off.
+    sorted_chunk_batches: int = 0
 
 
 @dataclass
@@ -137,6 +143,10 @@ class SessionSamples:
     def __len__(self) -> int:
         return len(self.pairs)
 
+    def history_lengths(self) -> np.ndarray:
+        """(N,) how many history items each sample's encoder reads (its position, cut to the window)."""
+        return np.minimum(self.pairs[:, 1], self.cfg.history_window)
+
     def histories(self, histories: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
         """Histories (oldest first) as the encoder reads them: codes (B, S, D) newest first, mask (B, S)."""
         newest_first = [np.asarray(h, dtype=np.int64)[::-1] for h in histories]
@@ -209,6 +219,7 @@ def train_model(
     model.to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay, betas=(0.9, 0.98))
     steps_per_epoch = math.ceil(len(train_idx) / tcfg.batch_size)
+    lengths = samples.history_lengths()
     total = max(1, steps_per_epoch * tcfg.epochs)
     t0 = time.perf_counter()
     report = TrainReport(epochs=tcfg.epochs, steps=0, samples=len(samples), seconds=0.0)
@@ -235,12 +246,13 @@ def train_model(
             if done() >= 1.0:
                 break
             model.train()
-            perm = rng.permutation(train_idx)
+            batches = length_sorted_batches(
+                rng.permutation(train_idx), lengths, tcfg.batch_size, tcfg.sorted_chunk_batches, rng
+            )
             running, ran = 0.0, 0
-            for start in range(0, len(perm), tcfg.batch_size):
+            for idx in batches:
                 if done() >= 1.0:
                     break
-                idx = perm[start : start + tcfg.batch_size]
                 mine = own_share(group, idx)
                 opt.zero_grad(set_to_none=True)
                 value = 0.0
@@ -314,6 +326,29 @@ def train_model(
     return report
 
 
+def length_sorted_batches(
+    perm: np.ndarray, lengths: np.ndarray, batch_size: int, chunk_batches: int, rng: np.random.Generator
+) -> list[np.ndarray]:
+    """An epoch's batches from a random permutation of sample indices.
+
+    With ``chunk_batches`` > 0 the permutation is cut into chunks of that many batches, each chunk is
+    sorted by history length (stably, so equal lengths stay in random order) and cut into batches,
+    and the batches of every chunk are shuffled together. A batch then pads to a length close to its
+    samples' own, every sample still trains once per epoch, and a chunk of many batches keeps the
+    samples that meet in a batch random among those of similar length. ``lengths`` is indexed by
+    sample. Every batch has ``batch_size`` samples except one per chunk (the chunk's last).
+    """
+    if chunk_batches <= 0:
+        return [perm[i : i + batch_size] for i in range(0, len(perm), batch_size)]
+    chunk = batch_size * chunk_batches
+    batches: list[np.ndarray] = []
+    for start in range(0, len(perm), chunk):
+        part = perm[start : start + chunk]
+        part = part[np.argsort(lengths[part], kind="stable")]
+        batches.extend(part[i : i + batch_size] for i in range(0, len(part), batch_size))
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
 def own_share(group: GradientGroup | None, rows: np.ndarray) -> np.ndarray:
     """The rows (of a batch, or of the epoch's selection rows) this process takes: all of them when it
     trains alone."""
@@ -353,9 +388,12 @@ def selection_loss(
     subset: np.ndarray | None = None,
 ) -> float:
     """Mean next-item loss (per code) on evaluation rows (or the rows `subset` of them): what picks
-    the best epoch."""
+    the best epoch. The rows go by history length, so that a batch pads little (the mean does not
+    depend on the order)."""
     model.eval()
-    order = np.arange(len(rows)) if subset is None else subset
+    order = np.arange(len(rows)) if subset is None else np.asarray(subset)
+    window = samples.cfg.history_window
+    order = order[np.argsort([min(len(rows.histories[i]), window) for i in order], kind="stable")]
     total = 0.0
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]

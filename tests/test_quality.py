@@ -630,6 +630,54 @@ def test_selection_on_validation_rows_trains_every_sample_and_keeps_the_best_epo
     assert kept == pytest.approx(min(report.holdout_loss), rel=1e-5)  # the best epoch's weights are loaded
 
 
+def test_length_sorted_batches_train_every_sample_once_and_pad_to_their_own_lengths() -> None:
+    from onerec.train import length_sorted_batches
+
+    rng = np.random.default_rng(3)
+    lengths = rng.choice([1, 2, 3, 20], size=1000, p=[0.5, 0.3, 0.17, 0.03])  # Beauty-like: a few full windows
+    perm = rng.permutation(1000)
+    plain = length_sorted_batches(perm, lengths, 50, 0, rng)
+    assert [b.tolist() for b in plain] == [perm[i : i + 50].tolist() for i in range(0, 1000, 50)]
+    batches = length_sorted_batches(perm, lengths, 50, 4, rng)
+    assert sorted(np.concatenate(batches).tolist()) == list(range(1000))  # every sample once
+    assert [len(b) for b in batches] == [50] * 20
+    padded = [int(lengths[b].max()) for b in batches]
+    assert np.mean(padded) < 0.5 * np.mean([lengths[b].max() for b in plain])
+    for start in range(0, 1000, 200):  # each chunk of 4 batches holds the same samples as before, sorted
+        chunk = set(perm[start : start + 200].tolist())
+        inside = [b for b in batches if set(b.tolist()) <= chunk]
+        assert len(inside) == 4
+    assert len({tuple(b) for b in batches}) == 20
+    again = length_sorted_batches(perm, lengths, 50, 4, np.random.default_rng(4))
+    assert [b.tolist() for b in again] != [b.tolist() for b in batches]  # the batches' order is drawn
+
+
+def test_training_on_length_sorted_batches_pads_less_and_still_sees_every_sample(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from onerec.train import SessionSamples, train_model
+
+    data, split, codes, cfg = training_world(tmp_path)
+    seen: dict[int, list[tuple[list[int], int]]] = {}
+    real = SessionSamples.batch
+
+    def spy(self: SessionSamples, idx: np.ndarray) -> tuple[torch.Tensor, ...]:
+        out = real(self, idx)
+        seen[chunks].append((idx.tolist(), out[0].shape[1]))  # (samples, padded history width)
+        return out
+
+    monkeypatch.setattr(SessionSamples, "batch", spy)
+    n = len(SessionSamples(split.train, data.user_ids, codes, cfg))
+    widths = {}
+    for chunks in (0, 4):
+        seen[chunks] = []
+        tcfg = TrainConfig(epochs=1, batch_size=16, threads=1, sorted_chunk_batches=chunks)
+        train_model(OneRecModel(cfg), split.train, data.user_ids, codes, tcfg, progress=False, selection=split.valid)
+        assert sorted(i for idx, _ in seen[chunks] for i in idx) == list(range(n))
+        widths[chunks] = np.mean([w for _, w in seen[chunks]])
+    assert widths[4] < widths[0]
+
+
 def test_weight_average_follows_the_moving_average_and_gives_the_weights_back() -> None:
     from onerec.train import WeightAverage
 

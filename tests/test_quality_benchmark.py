@@ -81,3 +81,27 @@ def test_baselines_only_measures_every_baseline_with_the_sasrec_seed_asked_for(t
     assert str(directed["backward"]) in recall and recall[str(directed["backward"])] == max(recall.values())
     assert all(0.0 <= row[k] <= 1.0 for row in report["test"].values() for k in quality.METRICS)
     assert report["baselines"]["SASRec (full softmax CE)"]["config"]["seed"] == 3
+
+
+def test_train_step_benchmark_times_both_batch_orders_and_the_sorted_one_pads_less(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    lines = [  # many short users and a few with more than the encoder's window
+        " ".join([f"u{u}"] + [str(i) for i in rng.choice(200, 30 if u < 20 else 5, replace=False)]) for u in range(420)
+    ]
+    seq = tmp_path / "sequences.txt"
+    seq.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.train_step", "--dataset", str(seq),
+         "--steps", "2", "--rounds", "2", "--chunk-batches", "2"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout)
+    assert report["rounds"] == 2 and report["chunk_batches"] == 2
+    assert report["samples"] == 20 * 27 + 400 * 2
+    for order in ("random", "length_sorted"):
+        assert 0 < report[order]["ms_per_step_min"] <= report[order]["ms_per_step_median"]
+    assert report["random"]["mean_padded_width"] == report["history_window"]  # a long user in every batch
+    assert report["length_sorted"]["mean_padded_width"] < report["history_window"]
+    ratio = report["random"]["ms_per_step_median"] / report["length_sorted"]["ms_per_step_median"]
+    assert abs(report["speedup_median"] - ratio) < 1e-9
