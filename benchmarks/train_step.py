@@ -30,7 +30,7 @@ from onerec.build import sequence_file_config
 from onerec.data import leave_one_out, load_sequence_file
 from onerec.model import OneRecModel
 from onerec.tokenizer import codebook_size
-from onerec.train import SessionSamples, length_sorted_batches
+from onerec.train import SessionSamples, TrainConfig, length_sorted_batches
 
 
 def random_paths(n_items: int, level_sizes: list[int], seed: int) -> np.ndarray:
@@ -45,7 +45,7 @@ def time_steps(
     opt: torch.optim.Optimizer,
     samples: SessionSamples,
     batches: list[np.ndarray],
-    slot_weights: list[float],
+    tcfg: TrainConfig,
 ) -> tuple[float, float]:
     """Seconds per step over these batches and their mean padded history width."""
     widths = []
@@ -55,10 +55,10 @@ def time_steps(
         widths.append(hist.shape[1])
         loss, balance = model(
             hist, mask, user, target, target_mask,
-            slot_weights=slot_weights, candidates=samples.batch_candidates(idx, torch.device("cpu")),
+            slot_weights=tcfg.slot_weights, candidates=samples.batch_candidates(idx, torch.device("cpu")),
         )  # fmt: skip
         opt.zero_grad(set_to_none=True)
-        (loss + 0.01 * balance).backward()
+        (loss + tcfg.balance_weight * balance).backward()
         opt.step()
     return (time.perf_counter() - t0) / len(batches), float(np.mean(widths))
 
@@ -68,16 +68,16 @@ def main() -> None:
     p.add_argument("--dataset", required=True, help="a sequence file (one user per line: user item item ...)")
     p.add_argument("--steps", type=int, default=20, help="optimizer steps per round and order")
     p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--chunk-batches", type=int, default=None, help="default: the recipe's sorted_chunk_batches")
+    p.add_argument("--chunk-batches", type=int, default=50, help="batches per length-sorted chunk (> 0)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
 
     torch.set_num_threads(1)
     torch.manual_seed(args.seed)
     recipe = sequence_file_config(args.dataset)
-    chunks = args.chunk_batches if args.chunk_batches is not None else recipe.train.sorted_chunk_batches
+    chunks = args.chunk_batches
     if chunks <= 0:
-        raise SystemExit("--chunk-batches must be > 0 (the recipe's value is 0: pass one)")
+        raise SystemExit(f"--chunk-batches must be > 0, got {chunks}")
     data = load_sequence_file(args.dataset)
     split = leave_one_out(data)
     k = codebook_size(data.n_items, recipe.levels)
@@ -101,12 +101,12 @@ def main() -> None:
             opt,
             samples,
             length_sorted_batches(rng.permutation(len(samples)), lengths, batch, c, rng)[:3],
-            recipe.train.slot_weights or [1.0],
+            recipe.train,
         )
     for _ in range(args.rounds):
         for name, c in orders.items():
             batches = length_sorted_batches(rng.permutation(len(samples)), lengths, batch, c, rng)[: args.steps]
-            seconds, width = time_steps(model, opt, samples, batches, recipe.train.slot_weights or [1.0])
+            seconds, width = time_steps(model, opt, samples, batches, recipe.train)
             runs[name].append(seconds)
             widths[name].append(width)
     report: dict[str, Any] = {
