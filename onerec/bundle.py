@@ -34,7 +34,7 @@ from model_store import (
     verify_version,
 )
 from onerec.generate import Generator, RecRequest
-from onerec.model import ModelConfig, OneRecModel
+from onerec.model import ModelConfig, OneRecModel, candidate_score_features
 from onerec.trie import TrieIndex
 
 CATALOG = "catalog.json"
@@ -294,6 +294,9 @@ def check_model_config(raw: Any, version: int) -> ModelConfig:
         raise ValueError(f"{where}: candidate_tokens {config.candidate_tokens} needs catalogue_items > 0")
     if config.copy_head and not config.candidate_tokens:
         raise ValueError(f"{where}: copy_head needs candidate_tokens > 0 (the candidates it points at)")
+    for key in ("candidate_sources", "candidate_mass"):
+        if getattr(config, key) and not (config.candidate_tokens and config.candidate_scores):
+            raise ValueError(f"{where}: {key} needs candidate_tokens > 0 and candidate_scores")
     return config
 
 
@@ -320,7 +323,7 @@ def expected_tensors(config: ModelConfig) -> dict[str, list[int]]:
     if config.candidate_tokens:
         shapes["cand_rank.weight"] = [config.candidate_tokens, d]
         if config.candidate_scores:
-            shapes["cand_score.weight"] = [d, 2]
+            shapes["cand_score.weight"] = [d, candidate_score_features(config)]
         if config.copy_head:
             shapes["copy_query.weight"] = [d, d]
             shapes["copy_key.weight"] = [d, d]

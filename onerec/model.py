@@ -85,6 +85,13 @@ class ModelConfig:
     # Weight of a neighbour seen *before* an item in the candidates' co-occurrence (one seen after it weighs 1;
     # onerec.tokenizer.cooccurrence's ``backward``). 1: symmetric, the kNN baseline's count and older models'.
     candidate_backward: float = 1.0
+    # With candidate_scores: each candidate's score also enters split by its source, the share each of the
+    # newest three history items gave it (so "strong neighbour of the last item" differs from "weak neighbour
+    # of all three" at the same sum).
+    candidate_sources: bool = False
+    # With candidate_scores: each candidate also carries log(1 + its own co-occurrence mass), the sum of its
+    # neighbour weights, a popularity proxy that lets the model read a score relative to how common the item is.
+    candidate_mass: bool = False
 
     @property
     def depth(self) -> int:
@@ -434,6 +441,24 @@ def norm_for(training: bool) -> Callable[[RMSNorm, torch.Tensor], torch.Tensor]:
     return _module_norm if training else rms
 
 
+def candidate_score_features(cfg: ModelConfig) -> int:
+    """How many numbers describe a candidate's score: log and share of the top, plus one per source."""
+    return 2 + (len(CANDIDATE_RECENCY) if cfg.candidate_sources else 0) + int(cfg.candidate_mass)
+
+
+def candidate_score_inputs(score: torch.Tensor, mass: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, K) scores, or (B, K, R) per-source shares, and optionally (B, K) each candidate's own
+    co-occurrence mass -> (B, K, F) the inputs of ``cand_score``."""
+    total = score.sum(-1) if score.dim() == 3 else score  # (B, K)
+    share = total / total[:, :1].clamp(min=1e-6)  # the strongest candidate's score is first
+    features = [torch.log1p(total)[..., None], share[..., None]]
+    if score.dim() == 3:
+        features.append(torch.log1p(score))
+    if mass is not None:
+        features.append(torch.log1p(mass)[..., None])
+    return torch.cat(features, dim=-1)
+
+
 class OneRecModel(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -441,6 +466,8 @@ class OneRecModel(nn.Module):
             raise ValueError(f"d_model {cfg.d_model} is not divisible by n_heads {cfg.n_heads}")
         if cfg.copy_head and not cfg.candidate_tokens:
             raise ValueError("copy_head needs candidate_tokens > 0 (the candidates it points at)")
+        if (cfg.candidate_sources or cfg.candidate_mass) and not (cfg.candidate_tokens and cfg.candidate_scores):
+            raise ValueError("candidate_sources and candidate_mass need candidate_tokens > 0 and candidate_scores")
         self.cfg = cfg
         d = cfg.d_model
         self.enc_codes = nn.ModuleList(nn.Embedding(v, d) for v in cfg.level_sizes)
@@ -451,7 +478,8 @@ class OneRecModel(nn.Module):
                 raise ValueError("candidate_tokens needs catalogue_items (the items with neighbour lists)")
             self.cand_rank = nn.Embedding(cfg.candidate_tokens, d)  # rank 0 = the strongest candidate
             if cfg.candidate_scores:
-                self.cand_score = nn.Linear(2, d, bias=False)  # [log(1 + score), score / top score] -> d
+                # [log(1 + score), score / top score] (+ log(1 + each source's share)) -> d
+                self.cand_score = nn.Linear(candidate_score_features(cfg), d, bias=False)
             if cfg.copy_head:
                 self.copy_query = nn.Linear(d, d, bias=False)  # decoder state -> pointer query
                 self.copy_key = nn.Linear(d, d, bias=False)  # candidate's encoder output -> pointer key
@@ -558,24 +586,37 @@ class OneRecModel(nn.Module):
 
     def candidates(self, hist_codes: torch.Tensor, hist_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The K strongest co-occurrence candidates of each history: (B, K) catalogue rows (-1 = none)
-        and (B, K) scores (0 = none), strongest first.
+        and their scores (0 = none), strongest first: (B, K), or with ``candidate_sources`` (B, K, R), the
+        share of each of the newest R = 3 history items (summing to the score).
 
         Score of item j: sum over the newest three history items h of weight(h's recency) *
         co-occurrence(h, j); items of the history itself are never candidates.
         """
         k, n = self.cfg.candidate_tokens, self.cfg.catalogue_items
         index = torch.where(hist_mask, self.catalogue_index(hist_codes), -1)  # (B, S)
-        scores = hist_codes.new_zeros((index.shape[0], n + 1), dtype=torch.float32)  # column n: "none"
-        for recency, weight in enumerate(CANDIDATE_RECENCY[: index.shape[1]]):
-            row = index[:, recency]  # (B,)
+        recency = CANDIDATE_RECENCY[: index.shape[1]]
+        split = self.cfg.candidate_sources
+        # One score row per source when split, else one shared row (B, n+1); column n is "none".
+        shares = hist_codes.new_zeros((len(recency) if split else 1, index.shape[0], n + 1), dtype=torch.float32)
+        for r, weight in enumerate(recency):
+            row = index[:, r]  # (B,)
             known = (row >= 0)[:, None]
             cols = torch.where(known, self.neighbour_items[row.clamp(min=0)].long(), -1)  # (B, K)
             vals = torch.where(known, self.neighbour_weights[row.clamp(min=0)], 0.0)
-            scores.scatter_add_(1, torch.where(cols >= 0, cols, n), weight * vals)
-        scores[:, n] = 0.0
-        scores.scatter_(1, torch.where(index >= 0, index, n), 0.0)  # never the history's own items
+            shares[r if split else 0].scatter_add_(1, torch.where(cols >= 0, cols, n), weight * vals)
+        shares[:, :, n] = 0.0
+        own = torch.where(index >= 0, index, n)[None].expand(shares.shape[0], -1, -1)
+        shares.scatter_(2, own, 0.0)  # never the history's own items
+        scores = shares[0].clone() if split else shares[0]  # (B, n+1)
+        for share in shares[1:]:  # in recency order, as the training candidates sum them
+            scores += share
         top, rows = scores[:, :n].topk(min(k, n), dim=1)  # (B, K)
-        return torch.where(top > 0, rows, -1), top.clamp(min=0.0)
+        rows = torch.where(top > 0, rows, -1)
+        if not split:
+            return rows, top.clamp(min=0.0)
+        by_source = shares.gather(2, rows.clamp(min=0)[None].expand(len(recency), -1, -1)).permute(1, 2, 0)
+        by_source = torch.where((rows >= 0)[..., None], by_source.clamp(min=0.0), 0.0)  # (B, K, r)
+        return rows, F.pad(by_source, (0, len(CANDIDATE_RECENCY) - len(recency)))
 
     # ---- encoder ------------------------------------------------------------------------------
 
@@ -604,8 +645,10 @@ class OneRecModel(nn.Module):
             cand = self.item_embeddings(self.catalogue_codes[rows.clamp(min=0)])
             cand = cand + self.cand_rank.weight[None, : rows.shape[1]]
             if self.cfg.candidate_scores:
-                share = score / score[:, :1].clamp(min=1e-6)  # the strongest candidate's score is first
-                cand = cand + self.cand_score(torch.stack([torch.log1p(score), share], dim=-1).to(cand.dtype))
+                mass = None
+                if self.cfg.candidate_mass:  # (B, K), 0 for an empty slot
+                    mass = torch.where(cand_mask, self.neighbour_weights[rows.clamp(min=0)].sum(-1), 0.0)
+                cand = cand + self.cand_score(candidate_score_inputs(score, mass).to(cand.dtype))
             x, mask = torch.cat([x, cand], dim=1), torch.cat([mask, cand_mask], dim=1)  # M = S+1+K
         x = F.dropout(x, self.cfg.embedding_dropout, self.training)
         mask = mask[:, None, None, :]  # (B, 1, 1, M)

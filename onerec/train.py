@@ -135,7 +135,7 @@ class SessionSamples:
         self.pairs = np.array(pairs, dtype=np.int64).reshape(-1, 2)
         self.candidates = (
             leave_user_out_candidates(self.sequences, self.pairs, cfg.history_window, cfg.catalogue_items,
-                                      cfg.candidate_tokens, cfg.candidate_backward)
+                                      cfg.candidate_tokens, cfg.candidate_backward, cfg.candidate_sources)
             if cfg.candidate_tokens
             else None
         )  # fmt: skip
@@ -185,8 +185,8 @@ class SessionSamples:
         return NextItemTargets(self.codes.to(device), torch.from_numpy(targets).to(device), weight)
 
     def batch_candidates(self, idx: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The samples' candidates computed without their own user's sequence: (B, K) rows and scores
-        on `device`; None for a model without candidates."""
+        """The samples' candidates computed without their own user's sequence: (B, K) rows and (B, K)
+        scores, or (B, K, R) per-source shares, on `device`; None for a model without candidates."""
         if self.candidates is None:
             return None
         rows, scores = self.candidates
@@ -409,10 +409,12 @@ def leave_user_out_candidates(
     n_items: int,
     k: int,
     backward: float = 1.0,
+    sources: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Each sample's K co-occurrence candidates as the model computes them at serving time, but from
     neighbour lists built without the sample's own user: (N, K) int32 rows (-1 = none) and (N, K)
-    float32 scores (0 = none).
+    float32 scores (0 = none), or with ``sources`` (N, K, R) each of the newest R = 3 history items'
+    share of the score (``ModelConfig.candidate_sources``).
 
     At serving time the user's next item has never co-occurred with their history in training data;
     with their own sequence counted, a training sample's target would always be a candidate, and the
@@ -425,7 +427,8 @@ def leave_user_out_candidates(
     indptr = np.searchsorted(rows, np.arange(n_items + 1))
     out = np.full((len(pairs), k), -1, dtype=np.int32)
     out_scores = np.zeros((len(pairs), k), dtype=np.float32)
-    score = np.zeros(n_items)
+    out_shares = np.zeros((len(pairs), k, len(CANDIDATE_RECENCY)) if sources else (0, k, 0), dtype=np.float32)
+    shares = np.zeros((len(CANDIDATE_RECENCY), n_items))
     own_user = -1
     for n, (u, p) in enumerate(pairs):
         if u != own_user:  # pairs are grouped by user: their own co-occurrence, once per user
@@ -440,18 +443,21 @@ def leave_user_out_candidates(
             val[np.searchsorted(nb, own_cols[mine])] -= own_weights[mine]
             order = np.lexsort((nb, -val))[:k]
             order = order[val[order] > 1e-9]
-            score[nb[order]] += weight * val[order]
+            shares[recency, nb[order]] += weight * val[order]
             touched.append(nb[order])
         if not touched:
             continue
         cand = np.unique(np.concatenate(touched))
-        score[hist] = 0.0
-        best = cand[np.argsort(-score[cand], kind="stable")][:k]
+        shares[:, hist] = 0.0
+        score = shares[:, cand].sum(0)
+        best = np.argsort(-score, kind="stable")[:k]
         best = best[score[best] > 1e-9]
-        out[n, : len(best)] = best
+        out[n, : len(best)] = cand[best]
         out_scores[n, : len(best)] = score[best]
-        score[cand] = 0.0
-    return out, out_scores
+        if sources:
+            out_shares[n, : len(best)] = shares[:, cand[best]].T
+        shares[:, cand] = 0.0
+    return out, (out_shares if sources else out_scores)
 
 
 def _lr_factor(step: int, warmup: int, total: int, done: float | None = None) -> float:

@@ -349,11 +349,12 @@ def test_training_with_the_next_item_loss_ranks_validation_items_higher(tmp_path
 # ---- item identities and epoch selection ---------------------------------------------------------
 
 
-def candidate_model(scores: bool = False) -> OneRecModel:
+def candidate_model(scores: bool = False, sources: bool = False) -> OneRecModel:
     """Five items on one-level paths 0..4 (item i has code i), each item's neighbours given by hand."""
     torch.manual_seed(0)
     cfg = ModelConfig(level_sizes=[6], session_items=1, history_window=4, d_model=8, n_heads=2, d_ff=8,
-                      catalogue_items=5, candidate_tokens=3, candidate_scores=scores)  # fmt: skip
+                      catalogue_items=5, candidate_tokens=3, candidate_scores=scores or sources,
+                      candidate_sources=sources)  # fmt: skip
     model = OneRecModel(cfg).eval()
     model.set_catalogue(torch.arange(5)[:, None])
     items = torch.tensor([[1, 2, -1], [2, 3, -1], [4, -1, -1], [0, -1, -1], [-1, -1, -1]])
@@ -399,6 +400,61 @@ def test_candidate_scores_enter_the_memory_when_configured() -> None:
     a, _ = plain.encode(hist, mask, user, candidates=(rows, torch.tensor([[2.0, 1.0, 0.0]])))
     b, _ = plain.encode(hist, mask, user, candidates=(rows, torch.tensor([[9.0, 1.0, 0.0]])))
     assert torch.equal(a, b)  # without the option only the rank is read
+
+
+def test_candidate_sources_split_each_score_by_the_history_item_that_gave_it() -> None:
+    """Item 2 is a neighbour of the newest item (co-occurrence 1, recency weight 1) and of the one before
+    (2 x 0.5), item 3 of the one before only (1 x 0.5): the split says so, and sums to the plain score."""
+    model, plain = candidate_model(sources=True), candidate_model(scores=True)
+    hist, mask = torch.tensor([[[0], [1], [5]]]), torch.ones(1, 3, dtype=torch.bool)
+    rows, shares = model.candidates(hist, mask)
+    want_rows, want_scores = plain.candidates(hist, mask)
+    assert torch.equal(rows, want_rows) and rows[0].tolist() == [2, 3, -1]
+    assert shares.shape == (1, 3, 3) and shares[0].tolist() == [[1.0, 1.0, 0.0], [0.0, 0.5, 0.0], [0.0, 0.0, 0.0]]
+    assert torch.equal(shares.sum(-1), want_scores)
+    rows, shares = model.candidates(torch.tensor([[[2]]]), torch.ones(1, 1, dtype=torch.bool))  # one item: R = 3
+    assert rows[0].tolist() == [4, -1, -1] and shares[0].tolist() == [[3.0, 0.0, 0.0], [0.0] * 3, [0.0] * 3]
+    user, cand = torch.tensor([0]), torch.tensor([[4, 2, -1]])
+    newest = torch.tensor([[[2.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0] * 3]])
+    older = torch.tensor([[[0.0, 2.0, 0.0], [1.0, 0.0, 0.0], [0.0] * 3]])  # the same sums, another source
+    a, _ = model.encode(hist, mask, user, candidates=(cand, newest))
+    b, _ = model.encode(hist, mask, user, candidates=(cand, older))
+    assert not torch.allclose(a, b)
+    with pytest.raises(ValueError, match="candidate_sources and candidate_mass need"):
+        OneRecModel(replace(model.cfg, candidate_scores=False))
+
+
+def test_candidate_mass_tells_a_common_candidate_from_a_rare_one_at_the_same_score() -> None:
+    """Given the same candidates and scores, a candidate whose own neighbour weights are larger (a more
+    common item) makes a different memory when ``candidate_mass`` is on, and the same one when it is off."""
+    hist, mask, user = torch.tensor([[[0], [1]]]), torch.ones(1, 2, dtype=torch.bool), torch.tensor([0])
+    given = (torch.tensor([[4, 2, -1]]), torch.tensor([[2.0, 1.0, 0.0]]))
+    items = torch.tensor([[1, 2, -1], [2, 3, -1], [4, -1, -1], [0, -1, -1], [0, 1, -1]])
+    weights = torch.tensor([[4.0, 1.0, 0.0], [2.0, 1.0, 0.0], [3.0, 0.0, 0.0], [5.0, 0.0, 0.0], [1.0, 1.0, 0.0]])
+
+    def memory(mass: bool, item_4_weights: list[float]) -> torch.Tensor:
+        torch.manual_seed(0)
+        model = OneRecModel(replace(candidate_model(scores=True).cfg, candidate_mass=mass)).eval()
+        model.set_catalogue(torch.arange(5)[:, None])
+        model.set_neighbours(items, torch.cat([weights[:4], torch.tensor([item_4_weights])]))
+        return model.encode(hist, mask, user, candidates=given)[0]
+
+    assert torch.equal(memory(False, [1.0, 1.0, 0.0]), memory(False, [90.0, 9.0, 0.0]))  # off: never read
+    assert not torch.allclose(memory(True, [1.0, 1.0, 0.0]), memory(True, [90.0, 9.0, 0.0]))
+
+
+def test_training_candidates_split_by_source_sum_to_their_scores() -> None:
+    from onerec.train import leave_user_out_candidates
+
+    seqs = [np.array([0, 1, 2]), np.array([0, 3]), np.array([5, 0, 3]), np.array([1, 5, 0, 3, 2]), np.array([2, 0])]
+    pairs = np.array([(u, p) for u, s in enumerate(seqs) for p in range(1, len(s))])
+    cand, scores = leave_user_out_candidates(seqs, pairs, 20, 6, 4, 0.5)
+    same, shares = leave_user_out_candidates(seqs, pairs, 20, 6, 4, 0.5, sources=True)
+    assert np.array_equal(cand, same) and shares.shape == (len(pairs), 4, 3)
+    np.testing.assert_allclose(shares.sum(-1), scores, rtol=1e-6)
+    for n, (_, p) in enumerate(pairs):
+        assert not shares[n, :, min(p, 3) :].any()  # no share from a history item the sample lacks
+    assert (shares[:, :, 1:].sum((0, 1)) > 0).all()  # the older items do give shares
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -736,7 +792,7 @@ def test_training_progress_goes_to_stderr_so_stdout_stays_machine_readable(
     assert "[train] epoch 2:" in err
 
 
-def test_build_with_scored_candidates_tied_codes_and_copy_head_answers_the_same_after_loading(tmp_path: Path) -> None:
+def test_a_build_with_candidates_by_source_tied_codes_and_copy_head_answers_the_same_loaded(tmp_path: Path) -> None:
     from onerec.bundle import load_bundle
     from onerec.evaluate import evaluate_split
 
@@ -745,6 +801,7 @@ def test_build_with_scored_candidates_tied_codes_and_copy_head_answers_the_same_
     cfg.select_on_valid = True
     cfg.model.candidate_tokens = 5
     cfg.model.candidate_scores = True
+    cfg.model.candidate_sources = True
     cfg.model.tie_code_embeddings = True
     cfg.model.copy_head = True
     cfg.candidate_backward_choices = (0.0, 1.0)

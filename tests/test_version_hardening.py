@@ -386,6 +386,8 @@ def test_huge_user_buckets_refused_without_a_big_allocation(tmp_path: Path) -> N
         ("dropout", 1.5),
         ("n_heads", 3),
         ("experts_top_k", 3),
+        ("candidate_sources", True),  # TINY has no scored candidates to split
+        ("candidate_mass", True),
     ],
 )
 def test_config_outside_sane_limits_is_refused(key: str, value: Any) -> None:
@@ -631,6 +633,10 @@ def test_service_becomes_ready_on_v1_beside_a_broken_v2(
         ModelConfig(level_sizes=[5, 7], catalogue_items=11, candidate_tokens=4, embedding_dropout=0.3),
         ModelConfig(level_sizes=[5, 7], catalogue_items=9, candidate_tokens=2, candidate_scores=True,
                     tie_code_embeddings=True, copy_head=True),
+        ModelConfig(level_sizes=[5, 7], catalogue_items=9, candidate_tokens=2, candidate_scores=True,
+                    candidate_sources=True),
+        ModelConfig(level_sizes=[5, 7], catalogue_items=9, candidate_tokens=2, candidate_scores=True,
+                    candidate_sources=True, candidate_mass=True),
     ],
 )  # fmt: skip
 def test_expected_tensors_follow_the_model(config: ModelConfig) -> None:
