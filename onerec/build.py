@@ -197,6 +197,19 @@ def candidate_lists(train: list[np.ndarray], n_items: int, k: int, backward: flo
     return top_neighbours(*cooccurrence(train, n_items, CANDIDATE_WINDOW, backward), n_items, k)
 
 
+def candidate_forward(train: list[np.ndarray], n_items: int, items: np.ndarray) -> np.ndarray:
+    """The part of each neighbour weight counted *after* its item (the count with backward 0), aligned
+    with ``candidate_lists``' (n_items, k) items; 0 where there is no neighbour."""
+    rows, cols, weights = cooccurrence(train, n_items, CANDIDATE_WINDOW, 0.0)
+    if not len(rows):
+        return np.zeros(items.shape, dtype=np.float32)
+    keys = rows * n_items + cols  # sorted: rows, then cols
+    want = np.arange(n_items)[:, None] * n_items + items
+    pos = np.searchsorted(keys, want).clip(max=len(keys) - 1)
+    hit = (items >= 0) & (keys[pos] == want)
+    return np.where(hit, weights[pos], 0.0).astype(np.float32)
+
+
 def candidate_recall(items: np.ndarray, weights: np.ndarray, rows: EvalSet) -> float:
     """Share of `rows`' targets among the k candidates the model would read for their histories from
     these neighbour lists (``OneRecModel.candidates``' recipe: each of the newest three items' neighbours,
@@ -307,7 +320,10 @@ def build(cfg: BuildConfig, store: Path, progress: bool = True) -> tuple[Publish
         items, weights = candidate_lists(
             split.train, data.n_items, model_cfg.candidate_tokens, model_cfg.candidate_backward
         )
-        model.set_neighbours(torch.from_numpy(items), torch.from_numpy(weights))
+        forward = candidate_forward(split.train, data.n_items, items) if model_cfg.candidate_directions else None
+        model.set_neighbours(
+            torch.from_numpy(items), torch.from_numpy(weights), None if forward is None else torch.from_numpy(forward)
+        )
         log(f"candidates: {model_cfg.candidate_tokens} co-occurrence neighbours per item in the encoder memory")
     log(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; training on {cfg.train.device}")
 

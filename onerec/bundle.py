@@ -297,6 +297,9 @@ def check_model_config(raw: Any, version: int) -> ModelConfig:
     for key in ("candidate_sources", "candidate_mass"):
         if getattr(config, key) and not (config.candidate_tokens and config.candidate_scores):
             raise ValueError(f"{where}: {key} needs candidate_tokens > 0 and candidate_scores")
+    for key in ("candidate_transitions", "candidate_directions"):
+        if getattr(config, key) and not config.candidate_sources:
+            raise ValueError(f"{where}: {key} needs candidate_sources")
     return config
 
 
@@ -331,6 +334,8 @@ def expected_tensors(config: ModelConfig) -> dict[str, list[int]]:
             shapes["copy_gate.bias"] = [1]
         shapes["neighbour_items"] = [config.catalogue_items, config.candidate_tokens]
         shapes["neighbour_weights"] = [config.catalogue_items, config.candidate_tokens]
+        if config.candidate_directions:
+            shapes["neighbour_forward"] = [config.catalogue_items, config.candidate_tokens]
     for i in range(config.n_encoder_layers):
         layer = f"encoder.{i}"
         shapes[f"{layer}.n1.weight"] = [d]

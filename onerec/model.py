@@ -58,7 +58,7 @@ RENAMED_CONFIG_KEYS = {"max_history": "history_window"}
 # lists from co-occurrence within this window, and these weights for the newest three history items.
 CANDIDATE_WINDOW = 3
 CANDIDATE_RECENCY = (1.0, 0.5, 0.25)
-EXACT_BUFFERS = ("neighbour_items", "neighbour_weights")  # kept float32 by OneRecModel._apply
+EXACT_BUFFERS = ("neighbour_items", "neighbour_weights", "neighbour_forward")  # kept float32 by OneRecModel._apply
 
 
 @dataclass
@@ -92,6 +92,14 @@ class ModelConfig:
     # With candidate_scores: each candidate also carries log(1 + its own co-occurrence mass), the sum of its
     # neighbour weights, a popularity proxy that lets the model read a score relative to how common the item is.
     candidate_mass: bool = False
+    # With candidate_sources: each source's share also enters divided by that history item's whole neighbour
+    # mass, an estimate of P(candidate | source) that a raw count hides (a popular source gives every
+    # neighbour a large count).
+    candidate_transitions: bool = False
+    # With candidate_sources: each source's share also enters as the fraction of it counted *after* the
+    # source (the candidates' count weighs both directions, ``candidate_backward``), so "bought next" and
+    # "bought before" differ at the same share. Needs the neighbour lists' forward part (``neighbour_forward``).
+    candidate_directions: bool = False
 
     @property
     def depth(self) -> int:
@@ -443,17 +451,24 @@ def norm_for(training: bool) -> Callable[[RMSNorm, torch.Tensor], torch.Tensor]:
 
 def candidate_score_features(cfg: ModelConfig) -> int:
     """How many numbers describe a candidate's score: log and share of the top, plus one per source."""
-    return 2 + (len(CANDIDATE_RECENCY) if cfg.candidate_sources else 0) + int(cfg.candidate_mass)
+    per_source = len(CANDIDATE_RECENCY) * (
+        int(cfg.candidate_sources) + int(cfg.candidate_transitions) + int(cfg.candidate_directions)
+    )
+    return 2 + per_source + int(cfg.candidate_mass)
 
 
 def candidate_score_inputs(score: torch.Tensor, mass: torch.Tensor | None = None) -> torch.Tensor:
-    """(B, K) scores, or (B, K, R) per-source shares, and optionally (B, K) each candidate's own
-    co-occurrence mass -> (B, K, F) the inputs of ``cand_score``."""
-    total = score.sum(-1) if score.dim() == 3 else score  # (B, K)
+    """(B, K) scores, or (B, K, R) per-source shares (then optionally R transition estimates and/or R forward
+    fractions after them, each in [0, 1]), and optionally (B, K) each candidate's own co-occurrence mass
+    -> (B, K, F) the inputs of ``cand_score``."""
+    r = len(CANDIDATE_RECENCY)
+    shares = score[..., :r] if score.dim() == 3 else score
+    total = shares.sum(-1) if score.dim() == 3 else score  # (B, K)
     share = total / total[:, :1].clamp(min=1e-6)  # the strongest candidate's score is first
     features = [torch.log1p(total)[..., None], share[..., None]]
     if score.dim() == 3:
-        features.append(torch.log1p(score))
+        features.append(torch.log1p(shares))
+        features.append(score[..., r:])  # (B, K, R or 2R) transitions and forward fractions, or nothing
     if mass is not None:
         features.append(torch.log1p(mass)[..., None])
     return torch.cat(features, dim=-1)
@@ -468,6 +483,10 @@ class OneRecModel(nn.Module):
             raise ValueError("copy_head needs candidate_tokens > 0 (the candidates it points at)")
         if (cfg.candidate_sources or cfg.candidate_mass) and not (cfg.candidate_tokens and cfg.candidate_scores):
             raise ValueError("candidate_sources and candidate_mass need candidate_tokens > 0 and candidate_scores")
+        if cfg.candidate_transitions and not cfg.candidate_sources:
+            raise ValueError("candidate_transitions needs candidate_sources (it divides each source's share)")
+        if cfg.candidate_directions and not cfg.candidate_sources:
+            raise ValueError("candidate_directions needs candidate_sources (it splits each source's share)")
         self.cfg = cfg
         d = cfg.d_model
         self.enc_codes = nn.ModuleList(nn.Embedding(v, d) for v in cfg.level_sizes)
@@ -490,6 +509,8 @@ class OneRecModel(nn.Module):
             shape = (cfg.catalogue_items, cfg.candidate_tokens)
             self.register_buffer("neighbour_items", torch.full(shape, -1.0))
             self.register_buffer("neighbour_weights", torch.zeros(shape))
+            if cfg.candidate_directions:  # the part of each weight counted after the item (backward 0)
+                self.register_buffer("neighbour_forward", torch.zeros(shape))
             self.register_buffer("path_strides", path_strides(cfg.level_sizes), persistent=False)
             self.register_buffer("catalogue_keys", torch.zeros(0, dtype=torch.long), persistent=False)
             self.register_buffer("catalogue_rows", torch.zeros(0, dtype=torch.long), persistent=False)
@@ -557,14 +578,21 @@ class OneRecModel(nn.Module):
         self.catalogue_keys, self.catalogue_rows, self.catalogue_codes = keys, order, codes
 
     @torch.no_grad()
-    def set_neighbours(self, items: torch.Tensor, weights: torch.Tensor) -> None:
+    def set_neighbours(self, items: torch.Tensor, weights: torch.Tensor, forward: torch.Tensor | None = None) -> None:
         """Each catalogue item's strongest co-occurring items, strongest first: (catalogue_items, K)
-        item indices (-1 = none) and their weights (from ``onerec.tokenizer.top_neighbours``)."""
+        item indices (-1 = none) and their weights (from ``onerec.tokenizer.top_neighbours``); with
+        ``candidate_directions`` also each weight's forward part (``onerec.build.candidate_forward``)."""
         shape = tuple(self.neighbour_items.shape)
         if tuple(items.shape) != shape or tuple(weights.shape) != shape:
             raise ValueError(f"neighbours: want {shape}, got {tuple(items.shape)} and {tuple(weights.shape)}")
+        if self.cfg.candidate_directions != (forward is not None):
+            raise ValueError("neighbours: forward weights are needed exactly when candidate_directions is on")
         self.neighbour_items.copy_(items.float())
         self.neighbour_weights.copy_(torch.where(items >= 0, weights.float(), 0.0))
+        if forward is not None:
+            if tuple(forward.shape) != shape:
+                raise ValueError(f"neighbours: want forward weights {shape}, got {tuple(forward.shape)}")
+            self.neighbour_forward.copy_(torch.where(items >= 0, forward.float(), 0.0))
         self.check_neighbours()
 
     def check_neighbours(self) -> None:
@@ -574,6 +602,8 @@ class OneRecModel(nn.Module):
             raise ValueError(f"neighbour_items must hold item indices in [-1, {n})")
         if not bool(torch.isfinite(self.neighbour_weights).all()):
             raise ValueError("neighbour_weights must be finite")
+        if self.cfg.candidate_directions and not bool(torch.isfinite(self.neighbour_forward).all()):
+            raise ValueError("neighbour_forward must be finite")
 
     def catalogue_index(self, hist_codes: torch.Tensor) -> torch.Tensor:
         """hist_codes (B, S, D) -> catalogue rows (B, S); -1 for a path the catalogue trained on lacks."""
@@ -587,7 +617,9 @@ class OneRecModel(nn.Module):
     def candidates(self, hist_codes: torch.Tensor, hist_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The K strongest co-occurrence candidates of each history: (B, K) catalogue rows (-1 = none)
         and their scores (0 = none), strongest first: (B, K), or with ``candidate_sources`` (B, K, R), the
-        share of each of the newest R = 3 history items (summing to the score).
+        share of each of the newest R = 3 history items (summing to the score), followed with
+        ``candidate_transitions`` by each share over its source's whole neighbour mass and with
+        ``candidate_directions`` by the fraction of each share counted after its source.
 
         Score of item j: sum over the newest three history items h of weight(h's recency) *
         co-occurrence(h, j); items of the history itself are never candidates.
@@ -598,12 +630,18 @@ class OneRecModel(nn.Module):
         split = self.cfg.candidate_sources
         # One score row per source when split, else one shared row (B, n+1); column n is "none".
         shares = hist_codes.new_zeros((len(recency) if split else 1, index.shape[0], n + 1), dtype=torch.float32)
+        masses = hist_codes.new_zeros((index.shape[0], len(CANDIDATE_RECENCY)), dtype=torch.float32)  # (B, R)
+        ahead = torch.zeros_like(shares) if self.cfg.candidate_directions else None  # forward parts of shares
         for r, weight in enumerate(recency):
             row = index[:, r]  # (B,)
             known = (row >= 0)[:, None]
             cols = torch.where(known, self.neighbour_items[row.clamp(min=0)].long(), -1)  # (B, K)
             vals = torch.where(known, self.neighbour_weights[row.clamp(min=0)], 0.0)
             shares[r if split else 0].scatter_add_(1, torch.where(cols >= 0, cols, n), weight * vals)
+            masses[:, r] = weight * vals.sum(-1)
+            if ahead is not None:
+                fwd = torch.where(known, self.neighbour_forward[row.clamp(min=0)], 0.0)
+                ahead[r].scatter_add_(1, torch.where(cols >= 0, cols, n), weight * fwd)
         shares[:, :, n] = 0.0
         own = torch.where(index >= 0, index, n)[None].expand(shares.shape[0], -1, -1)
         shares.scatter_(2, own, 0.0)  # never the history's own items
@@ -616,7 +654,15 @@ class OneRecModel(nn.Module):
             return rows, top.clamp(min=0.0)
         by_source = shares.gather(2, rows.clamp(min=0)[None].expand(len(recency), -1, -1)).permute(1, 2, 0)
         by_source = torch.where((rows >= 0)[..., None], by_source.clamp(min=0.0), 0.0)  # (B, K, r)
-        return rows, F.pad(by_source, (0, len(CANDIDATE_RECENCY) - len(recency)))
+        by_source = F.pad(by_source, (0, len(CANDIDATE_RECENCY) - len(recency)))  # (B, K, R)
+        out = [by_source]
+        if self.cfg.candidate_transitions:
+            out.append(by_source / masses[:, None].clamp(min=1e-6))
+        if ahead is not None:
+            fwd = ahead.gather(2, rows.clamp(min=0)[None].expand(len(recency), -1, -1)).permute(1, 2, 0)
+            fwd = F.pad(torch.where((rows >= 0)[..., None], fwd, 0.0), (0, len(CANDIDATE_RECENCY) - len(recency)))
+            out.append(torch.where(by_source > 0, fwd / by_source.clamp(min=1e-9), 0.0).clamp(0.0, 1.0))
+        return rows, torch.cat(out, dim=-1)
 
     # ---- encoder ------------------------------------------------------------------------------
 

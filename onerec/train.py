@@ -135,7 +135,8 @@ class SessionSamples:
         self.pairs = np.array(pairs, dtype=np.int64).reshape(-1, 2)
         self.candidates = (
             leave_user_out_candidates(self.sequences, self.pairs, cfg.history_window, cfg.catalogue_items,
-                                      cfg.candidate_tokens, cfg.candidate_backward, cfg.candidate_sources)
+                                      cfg.candidate_tokens, cfg.candidate_backward, cfg.candidate_sources,
+                                      cfg.candidate_transitions, cfg.candidate_directions)
             if cfg.candidate_tokens
             else None
         )  # fmt: skip
@@ -410,11 +411,15 @@ def leave_user_out_candidates(
     k: int,
     backward: float = 1.0,
     sources: bool = False,
+    transitions: bool = False,
+    directions: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Each sample's K co-occurrence candidates as the model computes them at serving time, but from
     neighbour lists built without the sample's own user: (N, K) int32 rows (-1 = none) and (N, K)
     float32 scores (0 = none), or with ``sources`` (N, K, R) each of the newest R = 3 history items'
-    share of the score (``ModelConfig.candidate_sources``).
+    share of the score (``ModelConfig.candidate_sources``), with ``transitions`` followed by each share
+    over its source's neighbour mass (``ModelConfig.candidate_transitions``), with ``directions`` then by
+    the fraction of each share counted after its source (``ModelConfig.candidate_directions``).
 
     At serving time the user's next item has never co-occurred with their history in training data;
     with their own sequence counted, a training sample's target would always be a candidate, and the
@@ -425,14 +430,22 @@ def leave_user_out_candidates(
     """
     rows, cols, weights = cooccurrence(sequences, n_items, CANDIDATE_WINDOW, backward)
     indptr = np.searchsorted(rows, np.arange(n_items + 1))
+    if directions:  # the forward part of each weight: the same count with backward 0, a subset of its pairs
+        frows, fcols, fweights = cooccurrence(sequences, n_items, CANDIDATE_WINDOW, 0.0)
+        findptr = np.searchsorted(frows, np.arange(n_items + 1))
     out = np.full((len(pairs), k), -1, dtype=np.int32)
     out_scores = np.zeros((len(pairs), k), dtype=np.float32)
-    out_shares = np.zeros((len(pairs), k, len(CANDIDATE_RECENCY)) if sources else (0, k, 0), dtype=np.float32)
-    shares = np.zeros((len(CANDIDATE_RECENCY), n_items))
+    r = len(CANDIDATE_RECENCY)
+    out_shares = np.zeros((len(pairs), k, r * (1 + transitions + directions)) if sources else (0, k, 0), np.float32)
+    shares = np.zeros((r, n_items))
+    ahead = np.zeros((r, n_items))  # the forward parts of shares
+    masses = np.zeros(r)
     own_user = -1
     for n, (u, p) in enumerate(pairs):
         if u != own_user:  # pairs are grouped by user: their own co-occurrence, once per user
             own_rows, own_cols, own_weights = cooccurrence([sequences[u]], n_items, CANDIDATE_WINDOW, backward)
+            if directions:
+                own_frows, own_fcols, own_fweights = cooccurrence([sequences[u]], n_items, CANDIDATE_WINDOW, 0.0)
             own_user = u
         hist = sequences[u][max(0, p - history_window) : p]
         touched = []
@@ -444,6 +457,14 @@ def leave_user_out_candidates(
             order = np.lexsort((nb, -val))[:k]
             order = order[val[order] > 1e-9]
             shares[recency, nb[order]] += weight * val[order]
+            masses[recency] = weight * val[order].sum()
+            if directions:
+                fnb, fval = fcols[findptr[h] : findptr[h + 1]], fweights[findptr[h] : findptr[h + 1]].copy()
+                fmine = own_frows == h
+                fval[np.searchsorted(fnb, own_fcols[fmine])] -= own_fweights[fmine]
+                forward = np.zeros(len(nb))
+                forward[np.searchsorted(nb, fnb)] = fval
+                ahead[recency, nb[order]] += weight * forward[order]
             touched.append(nb[order])
         if not touched:
             continue
@@ -455,8 +476,16 @@ def leave_user_out_candidates(
         out[n, : len(best)] = cand[best]
         out_scores[n, : len(best)] = score[best]
         if sources:
-            out_shares[n, : len(best)] = shares[:, cand[best]].T
+            out_shares[n, : len(best), :r] = shares[:, cand[best]].T
+            if transitions:
+                out_shares[n, : len(best), r : 2 * r] = shares[:, cand[best]].T / np.maximum(masses, 1e-6)
+            if directions:
+                share, fwd = shares[:, cand[best]].T, ahead[:, cand[best]].T
+                fraction = np.where(share > 0, fwd / np.maximum(share, 1e-9), 0.0).clip(0.0, 1.0)
+                out_shares[n, : len(best), r * (1 + transitions) :] = fraction
         shares[:, cand] = 0.0
+        ahead[:, cand] = 0.0
+        masses[:] = 0.0
     return out, (out_shares if sources else out_scores)
 
 

@@ -27,7 +27,7 @@ from onerec.baselines import (
 )
 from onerec.build import BuildConfig, build
 from onerec.data import InteractionData, Split, leave_one_out, load_item_content, load_sequence_file
-from onerec.model import ModelConfig, NextItemTargets, OneRecModel
+from onerec.model import CANDIDATE_RECENCY, ModelConfig, NextItemTargets, OneRecModel
 from onerec.tokenizer import (
     codebook_size,
     content_embeddings,
@@ -457,6 +457,46 @@ def test_training_candidates_split_by_source_sum_to_their_scores() -> None:
     assert (shares[:, :, 1:].sum((0, 1)) > 0).all()  # the older items do give shares
 
 
+def test_candidate_transitions_and_directions_are_the_same_in_training_and_serving() -> None:
+    """Training's leave-user-out candidates for user 0 equal what a served model computes from neighbour
+    lists built without user 0, transitions and forward fractions included; each transition is the share
+    over its source's mass, and a fraction of 1 means the candidate was only ever seen after its source."""
+    from onerec.build import candidate_forward, candidate_lists
+    from onerec.train import leave_user_out_candidates
+
+    seqs = [np.array([0, 1, 2, 4]), np.array([0, 3, 1]), np.array([5, 0, 3, 4]), np.array([1, 5, 0, 3, 2])]
+    pairs = np.array([(0, p) for p in range(1, 4)])
+    cand, got = leave_user_out_candidates(seqs, pairs, 20, 6, 4, 0.5, True, transitions=True, directions=True)
+    assert got.shape == (3, 4, 9)
+    cfg = ModelConfig(level_sizes=[7], session_items=1, history_window=4, d_model=8, n_heads=2, d_ff=8,
+                      catalogue_items=6, candidate_tokens=4, candidate_scores=True, candidate_sources=True,
+                      candidate_transitions=True, candidate_directions=True)  # fmt: skip
+    model = OneRecModel(cfg).eval()
+    model.set_catalogue(torch.arange(6)[:, None])
+    items, weights = candidate_lists(seqs[1:], 6, 4, 0.5)
+    forward = candidate_forward(seqs[1:], 6, items)
+    assert items[0].tolist()[:2] == [3, 5] and forward[0].tolist()[:2] == [3.0, 0.0]  # 3 after 0 thrice, 5 only before
+    model.set_neighbours(torch.from_numpy(items), torch.from_numpy(weights), torch.from_numpy(forward))
+    for n, (_, p) in enumerate(pairs):
+        hist = torch.from_numpy(seqs[0][:p][::-1].copy())[None, :, None]  # newest first
+        rows, want = model.candidates(hist, torch.ones(1, p, dtype=torch.bool))
+        assert rows[0].tolist() == cand[n].tolist(), p
+        np.testing.assert_allclose(got[n], want[0].numpy(), rtol=1e-5, atol=1e-6)
+        for r in range(min(p, 3)):  # newest item's mass: the sum of its neighbour list, times its weight
+            mass = CANDIDATE_RECENCY[r] * weights[seqs[0][p - 1 - r]].sum()
+            np.testing.assert_allclose(got[n, :, 3 + r], got[n, :, r] / mass, rtol=1e-5)
+    assert (got[:, :, 3:] <= 1 + 1e-6).all() and got[:, :, 3:6].any()
+    fractions = got[:, :, 6:][got[:, :, :3] > 0]
+    assert (fractions == 1.0).any() and (fractions < 1.0).any()  # both directions occur among the shares
+    assert not got[:, :, 6:][got[:, :, :3] == 0].any()
+    for key in ("candidate_transitions", "candidate_directions"):
+        with pytest.raises(ValueError, match=f"{key} needs candidate_sources"):
+            off = {"candidate_sources": False, "candidate_transitions": False, "candidate_directions": False}
+            OneRecModel(replace(cfg, **{**off, key: True}))
+    with pytest.raises(ValueError, match="forward weights are needed"):
+        model.set_neighbours(torch.from_numpy(items), torch.from_numpy(weights))
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_a_half_precision_model_keeps_its_neighbour_lists_exact(dtype: torch.dtype) -> None:
     """The generator casts the model to float16 on CUDA. float16 holds integers exactly only up to 2048
@@ -793,6 +833,7 @@ def test_training_progress_goes_to_stderr_so_stdout_stays_machine_readable(
 
 
 def test_a_build_with_candidates_by_source_tied_codes_and_copy_head_answers_the_same_loaded(tmp_path: Path) -> None:
+    from onerec.build import candidate_forward
     from onerec.bundle import load_bundle
     from onerec.evaluate import evaluate_split
 
@@ -802,6 +843,8 @@ def test_a_build_with_candidates_by_source_tied_codes_and_copy_head_answers_the_
     cfg.model.candidate_tokens = 5
     cfg.model.candidate_scores = True
     cfg.model.candidate_sources = True
+    cfg.model.candidate_transitions = True  # off in the recipe: here for the saved forward weights' round trip
+    cfg.model.candidate_directions = True
     cfg.model.tie_code_embeddings = True
     cfg.model.copy_head = True
     cfg.candidate_backward_choices = (0.0, 1.0)
@@ -815,6 +858,8 @@ def test_a_build_with_candidates_by_source_tied_codes_and_copy_head_answers_the_
     split = leave_one_out(data)
     want, _ = top_neighbours(*cooccurrence(split.train, data.n_items, 3, chosen["backward"]), data.n_items, 5)
     assert torch.equal(model.neighbour_items, torch.from_numpy(want).float())  # the lists of the chosen count
+    forward = candidate_forward(split.train, data.n_items, want)
+    assert torch.equal(model.neighbour_forward, torch.from_numpy(forward)) and bool(model.neighbour_forward.any())
     for lvl, table in enumerate(model.enc_codes):  # still one tensor per level after the safetensors round trip
         assert model.heads[lvl].weight is table.weight and model.dec_codes[lvl].weight is table.weight
     data = load_sequence_file(seq)
