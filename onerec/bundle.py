@@ -292,14 +292,8 @@ def check_model_config(raw: Any, version: int) -> ModelConfig:
         raise ValueError(f"{where}: experts_top_k {config.experts_top_k} > n_experts {config.n_experts}")
     if config.candidate_tokens and not config.catalogue_items:
         raise ValueError(f"{where}: candidate_tokens {config.candidate_tokens} needs catalogue_items > 0")
-    if config.copy_head and not config.candidate_tokens:
-        raise ValueError(f"{where}: copy_head needs candidate_tokens > 0 (the candidates it points at)")
-    for key in ("candidate_sources", "candidate_mass"):
-        if getattr(config, key) and not (config.candidate_tokens and config.candidate_scores):
-            raise ValueError(f"{where}: {key} needs candidate_tokens > 0 and candidate_scores")
-    for key in ("candidate_transitions", "candidate_directions"):
-        if getattr(config, key) and not config.candidate_sources:
-            raise ValueError(f"{where}: {key} needs candidate_sources")
+    if conflict := config.option_conflict():
+        raise ValueError(f"{where}: {conflict}")
     return config
 
 

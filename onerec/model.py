@@ -105,6 +105,18 @@ class ModelConfig:
     def depth(self) -> int:
         return len(self.level_sizes)
 
+    def option_conflict(self) -> str | None:
+        """Why these candidate options cannot go together, or None: the one rule the model's constructor and
+        the bundle's config check both apply."""
+        if self.copy_head and not self.candidate_tokens:
+            return "copy_head needs candidate_tokens > 0 (the candidates it points at)"
+        if (self.candidate_sources or self.candidate_mass) and not (self.candidate_tokens and self.candidate_scores):
+            return "candidate_sources and candidate_mass need candidate_tokens > 0 and candidate_scores"
+        for key in ("candidate_transitions", "candidate_directions"):
+            if getattr(self, key) and not self.candidate_sources:
+                return f"{key} needs candidate_sources (it divides or splits each source's share)"
+        return None
+
     @property
     def session_positions(self) -> int:
         return self.session_items * self.depth
@@ -479,14 +491,8 @@ class OneRecModel(nn.Module):
         super().__init__()
         if cfg.d_model % cfg.n_heads:
             raise ValueError(f"d_model {cfg.d_model} is not divisible by n_heads {cfg.n_heads}")
-        if cfg.copy_head and not cfg.candidate_tokens:
-            raise ValueError("copy_head needs candidate_tokens > 0 (the candidates it points at)")
-        if (cfg.candidate_sources or cfg.candidate_mass) and not (cfg.candidate_tokens and cfg.candidate_scores):
-            raise ValueError("candidate_sources and candidate_mass need candidate_tokens > 0 and candidate_scores")
-        if cfg.candidate_transitions and not cfg.candidate_sources:
-            raise ValueError("candidate_transitions needs candidate_sources (it divides each source's share)")
-        if cfg.candidate_directions and not cfg.candidate_sources:
-            raise ValueError("candidate_directions needs candidate_sources (it splits each source's share)")
+        if conflict := cfg.option_conflict():
+            raise ValueError(conflict)
         self.cfg = cfg
         d = cfg.d_model
         self.enc_codes = nn.ModuleList(nn.Embedding(v, d) for v in cfg.level_sizes)
@@ -652,16 +658,19 @@ class OneRecModel(nn.Module):
         rows = torch.where(top > 0, rows, -1)
         if not split:
             return rows, top.clamp(min=0.0)
-        by_source = shares.gather(2, rows.clamp(min=0)[None].expand(len(recency), -1, -1)).permute(1, 2, 0)
-        by_source = torch.where((rows >= 0)[..., None], by_source.clamp(min=0.0), 0.0)  # (B, K, r)
-        by_source = F.pad(by_source, (0, len(CANDIDATE_RECENCY) - len(recency)))  # (B, K, R)
+
+        def at_rows(per_source: torch.Tensor) -> torch.Tensor:
+            """(r, B, n+1) -> (B, K, R): the chosen candidates' values, 0 for an empty slot or a missing source."""
+            got = per_source.gather(2, rows.clamp(min=0)[None].expand(len(recency), -1, -1)).permute(1, 2, 0)
+            got = torch.where((rows >= 0)[..., None], got.clamp(min=0.0), 0.0)
+            return F.pad(got, (0, len(CANDIDATE_RECENCY) - len(recency)))
+
+        by_source = at_rows(shares)  # (B, K, R)
         out = [by_source]
         if self.cfg.candidate_transitions:
             out.append(by_source / masses[:, None].clamp(min=1e-6))
         if ahead is not None:
-            fwd = ahead.gather(2, rows.clamp(min=0)[None].expand(len(recency), -1, -1)).permute(1, 2, 0)
-            fwd = F.pad(torch.where((rows >= 0)[..., None], fwd, 0.0), (0, len(CANDIDATE_RECENCY) - len(recency)))
-            out.append(torch.where(by_source > 0, fwd / by_source.clamp(min=1e-9), 0.0).clamp(0.0, 1.0))
+            out.append(torch.where(by_source > 0, at_rows(ahead) / by_source.clamp(min=1e-9), 0.0).clamp(0.0, 1.0))
         return rows, torch.cat(out, dim=-1)
 
     # ---- encoder ------------------------------------------------------------------------------

@@ -476,12 +476,12 @@ def leave_user_out_candidates(
         out[n, : len(best)] = cand[best]
         out_scores[n, : len(best)] = score[best]
         if sources:
-            out_shares[n, : len(best), :r] = shares[:, cand[best]].T
+            share = shares[:, cand[best]].T  # (kept, R)
+            out_shares[n, : len(best), :r] = share
             if transitions:
-                out_shares[n, : len(best), r : 2 * r] = shares[:, cand[best]].T / np.maximum(masses, 1e-6)
+                out_shares[n, : len(best), r : 2 * r] = share / np.maximum(masses, 1e-6)
             if directions:
-                share, fwd = shares[:, cand[best]].T, ahead[:, cand[best]].T
-                fraction = np.where(share > 0, fwd / np.maximum(share, 1e-9), 0.0).clip(0.0, 1.0)
+                fraction = np.where(share > 0, ahead[:, cand[best]].T / np.maximum(share, 1e-9), 0.0).clip(0.0, 1.0)
                 out_shares[n, : len(best), r * (1 + transitions) :] = fraction
         shares[:, cand] = 0.0
         ahead[:, cand] = 0.0
