@@ -13,7 +13,8 @@ service answers, no row ever returns an item of the user's own history:
 - most popular;
 - the co-occurrence item-kNN (window 3, 1/distance, last 3 history items weighted 1, .5, .25,
   popularity fill: ``onerec.baselines.CooccurrenceKnn``), symmetric (the issue's recipe) and directed
-  with the backward weight the build chooses for the model's candidates;
+  with the backward weight the build chooses for the model's candidates, and directed and faded
+  (each pair weighed down by its age in its sequence, the scale chosen as the build chooses it);
 - SASRec trained with the full softmax cross-entropy (``onerec.baselines``), best validation epoch;
 - TIGER's published figures on this data and protocol, and DESIGN.md's goal.
 ``--reuse`` skips training and reads the newest published version of ``--store``;
@@ -42,7 +43,13 @@ from onerec.baselines import (
     sasrec_scores,
     train_sasrec,
 )
-from onerec.build import build, choose_candidate_backward, sequence_file_config
+from onerec.build import (
+    CANDIDATE_DECAY_LENGTHS,
+    build,
+    choose_candidate_backward,
+    choose_candidate_decay,
+    sequence_file_config,
+)
 from onerec.data import leave_one_out, load_sequence_file
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -56,6 +63,8 @@ REFERENCES = {
 GOAL = {"recall@10": 0.085, "ndcg@10": 0.050}  # DESIGN.md section 9
 # The kNN on the count the model's candidates use, with its backward weight chosen as the build chooses it.
 DIRECTED_KNN = "co-occurrence item-kNN, directed (the candidates' count)"
+# The same with each pair faded by its age, the scale chosen among the build's choices (choose_candidate_decay).
+FADED_KNN = "co-occurrence item-kNN, directed and faded"
 
 
 def manifest_of_newest(store: Path) -> dict[str, Any]:
@@ -100,6 +109,19 @@ def measure_baselines(
         "seconds": round(time.perf_counter() - started, 1),
     }
     print(f"[quality] directed kNN: {json.dumps(out[DIRECTED_KNN])}", file=sys.stderr, flush=True)
+    started = time.perf_counter()
+    decay, ndcg = choose_candidate_decay(
+        split.train, split.valid, data.n_items, recipe.model.candidate_tokens, backward, CANDIDATE_DECAY_LENGTHS
+    )
+    faded = CooccurrenceKnn(split.train, data.n_items, backward=backward, decay=decay)
+    out[FADED_KNN] = {
+        **evaluate_scorer(faded.scores, hist, targets),
+        "backward": backward,
+        "decay": decay,
+        "valid_candidate_ndcg_by_decay": ndcg,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    print(f"[quality] faded kNN: {json.dumps(out[FADED_KNN])}", file=sys.stderr, flush=True)
     if sasrec:
         started = time.perf_counter()
         cfg = SASRecConfig(time_budget_s=None if sasrec_minutes is None else 60.0 * sasrec_minutes, seed=sasrec_seed)

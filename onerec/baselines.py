@@ -5,7 +5,8 @@
   sequences, weighted 1/distance; a user's score is the neighbours of the last 3 history items
   weighted 1, 0.5, 0.25; popularity breaks ties and fills the rest of the list. With ``backward`` < 1
   it is directed: a neighbour seen before an item weighs ``backward`` times one seen after it (the
-  count the model's candidates use, ``ModelConfig.candidate_backward``).
+  count the model's candidates use, ``ModelConfig.candidate_backward``). With ``decay`` > 0 each pair
+  also fades with its age in its sequence (``ModelConfig.candidate_decay``).
 - ``SASRec`` (Kang & McAuley, 2018): a causal transformer over item ids trained with the full
   softmax cross-entropy over the catalogue at every position (the variant that later work found
   to beat its original sampled BCE), plain torch.
@@ -89,12 +90,13 @@ class CooccurrenceKnn:
         window: int = CANDIDATE_WINDOW,
         recent_weights: Sequence[float] = CANDIDATE_RECENCY,
         backward: float = 1.0,
+        decay: float = 0.0,
     ) -> None:
         from onerec.tokenizer import cooccurrence
 
         self.n_items = n_items
         self.recent_weights = [float(w) for w in recent_weights]
-        rows, cols, weights = cooccurrence(train, n_items, window, backward)
+        rows, cols, weights = cooccurrence(train, n_items, window, backward, decay)
         self._rows, self._cols, self._weights = rows, cols, weights
         self._indptr = np.zeros(n_items + 1, dtype=np.int64)
         self._indptr[1:] = np.cumsum(np.bincount(rows, minlength=n_items))

@@ -85,6 +85,9 @@ class ModelConfig:
     # Weight of a neighbour seen *before* an item in the candidates' co-occurrence (one seen after it weighs 1;
     # onerec.tokenizer.cooccurrence's ``backward``). 1: symmetric, the kNN baseline's count and older models'.
     candidate_backward: float = 1.0
+    # The candidates' count fades each pair with its age in its sequence, exp(-age / candidate_decay) (age: items
+    # after the pair's later item; onerec.tokenizer.cooccurrence's ``decay``). 0: every pair counts alike.
+    candidate_decay: float = 0.0
     # With candidate_scores: each candidate's score also enters split by its source, the share each of the
     # newest three history items gave it (so "strong neighbour of the last item" differs from "weak neighbour
     # of all three" at the same sum).
@@ -789,6 +792,7 @@ class OneRecModel(nn.Module):
         label_smoothing: float = 0.0,
         candidates: tuple[torch.Tensor, torch.Tensor] | None = None,
         next_items: NextItemTargets | None = None,
+        sample_weights: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Teacher-forced next-token loss over sessions. Returns (mean cross-entropy, MoE balance loss).
 
@@ -797,6 +801,7 @@ class OneRecModel(nn.Module):
         mean (default: all 1); next-item quality reads slot 1 only, so training may favour it.
         label_smoothing is passed to the cross-entropy of every code. candidates: see ``encode``.
         next_items adds its weight times the item-level softmax loss of ``next_item_logits`` (training only).
+        sample_weights: (B,) each sample's weight in the code-level mean (default: all 1).
         """
         log_probs, balance, memory = self._teacher_forced(hist_codes, hist_mask, user, target_codes, candidates)
         depth = self.cfg.depth
@@ -809,6 +814,8 @@ class OneRecModel(nn.Module):
             if len(slot_weights) < slots:
                 raise ValueError(f"{len(slot_weights)} slot weights for {slots} slots")
             weight = weight * torch.tensor(list(slot_weights)[:slots], dtype=torch.float32, device=flat.device)
+        if sample_weights is not None:
+            weight = weight * sample_weights[:, None]
         weight = weight.flatten()  # (B*m',)
         loss = weight.new_zeros(())
         for lvl, logp in enumerate(log_probs):

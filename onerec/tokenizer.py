@@ -34,7 +34,7 @@ __all__ = [
 
 
 def cooccurrence(
-    sequences: Sequence[np.ndarray], n_items: int, window: int = 5, backward: float = 1.0
+    sequences: Sequence[np.ndarray], n_items: int, window: int = 5, backward: float = 1.0, decay: float = 0.0
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Co-occurrence of items within `window` positions, weighted 1/distance, as COO arrays.
 
@@ -44,6 +44,10 @@ def cooccurrence(
     weight 1/distance and b seen *before* a at ``backward``/distance: 1 (the default) is the symmetric
     count the embeddings use; below 1 leans a row towards what follows the item, which is what a
     next-item candidate list wants.
+
+    ``decay`` > 0 also fades each pair with its age, ``exp(-age / decay)``, where age counts the items
+    after the pair's later item in its sequence (0 for the newest pair): the newest interactions of every
+    sequence are the closest in time to what comes next, so they say more about it. 0 counts every pair alike.
     """
     lengths = np.fromiter((len(s) for s in sequences), dtype=np.int64, count=len(sequences))
     if lengths.sum() == 0:
@@ -51,6 +55,7 @@ def cooccurrence(
         return empty, empty, np.zeros(0, dtype=np.float64)
     flat = np.concatenate([np.asarray(s, dtype=np.int64) for s in sequences])
     seq_id = np.repeat(np.arange(len(sequences)), lengths)
+    age = (np.cumsum(lengths) - 1)[seq_id] - np.arange(len(flat))  # (N,) items after each position
     keys: list[np.ndarray] = []
     weights: list[np.ndarray] = []
     for dist in range(1, window + 1):
@@ -58,8 +63,9 @@ def cooccurrence(
         a, b = flat[:-dist][same], flat[dist:][same]
         distinct = a != b
         a, b = a[distinct], b[distinct]
+        fade = np.exp(-age[dist:][same][distinct] / decay) if decay > 0 else np.ones(len(a))
         keys += [a * n_items + b, b * n_items + a]
-        weights += [np.full(len(a), 1.0 / dist), np.full(len(a), backward / dist)]
+        weights += [fade / dist, backward * fade / dist]
     all_keys = np.concatenate(keys)
     unique, inverse = np.unique(all_keys, return_inverse=True)
     summed = np.bincount(inverse, weights=np.concatenate(weights), minlength=len(unique))

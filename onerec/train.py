@@ -65,6 +65,11 @@ class TrainConfig:
     # On Beauty 50 made 1.3x the steps in the same budget but lowered test N@10 (round 21 in the
     # README, quality_beauty_cpu_levers21.json), so the recipe leaves it off.
     sorted_chunk_batches: int = 0
+    # Each sample's loss weighs exp(-age / sample_decay), age = items after its target in the user's
+    # training sequence (0: every sample weighs 1). Why: the newest samples are the closest in time to the
+    # evaluation rows and to what the service will be asked, as with the candidates' faded count
+    # (ModelConfig.candidate_decay), whose validated scale the build can reuse (BuildConfig.fade_samples).
+    sample_decay: float = 0.0
 
 
 @dataclass
@@ -136,7 +141,7 @@ class SessionSamples:
         self.candidates = (
             leave_user_out_candidates(self.sequences, self.pairs, cfg.history_window, cfg.catalogue_items,
                                       cfg.candidate_tokens, cfg.candidate_backward, cfg.candidate_sources,
-                                      cfg.candidate_transitions, cfg.candidate_directions)
+                                      cfg.candidate_transitions, cfg.candidate_directions, cfg.candidate_decay)
             if cfg.candidate_tokens
             else None
         )  # fmt: skip
@@ -184,6 +189,13 @@ class SessionSamples:
             return None
         targets = np.array([self.sequences[u][p] for u, p in self.pairs[idx]], dtype=np.int64)
         return NextItemTargets(self.codes.to(device), torch.from_numpy(targets).to(device), weight)
+
+    def sample_weights(self, idx: np.ndarray, decay: float, device: torch.device) -> torch.Tensor | None:
+        """(B,) each sample's loss weight, exp(-(items after its target) / decay); None when decay is 0."""
+        if decay <= 0:
+            return None
+        age = np.array([len(self.sequences[u]) - 1 - p for u, p in self.pairs[idx]], dtype=np.float64)
+        return torch.from_numpy(np.exp(-age / decay)).float().to(device)
 
     def batch_candidates(self, idx: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The samples' candidates computed without their own user's sequence: (B, K) rows and (B, K)
@@ -264,6 +276,7 @@ def train_model(
                         label_smoothing=tcfg.label_smoothing,
                         candidates=samples.batch_candidates(mine, device),
                         next_items=samples.next_items(mine, tcfg.next_item_weight, device),
+                        sample_weights=samples.sample_weights(mine, tcfg.sample_decay, device),
                     )
                     (loss + tcfg.balance_weight * balance).backward()
                     value = loss.item()
@@ -413,6 +426,7 @@ def leave_user_out_candidates(
     sources: bool = False,
     transitions: bool = False,
     directions: bool = False,
+    decay: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Each sample's K co-occurrence candidates as the model computes them at serving time, but from
     neighbour lists built without the sample's own user: (N, K) int32 rows (-1 = none) and (N, K)
@@ -425,13 +439,14 @@ def leave_user_out_candidates(
     with their own sequence counted, a training sample's target would always be a candidate, and the
     model would learn to trust candidates more than they deserve. Same scoring as
     ``OneRecModel.candidates``: per history item its K strongest neighbours, the newest three summed
-    with weights 1, 0.5, 0.25, history items dropped, the K best kept; ``backward`` as in
-    ``onerec.tokenizer.cooccurrence``.
+    with weights 1, 0.5, 0.25, history items dropped, the K best kept; ``backward`` and ``decay`` as in
+    ``onerec.tokenizer.cooccurrence`` (the user's own pairs fade by their age in the user's own sequence,
+    exactly as they were counted into the global lists).
     """
-    rows, cols, weights = cooccurrence(sequences, n_items, CANDIDATE_WINDOW, backward)
+    rows, cols, weights = cooccurrence(sequences, n_items, CANDIDATE_WINDOW, backward, decay)
     indptr = np.searchsorted(rows, np.arange(n_items + 1))
     if directions:  # the forward part of each weight: the same count with backward 0, a subset of its pairs
-        frows, fcols, fweights = cooccurrence(sequences, n_items, CANDIDATE_WINDOW, 0.0)
+        frows, fcols, fweights = cooccurrence(sequences, n_items, CANDIDATE_WINDOW, 0.0, decay)
         findptr = np.searchsorted(frows, np.arange(n_items + 1))
     out = np.full((len(pairs), k), -1, dtype=np.int32)
     out_scores = np.zeros((len(pairs), k), dtype=np.float32)
@@ -443,9 +458,9 @@ def leave_user_out_candidates(
     own_user = -1
     for n, (u, p) in enumerate(pairs):
         if u != own_user:  # pairs are grouped by user: their own co-occurrence, once per user
-            own_rows, own_cols, own_weights = cooccurrence([sequences[u]], n_items, CANDIDATE_WINDOW, backward)
+            own_rows, own_cols, own_weights = cooccurrence([sequences[u]], n_items, CANDIDATE_WINDOW, backward, decay)
             if directions:
-                own_frows, own_fcols, own_fweights = cooccurrence([sequences[u]], n_items, CANDIDATE_WINDOW, 0.0)
+                own_frows, own_fcols, own_fweights = cooccurrence([sequences[u]], n_items, CANDIDATE_WINDOW, 0.0, decay)
             own_user = u
         hist = sequences[u][max(0, p - history_window) : p]
         touched = []

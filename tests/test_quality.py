@@ -42,17 +42,19 @@ from onerec.train import TrainConfig
 
 
 def naive_knn_top(
-    train: list[np.ndarray], history: list[int], n_items: int, k: int, backward: float = 1.0
+    train: list[np.ndarray], history: list[int], n_items: int, k: int, backward: float = 1.0, decay: float = 0.0
 ) -> list[int]:
     """The kNN recipe written the slow, obvious way: pair counts by scanning every training sequence
-    (row: the earlier item, column: the later one; the reverse pair at `backward` times the weight)."""
+    (row: the earlier item, column: the later one; the reverse pair at `backward` times the weight; with
+    `decay`, each pair times exp(-(items after the later one) / decay))."""
     co = np.zeros((n_items, n_items))
     for seq in train:
         for i in range(len(seq)):
             for j in range(i + 1, min(i + 4, len(seq))):
                 if seq[i] != seq[j]:
-                    co[seq[i], seq[j]] += 1.0 / (j - i)
-                    co[seq[j], seq[i]] += backward / (j - i)
+                    fade = math.exp(-(len(seq) - 1 - j) / decay) if decay else 1.0
+                    co[seq[i], seq[j]] += fade / (j - i)
+                    co[seq[j], seq[i]] += backward * fade / (j - i)
     pop = np.zeros(n_items)
     for seq in train:
         for item in seq:
@@ -64,16 +66,16 @@ def naive_knn_top(
     return sorted(candidates, key=lambda i: (-round(score[i], 9), -pop[i], i))[:k]  # equal sums tie exactly
 
 
-@pytest.mark.parametrize("backward", [1.0, 0.25, 0.0])
-def test_knn_matches_a_naive_count_of_the_recipe(backward: float) -> None:
+@pytest.mark.parametrize(("backward", "decay"), [(1.0, 0.0), (0.25, 0.0), (0.0, 0.0), (0.25, 2.0)])
+def test_knn_matches_a_naive_count_of_the_recipe(backward: float, decay: float) -> None:
     rng = np.random.default_rng(3)
     n_items = 30
     train = [rng.choice(n_items, size=rng.integers(2, 9), replace=False) for _ in range(60)]
-    knn = CooccurrenceKnn(train, n_items, backward=backward)
+    knn = CooccurrenceKnn(train, n_items, backward=backward, decay=decay)
     histories = [list(rng.choice(n_items, size=rng.integers(1, 6), replace=False)) for _ in range(25)]
     ranked = rank_all(knn.scores([np.asarray(h) for h in histories]), [np.asarray(h) for h in histories], 10)
     for hist, got in zip(histories, ranked):
-        assert got == naive_knn_top(train, hist, n_items, 10, backward)
+        assert got == naive_knn_top(train, hist, n_items, 10, backward, decay)
 
 
 def test_rank_all_never_returns_history_and_most_popular_is_counts() -> None:
@@ -306,6 +308,25 @@ def test_slot_weights_zero_reduce_the_loss_to_the_first_slot() -> None:
         model(hist, mask, users, target, slot_weights=[1.0])
 
 
+def test_sample_weights_weigh_each_sample_in_the_loss_and_fade_with_age() -> None:
+    """A zero-weight sample drops out of the mean; the weights the trainer gives fall with the items after
+    each sample's target (1 for a user's last training item)."""
+    from onerec.train import SessionSamples
+
+    model, (hist, mask, users, target) = tiny_model()
+    with torch.no_grad():
+        first_two, _ = model(hist[:2], mask[:2], users[:2], target[:2])
+        weighted, _ = model(hist, mask, users, target, sample_weights=torch.tensor([3.0, 3.0, 0.0]))
+        plain, _ = model(hist, mask, users, target)
+    assert torch.allclose(weighted, first_two, atol=1e-6) and not torch.allclose(plain, weighted)
+    cfg = ModelConfig(level_sizes=[5], session_items=1, history_window=4, d_model=8, n_heads=2, d_ff=8)
+    samples = SessionSamples([np.array([0, 1, 2, 3]), np.array([4, 0])], ["a", "b"], np.arange(5)[:, None], cfg)
+    assert samples.pairs.tolist() == [[0, 1], [0, 2], [0, 3], [1, 1]]
+    got = samples.sample_weights(np.arange(4), 2.0, torch.device("cpu"))
+    np.testing.assert_allclose(got.numpy(), np.exp(-np.array([2.0, 1.0, 0.0, 0.0]) / 2.0), rtol=1e-6)
+    assert samples.sample_weights(np.arange(4), 0.0, torch.device("cpu")) is None
+
+
 def test_next_item_loss_adds_the_weighted_softmax_over_every_item() -> None:
     model, (hist, mask, users, target) = tiny_model()
     catalogue = torch.tensor([[a, b] for a in range(5) for b in range(6)])  # (30, D) every code path
@@ -457,25 +478,31 @@ def test_training_candidates_split_by_source_sum_to_their_scores() -> None:
     assert (shares[:, :, 1:].sum((0, 1)) > 0).all()  # the older items do give shares
 
 
-def test_candidate_transitions_and_directions_are_the_same_in_training_and_serving() -> None:
+@pytest.mark.parametrize("decay", [0.0, 1.5])
+def test_candidate_transitions_and_directions_are_the_same_in_training_and_serving(decay: float) -> None:
     """Training's leave-user-out candidates for user 0 equal what a served model computes from neighbour
-    lists built without user 0, transitions and forward fractions included; each transition is the share
-    over its source's mass, and a fraction of 1 means the candidate was only ever seen after its source."""
+    lists built without user 0, transitions and forward fractions included, with the count faded or not
+    (the user's own pairs fade as they were counted); each transition is the share over its source's mass,
+    and a fraction of 1 means the candidate was only ever seen after its source."""
     from onerec.build import candidate_forward, candidate_lists
     from onerec.train import leave_user_out_candidates
 
     seqs = [np.array([0, 1, 2, 4]), np.array([0, 3, 1]), np.array([5, 0, 3, 4]), np.array([1, 5, 0, 3, 2])]
     pairs = np.array([(0, p) for p in range(1, 4)])
-    cand, got = leave_user_out_candidates(seqs, pairs, 20, 6, 4, 0.5, True, transitions=True, directions=True)
+    cand, got = leave_user_out_candidates(
+        seqs, pairs, 20, 6, 4, 0.5, True, transitions=True, directions=True, decay=decay
+    )
     assert got.shape == (3, 4, 9)
     cfg = ModelConfig(level_sizes=[7], session_items=1, history_window=4, d_model=8, n_heads=2, d_ff=8,
                       catalogue_items=6, candidate_tokens=4, candidate_scores=True, candidate_sources=True,
-                      candidate_transitions=True, candidate_directions=True)  # fmt: skip
+                      candidate_transitions=True, candidate_directions=True, candidate_decay=decay)  # fmt: skip
     model = OneRecModel(cfg).eval()
     model.set_catalogue(torch.arange(6)[:, None])
-    items, weights = candidate_lists(seqs[1:], 6, 4, 0.5)
-    forward = candidate_forward(seqs[1:], 6, items)
-    assert items[0].tolist()[:2] == [3, 5] and forward[0].tolist()[:2] == [3.0, 0.0]  # 3 after 0 thrice, 5 only before
+    items, weights = candidate_lists(seqs[1:], 6, 4, 0.5, decay)
+    forward = candidate_forward(seqs[1:], 6, items, decay)
+    assert items[0, 0] == 3 and forward[0, 0] == weights[0, 0]  # 3 after 0 thrice (faded: 1 and 2 items old)
+    assert (weights[0, 0] == 3.0) == (decay == 0.0)
+    assert decay or (items[0, 1] == 5 and forward[0, 1] == 0.0)  # 5 only before 0
     model.set_neighbours(torch.from_numpy(items), torch.from_numpy(weights), torch.from_numpy(forward))
     for n, (_, p) in enumerate(pairs):
         hist = torch.from_numpy(seqs[0][:p][::-1].copy())[None, :, None]  # newest first
@@ -673,6 +700,42 @@ def test_the_build_chooses_the_backward_weight_whose_candidates_hold_the_most_ta
         choose_candidate_backward(train, rows, 20, 1, ())
 
 
+def drifting_world(n_items: int = 20, users: int = 200, seed: int = 0) -> list[np.ndarray]:
+    """Users walked the ring one step at a time for a while, then switched to two steps at a time: the
+    next item is the last + 2, but most pairs on record are one step apart."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(users):
+        start, old, new = rng.integers(n_items), rng.integers(6, 10), rng.integers(3, 5)
+        steps = np.concatenate([np.ones(old, dtype=np.int64), np.full(new, 2)])
+        out.append((start + np.concatenate([[0], np.cumsum(steps)])) % n_items)
+    return out
+
+
+def test_the_build_fades_the_candidates_count_where_the_recent_pairs_predict_better() -> None:
+    """On the drifting ring the unfaded count ranks the old successor (last + 1) first, a faded one the new
+    (last + 2): the build chooses to fade. On the stationary ring the unfaded count already ranks the
+    successor first, and the build keeps it."""
+    from onerec.build import candidate_lists, candidate_ndcg, choose_candidate_decay
+    from onerec.data import EvalSet
+
+    def last_item_rows(seqs: list[np.ndarray]) -> tuple[list[np.ndarray], EvalSet]:
+        rows = EvalSet(np.arange(len(seqs)), [s[-2:-1] for s in seqs], np.asarray([s[-1] for s in seqs]))
+        return [s[:-1] for s in seqs], rows
+
+    train, rows = last_item_rows(drifting_world())
+    assert candidate_ndcg(*candidate_lists(train, 20, 2, 0.0, 1.0), rows) == 1.0
+    assert candidate_ndcg(*candidate_lists(train, 20, 2, 0.0), rows) < 0.7
+    decay, ndcg = choose_candidate_decay(train, rows, 20, 2, 0.0, (0.0, 0.1))
+    mean_length = np.mean([len(s) for s in train])
+    assert decay == round(0.1 * mean_length, 3) > 0 and ndcg[str(decay)] == 1.0 > ndcg["0.0"]
+    train, rows = last_item_rows(ring_world(n_items=20, users=200))
+    decay, ndcg = choose_candidate_decay(train, rows, 20, 2, 0.0, (0.0, 0.1))
+    assert decay == 0.0 and ndcg["0.0"] == max(ndcg.values()) == 1.0
+    with pytest.raises(ValueError, match="no decay"):
+        choose_candidate_decay(train, rows, 20, 2, 0.0, ())
+
+
 def test_embedding_dropout_acts_in_training_only() -> None:
     _, batch = tiny_model()
     model = OneRecModel(ModelConfig(level_sizes=[5, 6], session_items=3, history_window=4, d_model=16, n_heads=2,
@@ -848,17 +911,23 @@ def test_a_build_with_candidates_by_source_tied_codes_and_copy_head_answers_the_
     cfg.model.tie_code_embeddings = True
     cfg.model.copy_head = True
     cfg.candidate_backward_choices = (0.0, 1.0)
+    cfg.candidate_decay_lengths = (1.0,)  # one choice: the count fades at the mean sequence length
+    cfg.fade_samples = True
     published, summary = build(cfg, tmp_path / "store", progress=False)
     bundle = load_bundle(published.path)
     model = bundle.model
-    chosen = json.loads((published.path / "manifest.json").read_text())["candidates"]
+    manifest = json.loads((published.path / "manifest.json").read_text())
+    chosen = manifest["candidates"]
     assert set(chosen["valid_recall_by_backward"]) == {"0.0", "1.0"}
     assert model.cfg.candidate_backward == chosen["backward"]
     data = load_sequence_file(seq)
     split = leave_one_out(data)
-    want, _ = top_neighbours(*cooccurrence(split.train, data.n_items, 3, chosen["backward"]), data.n_items, 5)
+    decay = round(float(np.mean([len(s) for s in split.train])), 3)
+    assert model.cfg.candidate_decay == chosen["decay"] == decay == manifest["train_config"]["sample_decay"] > 0
+    count = cooccurrence(split.train, data.n_items, 3, chosen["backward"], decay)
+    want, _ = top_neighbours(*count, data.n_items, 5)
     assert torch.equal(model.neighbour_items, torch.from_numpy(want).float())  # the lists of the chosen count
-    forward = candidate_forward(split.train, data.n_items, want)
+    forward = candidate_forward(split.train, data.n_items, want, decay)
     assert torch.equal(model.neighbour_forward, torch.from_numpy(forward)) and bool(model.neighbour_forward.any())
     for lvl, table in enumerate(model.enc_codes):  # still one tensor per level after the safetensors round trip
         assert model.heads[lvl].weight is table.weight and model.dec_codes[lvl].weight is table.weight

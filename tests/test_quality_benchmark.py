@@ -75,10 +75,14 @@ def test_baselines_only_measures_every_baseline_with_the_sasrec_seed_asked_for(t
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout)
     assert set(report["test"]) == {"most popular", "co-occurrence item-kNN", quality.DIRECTED_KNN,
-                                   "SASRec (full softmax CE)"}  # fmt: skip
+                                   quality.FADED_KNN, "SASRec (full softmax CE)"}  # fmt: skip
     directed = report["baselines"][quality.DIRECTED_KNN]
     recall = directed["valid_candidate_recall_by_backward"]
     assert str(directed["backward"]) in recall and recall[str(directed["backward"])] == max(recall.values())
+    faded = report["baselines"][quality.FADED_KNN]
+    ndcg = faded["valid_candidate_ndcg_by_decay"]
+    assert faded["backward"] == directed["backward"] and len(ndcg) == len(quality.CANDIDATE_DECAY_LENGTHS)
+    assert str(faded["decay"]) in ndcg and ndcg[str(faded["decay"])] == max(ndcg.values())
     assert all(0.0 <= row[k] <= 1.0 for row in report["test"].values() for k in quality.METRICS)
     assert report["baselines"]["SASRec (full softmax CE)"]["config"]["seed"] == 3
 

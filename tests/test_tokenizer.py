@@ -121,6 +121,29 @@ def test_cooccurrence_is_symmetric_and_windowed() -> None:
     assert pairs == {(0, 1): 1.0, (1, 0): 1.0, (1, 2): 1.0, (2, 1): 1.0}
 
 
+def test_cooccurrence_fades_each_pair_by_the_items_after_it_in_its_sequence() -> None:
+    """A naive count: pair (i, j), i < j, of one sequence weighs exp(-(len - 1 - j) / decay) / (j - i)."""
+    rng = np.random.default_rng(0)
+    seqs = [rng.integers(0, 6, size=rng.integers(1, 9)) for _ in range(12)]
+    decay, backward = 2.5, 0.25
+    want = np.zeros((6, 6))
+    for seq in seqs:
+        for j in range(len(seq)):
+            for i in range(max(0, j - 3), j):
+                if seq[i] != seq[j]:
+                    fade = np.exp(-(len(seq) - 1 - j) / decay) / (j - i)
+                    want[seq[i], seq[j]] += fade
+                    want[seq[j], seq[i]] += backward * fade
+    rows, cols, weights = cooccurrence(seqs, n_items=6, window=3, backward=backward, decay=decay)
+    got = np.zeros((6, 6))
+    got[rows, cols] = weights
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+    flat = np.zeros((6, 6))
+    r, c, w = cooccurrence(seqs, n_items=6, window=3, backward=backward)
+    flat[r, c] = w
+    assert (got <= flat + 1e-12).all() and (got < flat - 1e-6).any()  # fading only ever lowers a count
+
+
 def test_cooccurrence_weighs_a_neighbour_seen_before_the_item_by_backward() -> None:
     seqs = [np.array([0, 1, 2])]
     rows, cols, weights = cooccurrence(seqs, n_items=3, window=2, backward=0.5)
