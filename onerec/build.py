@@ -89,10 +89,12 @@ class BuildConfig:
     # Weight the candidates' co-occurrence gives a neighbour seen before an item (ModelConfig.candidate_backward)
     # is chosen from these by the validation rows (choose_candidate_backward); empty: the model config's.
     candidate_backward_choices: tuple[float, ...] = ()
-    # Its fading (ModelConfig.candidate_decay) is chosen from these multiples of the mean training sequence
-    # length (0 = no fading) by the validation rows (choose_candidate_decay); empty: the model config's.
+    # A fading scale for the candidates' count is chosen from these multiples of the mean training sequence
+    # length (0 = no fading) by the validation rows (choose_candidate_decay); empty: none is chosen.
     candidate_decay_lengths: tuple[float, ...] = ()
-    # Training samples fade with the candidates' chosen scale (TrainConfig.sample_decay = candidate_decay).
+    # Where the chosen scale applies: the candidates' count (ModelConfig.candidate_decay) and/or the
+    # training samples' loss weights (TrainConfig.sample_decay).
+    fade_candidates: bool = True
     fade_samples: bool = False
     seed: int = 0
 
@@ -353,6 +355,7 @@ def build(cfg: BuildConfig, store: Path, progress: bool = True) -> tuple[Publish
         catalogue_items=data.n_items if cfg.model.candidate_tokens else 0,
     )
     candidates_meta: dict[str, Any] | None = None
+    sample_decay = 0.0  # the training samples' fading scale (TrainConfig.sample_decay), where one is chosen
     if model_cfg.candidate_tokens and cfg.candidate_backward_choices and len(split.valid):
         t = time.perf_counter()
         backward, recall = choose_candidate_backward(
@@ -369,11 +372,14 @@ def build(cfg: BuildConfig, store: Path, progress: bool = True) -> tuple[Publish
             split.train, split.valid, data.n_items, model_cfg.candidate_tokens, model_cfg.candidate_backward,
             cfg.candidate_decay_lengths,
         )  # fmt: skip
-        model_cfg = replace(model_cfg, candidate_decay=decay)
-        candidates_meta = {**(candidates_meta or {}), "decay": decay, "valid_ndcg_by_decay": ndcg}
+        if cfg.fade_candidates:
+            model_cfg = replace(model_cfg, candidate_decay=decay)
+        sample_decay = decay if cfg.fade_samples else 0.0
+        faded = {"candidates": cfg.fade_candidates, "samples": cfg.fade_samples}
+        candidates_meta = {**(candidates_meta or {}), "decay": decay, "valid_ndcg_by_decay": ndcg, "faded": faded}
         timings["candidates"] = timings.get("candidates", 0.0) + time.perf_counter() - t
         shares = ", ".join(f"{d}: {v:.4f}" for d, v in ndcg.items())
-        log(f"candidates: fading scale {decay} items (validation NDCG@10 of the candidates by scale: {shares})")
+        log(f"fading scale {decay} items for {faded} (validation NDCG@10 of the candidates by scale: {shares})")
     model = OneRecModel(model_cfg)
     if model_cfg.candidate_tokens:
         model.set_catalogue(torch.from_numpy(sids.codes))
@@ -397,9 +403,9 @@ def build(cfg: BuildConfig, store: Path, progress: bool = True) -> tuple[Publish
     if cfg.train_steps is not None:
         tcfg = replace(tcfg, epochs=epochs_for_steps(split.train, cfg.train_steps, tcfg))
         log(f"{tcfg.epochs} epochs for about {cfg.train_steps} steps")
-    if cfg.fade_samples and model_cfg.candidate_decay > 0:
-        tcfg = replace(tcfg, sample_decay=model_cfg.candidate_decay)
-        log(f"training samples fade with their age at the candidates' scale, {tcfg.sample_decay} items")
+    if sample_decay > 0:
+        tcfg = replace(tcfg, sample_decay=sample_decay)
+        log(f"training samples fade with their age: scale {tcfg.sample_decay} items")
     selection = split.valid if cfg.select_on_valid and len(split.valid) else None
     train_report = train_model(
         model, split.train, data.user_ids, sids.codes, tcfg, progress=progress, selection=selection

@@ -68,7 +68,7 @@ class TrainConfig:
     # Each sample's loss weighs exp(-age / sample_decay), age = items after its target in the user's
     # training sequence (0: every sample weighs 1). Why: the newest samples are the closest in time to the
     # evaluation rows and to what the service will be asked, as with the candidates' faded count
-    # (ModelConfig.candidate_decay), whose validated scale the build can reuse (BuildConfig.fade_samples).
+    # (ModelConfig.candidate_decay); the build chooses the scale on the validation rows (BuildConfig.fade_samples).
     sample_decay: float = 0.0
 
 

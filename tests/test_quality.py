@@ -736,6 +736,22 @@ def test_the_build_fades_the_candidates_count_where_the_recent_pairs_predict_bet
         choose_candidate_decay(train, rows, 20, 2, 0.0, ())
 
 
+def test_the_build_fades_the_training_samples_alone_when_asked(tmp_path: Path) -> None:
+    """fade_candidates off: the chosen scale weighs the training samples, the candidates' count stays whole."""
+    seq = write_catalogue(tmp_path / "data", with_content=False)
+    cfg = small_file_config(seq)
+    cfg.model.candidate_tokens = 5
+    cfg.candidate_decay_lengths = (2.0,)
+    cfg.fade_candidates, cfg.fade_samples = False, True
+    published, _ = build(cfg, tmp_path / "store", progress=False)
+    manifest = json.loads((published.path / "manifest.json").read_text())
+    split = leave_one_out(load_sequence_file(seq))
+    decay = round(2.0 * float(np.mean([len(s) for s in split.train])), 3)
+    assert manifest["candidates"]["decay"] == manifest["train_config"]["sample_decay"] == decay > 0
+    assert manifest["candidates"]["faded"] == {"candidates": False, "samples": True}
+    assert manifest["model_config"]["candidate_decay"] == 0.0
+
+
 def test_embedding_dropout_acts_in_training_only() -> None:
     _, batch = tiny_model()
     model = OneRecModel(ModelConfig(level_sizes=[5, 6], session_items=3, history_window=4, d_model=16, n_heads=2,
@@ -924,6 +940,7 @@ def test_a_build_with_candidates_by_source_tied_codes_and_copy_head_answers_the_
     split = leave_one_out(data)
     decay = round(float(np.mean([len(s) for s in split.train])), 3)
     assert model.cfg.candidate_decay == chosen["decay"] == decay == manifest["train_config"]["sample_decay"] > 0
+    assert chosen["faded"] == {"candidates": True, "samples": True}
     count = cooccurrence(split.train, data.n_items, 3, chosen["backward"], decay)
     want, _ = top_neighbours(*count, data.n_items, 5)
     assert torch.equal(model.neighbour_items, torch.from_numpy(want).float())  # the lists of the chosen count
