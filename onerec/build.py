@@ -142,6 +142,7 @@ def sequence_file_config(path: str) -> BuildConfig:
     The encoder reads 20 co-occurrence candidates with their scores, and the decoder's copy head can
     point at them (test R@10 0.068 -> 0.085 on Beauty, benchmarks/results/quality_beauty_cpu_levers4.json);
     their count leans forward as far as the validation rows say it pays (``choose_candidate_backward``).
+    Newer training samples weigh more, at a fading scale the validation rows choose (``choose_candidate_decay``).
     Two semantic-ID levels (K = the power of two nearest 2 * sqrt(n) each, plus the extra level that
     names colliding items) make an item 3 decoder steps instead of 4 (levers10.json).
     The user token is one learned vector, not a hashed per-user embedding: the history already holds
@@ -200,6 +201,14 @@ def sequence_file_config(path: str) -> BuildConfig:
         # choose_candidate_backward). Beauty chose 0.25: test R@10 / N@10 0.0886 / 0.0519 -> 0.0910 / 0.0545
         # beside the symmetric count's build (quality_beauty_cpu_levers19.json).
         candidate_backward_choices=CANDIDATE_BACKWARD_CHOICES,
+        # Each training sample's loss fades with its age in the user's sequence, at the scale whose faded
+        # count ranks the validation targets best among the candidates (choose_candidate_decay; Beauty: 55
+        # items). Test R@10 / N@10 over seeds 0 and 1: 0.0923 / 0.0557 -> 0.0931 / 0.0559, R@5 0.0652 ->
+        # 0.0668, validation loss lower on both (quality_beauty_cpu_levers30.json). The candidates' count
+        # itself stays whole: faded, it lost (0.0930 / 0.0559 -> 0.0916 / 0.0543, levers29.json).
+        candidate_decay_lengths=CANDIDATE_DECAY_LENGTHS,
+        fade_candidates=False,
+        fade_samples=True,
     )
 
 
