@@ -55,7 +55,8 @@ def cooccurrence(
         return empty, empty, np.zeros(0, dtype=np.float64)
     flat = np.concatenate([np.asarray(s, dtype=np.int64) for s in sequences])
     seq_id = np.repeat(np.arange(len(sequences)), lengths)
-    age = (np.cumsum(lengths) - 1)[seq_id] - np.arange(len(flat))  # (N,) items after each position
+    # (N,) items after each position in its sequence, where pairs fade
+    age = (np.cumsum(lengths) - 1)[seq_id] - np.arange(len(flat)) if decay > 0 else None
     keys: list[np.ndarray] = []
     weights: list[np.ndarray] = []
     for dist in range(1, window + 1):
@@ -63,7 +64,7 @@ def cooccurrence(
         a, b = flat[:-dist][same], flat[dist:][same]
         distinct = a != b
         a, b = a[distinct], b[distinct]
-        fade = np.exp(-age[dist:][same][distinct] / decay) if decay > 0 else np.ones(len(a))
+        fade = np.exp(-age[dist:][same][distinct] / decay) if age is not None else np.ones(len(a))
         keys += [a * n_items + b, b * n_items + a]
         weights += [fade / dist, backward * fade / dist]
     all_keys = np.concatenate(keys)

@@ -138,6 +138,8 @@ class SessionSamples:
         self.user_bucket = np.array([hash_user(u, cfg.user_buckets) for u in user_ids], dtype=np.int64)
         pairs = [(u, p) for u, seq in enumerate(self.sequences) for p in range(1, len(seq))]
         self.pairs = np.array(pairs, dtype=np.int64).reshape(-1, 2)
+        lengths = np.array([len(s) for s in self.sequences], dtype=np.int64)
+        self.ages = (lengths[self.pairs[:, 0]] - 1 - self.pairs[:, 1]).astype(np.float64)  # items after each target
         self.candidates = (
             leave_user_out_candidates(self.sequences, self.pairs, cfg.history_window, cfg.catalogue_items,
                                       cfg.candidate_tokens, cfg.candidate_backward, cfg.candidate_sources,
@@ -194,8 +196,7 @@ class SessionSamples:
         """(B,) each sample's loss weight, exp(-(items after its target) / decay); None when decay is 0."""
         if decay <= 0:
             return None
-        age = np.array([len(self.sequences[u]) - 1 - p for u, p in self.pairs[idx]], dtype=np.float64)
-        return torch.from_numpy(np.exp(-age / decay)).float().to(device)
+        return torch.from_numpy(np.exp(-self.ages[idx] / decay)).float().to(device)
 
     def batch_candidates(self, idx: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The samples' candidates computed without their own user's sequence: (B, K) rows and (B, K)
