@@ -96,6 +96,9 @@ class BuildConfig:
     # training samples' loss weights (TrainConfig.sample_decay).
     fade_candidates: bool = True
     fade_samples: bool = False
+    # With the candidates' count whole and split by source: each source's share also carries its fraction left
+    # at the chosen scale (ModelConfig.candidate_recency).
+    recent_fractions: bool = False
     seed: int = 0
 
 
@@ -219,10 +222,25 @@ def candidate_lists(
     return top_neighbours(*cooccurrence(train, n_items, CANDIDATE_WINDOW, backward, decay), n_items, k)
 
 
-def candidate_forward(train: list[np.ndarray], n_items: int, items: np.ndarray, decay: float = 0.0) -> np.ndarray:
-    """The part of each neighbour weight counted *after* its item (the count with backward 0), aligned
-    with ``candidate_lists``' (n_items, k) items; 0 where there is no neighbour."""
-    rows, cols, weights = cooccurrence(train, n_items, CANDIDATE_WINDOW, 0.0, decay)
+def neighbour_parts(train: list[np.ndarray], items: np.ndarray, cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """The neighbour weights' parts the model keeps (``ModelConfig.neighbour_parts``), by buffer name."""
+    settings = {
+        "neighbour_forward": (0.0, cfg.candidate_decay),  # counted after the item
+        "neighbour_recent": (cfg.candidate_backward, cfg.candidate_recency),  # left when the count fades
+    }
+    return {
+        name: torch.from_numpy(candidate_part(train, cfg.catalogue_items, items, *settings[name]))
+        for name in cfg.neighbour_parts()
+    }
+
+
+def candidate_part(
+    train: list[np.ndarray], n_items: int, items: np.ndarray, backward: float = 0.0, decay: float = 0.0
+) -> np.ndarray:
+    """A part of each neighbour weight, the same count with another ``backward`` and/or ``decay`` (backward 0:
+    the part counted *after* its item; a decay: the part left when pairs fade), aligned with
+    ``candidate_lists``' (n_items, k) items; 0 where there is no neighbour."""
+    rows, cols, weights = cooccurrence(train, n_items, CANDIDATE_WINDOW, backward, decay)
     if not len(rows):
         return np.zeros(items.shape, dtype=np.float32)
     keys = rows * n_items + cols  # sorted: rows, then cols
@@ -383,6 +401,8 @@ def build(cfg: BuildConfig, store: Path, progress: bool = True) -> tuple[Publish
         )  # fmt: skip
         if cfg.fade_candidates:
             model_cfg = replace(model_cfg, candidate_decay=decay)
+        if cfg.recent_fractions:
+            model_cfg = replace(model_cfg, candidate_recency=decay)
         sample_decay = decay if cfg.fade_samples else 0.0
         faded = {"candidates": cfg.fade_candidates, "samples": cfg.fade_samples}
         candidates_meta = {**(candidates_meta or {}), "decay": decay, "valid_ndcg_by_decay": ndcg, "faded": faded}
@@ -396,14 +416,8 @@ def build(cfg: BuildConfig, store: Path, progress: bool = True) -> tuple[Publish
             split.train, data.n_items, model_cfg.candidate_tokens, model_cfg.candidate_backward,
             model_cfg.candidate_decay,
         )  # fmt: skip
-        forward = (
-            candidate_forward(split.train, data.n_items, items, model_cfg.candidate_decay)
-            if model_cfg.candidate_directions
-            else None
-        )
-        model.set_neighbours(
-            torch.from_numpy(items), torch.from_numpy(weights), None if forward is None else torch.from_numpy(forward)
-        )
+        parts = neighbour_parts(split.train, items, model_cfg)
+        model.set_neighbours(torch.from_numpy(items), torch.from_numpy(weights), parts)
         log(f"candidates: {model_cfg.candidate_tokens} co-occurrence neighbours per item in the encoder memory")
     log(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; training on {cfg.train.device}")
 

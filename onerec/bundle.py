@@ -292,6 +292,10 @@ def check_model_config(raw: Any, version: int) -> ModelConfig:
         raise ValueError(f"{where}: experts_top_k {config.experts_top_k} > n_experts {config.n_experts}")
     if config.candidate_tokens and not config.catalogue_items:
         raise ValueError(f"{where}: candidate_tokens {config.candidate_tokens} needs catalogue_items > 0")
+    for key in ("candidate_backward", "candidate_decay", "candidate_recency"):
+        value = getattr(config, key)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < float("inf"):
+            raise ValueError(f"{where}.{key} = {value!r}: want a finite number >= 0")
     if conflict := config.option_conflict():
         raise ValueError(f"{where}: {conflict}")
     return config
@@ -328,8 +332,8 @@ def expected_tensors(config: ModelConfig) -> dict[str, list[int]]:
             shapes["copy_gate.bias"] = [1]
         shapes["neighbour_items"] = [config.catalogue_items, config.candidate_tokens]
         shapes["neighbour_weights"] = [config.catalogue_items, config.candidate_tokens]
-        if config.candidate_directions:
-            shapes["neighbour_forward"] = [config.catalogue_items, config.candidate_tokens]
+        for name in config.neighbour_parts():
+            shapes[name] = [config.catalogue_items, config.candidate_tokens]
     for i in range(config.n_encoder_layers):
         layer = f"encoder.{i}"
         shapes[f"{layer}.n1.weight"] = [d]

@@ -42,7 +42,7 @@ d = d_model, H heads, dh = d/H.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -58,7 +58,11 @@ RENAMED_CONFIG_KEYS = {"max_history": "history_window"}
 # lists from co-occurrence within this window, and these weights for the newest three history items.
 CANDIDATE_WINDOW = 3
 CANDIDATE_RECENCY = (1.0, 0.5, 0.25)
-EXACT_BUFFERS = ("neighbour_items", "neighbour_weights", "neighbour_forward")  # kept float32 by OneRecModel._apply
+# The parts of the neighbour weights a model may keep beside them, by the option that keeps each: every part is
+# the same count with other settings, a part of each weight, so each source's share enters also as its fraction.
+NEIGHBOUR_PARTS = (("candidate_directions", "neighbour_forward"), ("candidate_recency", "neighbour_recent"))
+# kept float32 by OneRecModel._apply
+EXACT_BUFFERS = ("neighbour_items", "neighbour_weights", *(name for _, name in NEIGHBOUR_PARTS))
 
 
 @dataclass
@@ -103,6 +107,11 @@ class ModelConfig:
     # source (the candidates' count weighs both directions, ``candidate_backward``), so "bought next" and
     # "bought before" differ at the same share. Needs the neighbour lists' forward part (``neighbour_forward``).
     candidate_directions: bool = False
+    # With candidate_sources and a whole count (candidate_decay 0): each source's share also enters as the fraction
+    # of it left when every pair fades with its age at this scale, exp(-age / candidate_recency), so "often, long
+    # ago" and "often, lately" differ at the same share; the count that ranks candidates stays whole. Needs the
+    # neighbour lists' faded part (``neighbour_recent``). 0: off.
+    candidate_recency: float = 0.0
 
     @property
     def depth(self) -> int:
@@ -115,10 +124,16 @@ class ModelConfig:
             return "copy_head needs candidate_tokens > 0 (the candidates it points at)"
         if (self.candidate_sources or self.candidate_mass) and not (self.candidate_tokens and self.candidate_scores):
             return "candidate_sources and candidate_mass need candidate_tokens > 0 and candidate_scores"
-        for key in ("candidate_transitions", "candidate_directions"):
+        for key in ("candidate_transitions", "candidate_directions", "candidate_recency"):
             if getattr(self, key) and not self.candidate_sources:
                 return f"{key} needs candidate_sources (it divides or splits each source's share)"
+        if self.candidate_recency and self.candidate_decay:
+            return "candidate_recency needs a whole count (candidate_decay 0): it is the faded part of each weight"
         return None
+
+    def neighbour_parts(self) -> list[str]:
+        """The buffers of the neighbour weights' parts this model keeps, in the order their fractions enter."""
+        return [name for key, name in NEIGHBOUR_PARTS if getattr(self, key)]
 
     @property
     def session_positions(self) -> int:
@@ -467,14 +482,14 @@ def norm_for(training: bool) -> Callable[[RMSNorm, torch.Tensor], torch.Tensor]:
 def candidate_score_features(cfg: ModelConfig) -> int:
     """How many numbers describe a candidate's score: log and share of the top, plus one per source."""
     per_source = len(CANDIDATE_RECENCY) * (
-        int(cfg.candidate_sources) + int(cfg.candidate_transitions) + int(cfg.candidate_directions)
+        int(cfg.candidate_sources) + int(cfg.candidate_transitions) + len(cfg.neighbour_parts())
     )
     return 2 + per_source + int(cfg.candidate_mass)
 
 
 def candidate_score_inputs(score: torch.Tensor, mass: torch.Tensor | None = None) -> torch.Tensor:
-    """(B, K) scores, or (B, K, R) per-source shares (then optionally R transition estimates and/or R forward
-    fractions after them, each in [0, 1]), and optionally (B, K) each candidate's own co-occurrence mass
+    """(B, K) scores, or (B, K, R) per-source shares (then optionally R transition estimates and R fractions
+    per neighbour part after them, each in [0, 1]), and optionally (B, K) each candidate's own co-occurrence mass
     -> (B, K, F) the inputs of ``cand_score``."""
     r = len(CANDIDATE_RECENCY)
     shares = score[..., :r] if score.dim() == 3 else score
@@ -483,7 +498,7 @@ def candidate_score_inputs(score: torch.Tensor, mass: torch.Tensor | None = None
     features = [torch.log1p(total)[..., None], share[..., None]]
     if score.dim() == 3:
         features.append(torch.log1p(shares))
-        features.append(score[..., r:])  # (B, K, R or 2R) transitions and forward fractions, or nothing
+        features.append(score[..., r:])  # (B, K, R * n) transitions and the parts' fractions, or nothing
     if mass is not None:
         features.append(torch.log1p(mass)[..., None])
     return torch.cat(features, dim=-1)
@@ -518,8 +533,8 @@ class OneRecModel(nn.Module):
             shape = (cfg.catalogue_items, cfg.candidate_tokens)
             self.register_buffer("neighbour_items", torch.full(shape, -1.0))
             self.register_buffer("neighbour_weights", torch.zeros(shape))
-            if cfg.candidate_directions:  # the part of each weight counted after the item (backward 0)
-                self.register_buffer("neighbour_forward", torch.zeros(shape))
+            for name in cfg.neighbour_parts():  # forward: counted after the item (backward 0); recent: faded
+                self.register_buffer(name, torch.zeros(shape))
             self.register_buffer("path_strides", path_strides(cfg.level_sizes), persistent=False)
             self.register_buffer("catalogue_keys", torch.zeros(0, dtype=torch.long), persistent=False)
             self.register_buffer("catalogue_rows", torch.zeros(0, dtype=torch.long), persistent=False)
@@ -587,21 +602,26 @@ class OneRecModel(nn.Module):
         self.catalogue_keys, self.catalogue_rows, self.catalogue_codes = keys, order, codes
 
     @torch.no_grad()
-    def set_neighbours(self, items: torch.Tensor, weights: torch.Tensor, forward: torch.Tensor | None = None) -> None:
+    def set_neighbours(
+        self, items: torch.Tensor, weights: torch.Tensor, parts: Mapping[str, torch.Tensor] | None = None
+    ) -> None:
         """Each catalogue item's strongest co-occurring items, strongest first: (catalogue_items, K)
-        item indices (-1 = none) and their weights (from ``onerec.tokenizer.top_neighbours``); with
-        ``candidate_directions`` also each weight's forward part (``onerec.build.candidate_forward``)."""
+        item indices (-1 = none) and their weights (from ``onerec.tokenizer.top_neighbours``); ``parts``: the
+        weights' parts this model keeps (``ModelConfig.neighbour_parts``, from ``onerec.build.candidate_part``)
+        by buffer name, e.g. ``neighbour_forward`` with ``candidate_directions``."""
         shape = tuple(self.neighbour_items.shape)
         if tuple(items.shape) != shape or tuple(weights.shape) != shape:
             raise ValueError(f"neighbours: want {shape}, got {tuple(items.shape)} and {tuple(weights.shape)}")
-        if self.cfg.candidate_directions != (forward is not None):
-            raise ValueError("neighbours: forward weights are needed exactly when candidate_directions is on")
+        parts = dict(parts or {})
+        if sorted(parts) != sorted(self.cfg.neighbour_parts()):
+            want = self.cfg.neighbour_parts()
+            raise ValueError(f"neighbours: this model's weight parts are {want}, got {sorted(parts)}")
         self.neighbour_items.copy_(items.float())
         self.neighbour_weights.copy_(torch.where(items >= 0, weights.float(), 0.0))
-        if forward is not None:
-            if tuple(forward.shape) != shape:
-                raise ValueError(f"neighbours: want forward weights {shape}, got {tuple(forward.shape)}")
-            self.neighbour_forward.copy_(torch.where(items >= 0, forward.float(), 0.0))
+        for name, part in parts.items():
+            if tuple(part.shape) != shape:
+                raise ValueError(f"neighbours: want {name} of shape {shape}, got {tuple(part.shape)}")
+            self._buffers[name].copy_(torch.where(items >= 0, part.float(), 0.0))  # type: ignore[union-attr]
         self.check_neighbours()
 
     def check_neighbours(self) -> None:
@@ -611,8 +631,9 @@ class OneRecModel(nn.Module):
             raise ValueError(f"neighbour_items must hold item indices in [-1, {n})")
         if not bool(torch.isfinite(self.neighbour_weights).all()):
             raise ValueError("neighbour_weights must be finite")
-        if self.cfg.candidate_directions and not bool(torch.isfinite(self.neighbour_forward).all()):
-            raise ValueError("neighbour_forward must be finite")
+        for name in self.cfg.neighbour_parts():
+            if not bool(torch.isfinite(self._buffers[name]).all()):  # type: ignore[arg-type]
+                raise ValueError(f"{name} must be finite")
 
     def catalogue_index(self, hist_codes: torch.Tensor) -> torch.Tensor:
         """hist_codes (B, S, D) -> catalogue rows (B, S); -1 for a path the catalogue trained on lacks."""
@@ -627,8 +648,9 @@ class OneRecModel(nn.Module):
         """The K strongest co-occurrence candidates of each history: (B, K) catalogue rows (-1 = none)
         and their scores (0 = none), strongest first: (B, K), or with ``candidate_sources`` (B, K, R), the
         share of each of the newest R = 3 history items (summing to the score), followed with
-        ``candidate_transitions`` by each share over its source's whole neighbour mass and with
-        ``candidate_directions`` by the fraction of each share counted after its source.
+        ``candidate_transitions`` by each share over its source's whole neighbour mass and then by each share's
+        fraction in each part the model keeps (``candidate_directions``: counted after its source;
+        ``candidate_recency``: left when the count fades).
 
         Score of item j: sum over the newest three history items h of weight(h's recency) *
         co-occurrence(h, j); items of the history itself are never candidates.
@@ -640,7 +662,7 @@ class OneRecModel(nn.Module):
         # One score row per source when split, else one shared row (B, n+1); column n is "none".
         shares = hist_codes.new_zeros((len(recency) if split else 1, index.shape[0], n + 1), dtype=torch.float32)
         masses = hist_codes.new_zeros((index.shape[0], len(CANDIDATE_RECENCY)), dtype=torch.float32)  # (B, R)
-        ahead = torch.zeros_like(shares) if self.cfg.candidate_directions else None  # forward parts of shares
+        parts = [(self._buffers[name], torch.zeros_like(shares)) for name in self.cfg.neighbour_parts()]
         for r, weight in enumerate(recency):
             row = index[:, r]  # (B,)
             known = (row >= 0)[:, None]
@@ -648,9 +670,9 @@ class OneRecModel(nn.Module):
             vals = torch.where(known, self.neighbour_weights[row.clamp(min=0)], 0.0)
             shares[r if split else 0].scatter_add_(1, torch.where(cols >= 0, cols, n), weight * vals)
             masses[:, r] = weight * vals.sum(-1)
-            if ahead is not None:
-                fwd = torch.where(known, self.neighbour_forward[row.clamp(min=0)], 0.0)
-                ahead[r].scatter_add_(1, torch.where(cols >= 0, cols, n), weight * fwd)
+            for part, part_shares in parts:  # each share's part, summed as the shares are
+                got = torch.where(known, part[row.clamp(min=0)], 0.0)  # type: ignore[index]
+                part_shares[r].scatter_add_(1, torch.where(cols >= 0, cols, n), weight * got)
         shares[:, :, n] = 0.0
         own = torch.where(index >= 0, index, n)[None].expand(shares.shape[0], -1, -1)
         shares.scatter_(2, own, 0.0)  # never the history's own items
@@ -672,8 +694,9 @@ class OneRecModel(nn.Module):
         out = [by_source]
         if self.cfg.candidate_transitions:
             out.append(by_source / masses[:, None].clamp(min=1e-6))
-        if ahead is not None:
-            out.append(torch.where(by_source > 0, at_rows(ahead) / by_source.clamp(min=1e-9), 0.0).clamp(0.0, 1.0))
+        for _, part_shares in parts:
+            fraction = torch.where(by_source > 0, at_rows(part_shares) / by_source.clamp(min=1e-9), 0.0)
+            out.append(fraction.clamp(0.0, 1.0))
         return rows, torch.cat(out, dim=-1)
 
     # ---- encoder ------------------------------------------------------------------------------

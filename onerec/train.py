@@ -70,6 +70,10 @@ class TrainConfig:
     # evaluation rows and to what the service will be asked, as with the candidates' faded count
     # (ModelConfig.candidate_decay); the build chooses the scale on the validation rows (BuildConfig.fade_samples).
     sample_decay: float = 0.0
+    # Each sample's loss is also divided by (its user's number of samples) ** user_balance (0: off; 1: every
+    # user weighs the same in total). Why: the metrics count each user once, while the loss counts each
+    # sample, so the 5% of Beauty's users with 20 or more items hold a quarter of the samples.
+    user_balance: float = 0.0
 
 
 @dataclass
@@ -140,10 +144,12 @@ class SessionSamples:
         self.pairs = np.array(pairs, dtype=np.int64).reshape(-1, 2)
         lengths = np.array([len(s) for s in self.sequences], dtype=np.int64)
         self.ages = (lengths[self.pairs[:, 0]] - 1 - self.pairs[:, 1]).astype(np.float64)  # items after each target
+        self.user_samples = (lengths[self.pairs[:, 0]] - 1).astype(np.float64)  # each sample's user's sample count
         self.candidates = (
             leave_user_out_candidates(self.sequences, self.pairs, cfg.history_window, cfg.catalogue_items,
                                       cfg.candidate_tokens, cfg.candidate_backward, cfg.candidate_sources,
-                                      cfg.candidate_transitions, cfg.candidate_directions, cfg.candidate_decay)
+                                      cfg.candidate_transitions, cfg.candidate_directions, cfg.candidate_decay,
+                                      cfg.candidate_recency)
             if cfg.candidate_tokens
             else None
         )  # fmt: skip
@@ -192,11 +198,17 @@ class SessionSamples:
         targets = np.array([self.sequences[u][p] for u, p in self.pairs[idx]], dtype=np.int64)
         return NextItemTargets(self.codes.to(device), torch.from_numpy(targets).to(device), weight)
 
-    def sample_weights(self, idx: np.ndarray, decay: float, device: torch.device) -> torch.Tensor | None:
-        """(B,) each sample's loss weight, exp(-(items after its target) / decay); None when decay is 0."""
-        if decay <= 0:
+    def sample_weights(
+        self, idx: np.ndarray, decay: float, device: torch.device, user_balance: float = 0.0
+    ) -> torch.Tensor | None:
+        """(B,) each sample's loss weight, exp(-(items after its target) / decay) / (its user's samples) **
+        user_balance; None when both are 0."""
+        if decay <= 0 and user_balance <= 0:
             return None
-        return torch.from_numpy(np.exp(-self.ages[idx] / decay)).float().to(device)
+        weight = np.exp(-self.ages[idx] / decay) if decay > 0 else np.ones(len(idx))
+        if user_balance > 0:
+            weight = weight / self.user_samples[idx] ** user_balance
+        return torch.from_numpy(weight).float().to(device)
 
     def batch_candidates(self, idx: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The samples' candidates computed without their own user's sequence: (B, K) rows and (B, K)
@@ -277,7 +289,7 @@ def train_model(
                         label_smoothing=tcfg.label_smoothing,
                         candidates=samples.batch_candidates(mine, device),
                         next_items=samples.next_items(mine, tcfg.next_item_weight, device),
-                        sample_weights=samples.sample_weights(mine, tcfg.sample_decay, device),
+                        sample_weights=samples.sample_weights(mine, tcfg.sample_decay, device, tcfg.user_balance),
                     )
                     (loss + tcfg.balance_weight * balance).backward()
                     value = loss.item()
@@ -428,13 +440,15 @@ def leave_user_out_candidates(
     transitions: bool = False,
     directions: bool = False,
     decay: float = 0.0,
+    recency: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Each sample's K co-occurrence candidates as the model computes them at serving time, but from
     neighbour lists built without the sample's own user: (N, K) int32 rows (-1 = none) and (N, K)
     float32 scores (0 = none), or with ``sources`` (N, K, R) each of the newest R = 3 history items'
     share of the score (``ModelConfig.candidate_sources``), with ``transitions`` followed by each share
     over its source's neighbour mass (``ModelConfig.candidate_transitions``), with ``directions`` then by
-    the fraction of each share counted after its source (``ModelConfig.candidate_directions``).
+    the fraction of each share counted after its source (``ModelConfig.candidate_directions``), with
+    ``recency`` > 0 then by the fraction left when the count fades at that scale (``candidate_recency``).
 
     At serving time the user's next item has never co-occurred with their history in training data;
     with their own sequence counted, a training sample's target would always be a candidate, and the
@@ -446,22 +460,24 @@ def leave_user_out_candidates(
     """
     rows, cols, weights = cooccurrence(sequences, n_items, CANDIDATE_WINDOW, backward, decay)
     indptr = np.searchsorted(rows, np.arange(n_items + 1))
-    if directions:  # the forward part of each weight: the same count with backward 0, a subset of its pairs
-        frows, fcols, fweights = cooccurrence(sequences, n_items, CANDIDATE_WINDOW, 0.0, decay)
-        findptr = np.searchsorted(frows, np.arange(n_items + 1))
+    # The parts of each weight, as (backward, decay) of the same count: forward (backward 0), recent (faded).
+    part_settings = [(0.0, decay)] * directions + [(backward, recency)] * (recency > 0)
+    parts = []
+    for part_backward, part_decay in part_settings:
+        prows, pcols, pweights = cooccurrence(sequences, n_items, CANDIDATE_WINDOW, part_backward, part_decay)
+        parts.append((pcols, pweights, np.searchsorted(prows, np.arange(n_items + 1))))
     out = np.full((len(pairs), k), -1, dtype=np.int32)
     out_scores = np.zeros((len(pairs), k), dtype=np.float32)
     r = len(CANDIDATE_RECENCY)
-    out_shares = np.zeros((len(pairs), k, r * (1 + transitions + directions)) if sources else (0, k, 0), np.float32)
+    out_shares = np.zeros((len(pairs), k, r * (1 + transitions + len(parts))) if sources else (0, k, 0), np.float32)
     shares = np.zeros((r, n_items))
-    ahead = np.zeros((r, n_items))  # the forward parts of shares
+    part_shares = np.zeros((len(parts), r, n_items))  # each part of the shares
     masses = np.zeros(r)
     own_user = -1
     for n, (u, p) in enumerate(pairs):
         if u != own_user:  # pairs are grouped by user: their own co-occurrence, once per user
             own_rows, own_cols, own_weights = cooccurrence([sequences[u]], n_items, CANDIDATE_WINDOW, backward, decay)
-            if directions:
-                own_frows, own_fcols, own_fweights = cooccurrence([sequences[u]], n_items, CANDIDATE_WINDOW, 0.0, decay)
+            own_parts = [cooccurrence([sequences[u]], n_items, CANDIDATE_WINDOW, *ps) for ps in part_settings]
             own_user = u
         hist = sequences[u][max(0, p - history_window) : p]
         touched = []
@@ -474,13 +490,15 @@ def leave_user_out_candidates(
             order = order[val[order] > 1e-9]
             shares[recency, nb[order]] += weight * val[order]
             masses[recency] = weight * val[order].sum()
-            if directions:
-                fnb, fval = fcols[findptr[h] : findptr[h + 1]], fweights[findptr[h] : findptr[h + 1]].copy()
-                fmine = own_frows == h
-                fval[np.searchsorted(fnb, own_fcols[fmine])] -= own_fweights[fmine]
-                forward = np.zeros(len(nb))
-                forward[np.searchsorted(nb, fnb)] = fval
-                ahead[recency, nb[order]] += weight * forward[order]
+            for j, ((pcols, pweights, pindptr), (own_prows, own_pcols, own_pweights)) in enumerate(
+                zip(parts, own_parts, strict=True)
+            ):  # a part's pairs are a subset of the count's
+                pnb, pval = pcols[pindptr[h] : pindptr[h + 1]], pweights[pindptr[h] : pindptr[h + 1]].copy()
+                pmine = own_prows == h
+                pval[np.searchsorted(pnb, own_pcols[pmine])] -= own_pweights[pmine]
+                part = np.zeros(len(nb))
+                part[np.searchsorted(nb, pnb)] = pval
+                part_shares[j, recency, nb[order]] += weight * part[order]
             touched.append(nb[order])
         if not touched:
             continue
@@ -496,11 +514,13 @@ def leave_user_out_candidates(
             out_shares[n, : len(best), :r] = share
             if transitions:
                 out_shares[n, : len(best), r : 2 * r] = share / np.maximum(masses, 1e-6)
-            if directions:
-                fraction = np.where(share > 0, ahead[:, cand[best]].T / np.maximum(share, 1e-9), 0.0).clip(0.0, 1.0)
-                out_shares[n, : len(best), r * (1 + transitions) :] = fraction
+            for j in range(len(parts)):
+                part_share = part_shares[j][:, cand[best]].T
+                fraction = np.where(share > 0, part_share / np.maximum(share, 1e-9), 0.0).clip(0.0, 1.0)
+                at = r * (1 + transitions + j)
+                out_shares[n, : len(best), at : at + r] = fraction
         shares[:, cand] = 0.0
-        ahead[:, cand] = 0.0
+        part_shares[:, :, cand] = 0.0
         masses[:] = 0.0
     return out, (out_shares if sources else out_scores)
 

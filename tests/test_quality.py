@@ -27,7 +27,7 @@ from onerec.baselines import (
 )
 from onerec.build import BuildConfig, build
 from onerec.data import InteractionData, Split, leave_one_out, load_item_content, load_sequence_file
-from onerec.model import CANDIDATE_RECENCY, ModelConfig, NextItemTargets, OneRecModel
+from onerec.model import CANDIDATE_RECENCY, ModelConfig, NextItemTargets, OneRecModel, candidate_score_features
 from onerec.tokenizer import (
     codebook_size,
     content_embeddings,
@@ -325,6 +325,11 @@ def test_sample_weights_weigh_each_sample_in_the_loss_and_fade_with_age() -> Non
     got = samples.sample_weights(np.arange(4), 2.0, torch.device("cpu"))
     np.testing.assert_allclose(got.numpy(), np.exp(-np.array([2.0, 1.0, 0.0, 0.0]) / 2.0), rtol=1e-6)
     assert samples.sample_weights(np.arange(4), 0.0, torch.device("cpu")) is None
+    # user_balance divides by the user's sample count: user a has 3 samples, user b one
+    balanced = samples.sample_weights(np.arange(4), 0.0, torch.device("cpu"), user_balance=1.0)
+    np.testing.assert_allclose(balanced.numpy(), [1 / 3, 1 / 3, 1 / 3, 1.0], rtol=1e-6)
+    both = samples.sample_weights(np.arange(4), 2.0, torch.device("cpu"), user_balance=0.5)
+    np.testing.assert_allclose(both.numpy(), got.numpy() / np.sqrt([3.0, 3.0, 3.0, 1.0]), rtol=1e-6)
 
 
 def test_next_item_loss_adds_the_weighted_softmax_over_every_item() -> None:
@@ -484,7 +489,7 @@ def test_candidate_transitions_and_directions_are_the_same_in_training_and_servi
     lists built without user 0, transitions and forward fractions included, with the count faded or not
     (the user's own pairs fade as they were counted); each transition is the share over its source's mass,
     and a fraction of 1 means the candidate was only ever seen after its source."""
-    from onerec.build import candidate_forward, candidate_lists
+    from onerec.build import candidate_lists, candidate_part
     from onerec.train import leave_user_out_candidates
 
     seqs = [np.array([0, 1, 2, 4]), np.array([0, 3, 1]), np.array([5, 0, 3, 4]), np.array([1, 5, 0, 3, 2])]
@@ -499,11 +504,13 @@ def test_candidate_transitions_and_directions_are_the_same_in_training_and_servi
     model = OneRecModel(cfg).eval()
     model.set_catalogue(torch.arange(6)[:, None])
     items, weights = candidate_lists(seqs[1:], 6, 4, 0.5, decay)
-    forward = candidate_forward(seqs[1:], 6, items, decay)
+    forward = candidate_part(seqs[1:], 6, items, 0.0, decay)
     assert items[0, 0] == 3 and forward[0, 0] == weights[0, 0]  # 3 after 0 thrice (faded: 1 and 2 items old)
     assert (weights[0, 0] == 3.0) == (decay == 0.0)
     assert decay or (items[0, 1] == 5 and forward[0, 1] == 0.0)  # 5 only before 0
-    model.set_neighbours(torch.from_numpy(items), torch.from_numpy(weights), torch.from_numpy(forward))
+    model.set_neighbours(
+        torch.from_numpy(items), torch.from_numpy(weights), {"neighbour_forward": torch.from_numpy(forward)}
+    )
     for n, (_, p) in enumerate(pairs):
         hist = torch.from_numpy(seqs[0][:p][::-1].copy())[None, :, None]  # newest first
         rows, want = model.candidates(hist, torch.ones(1, p, dtype=torch.bool))
@@ -520,8 +527,48 @@ def test_candidate_transitions_and_directions_are_the_same_in_training_and_servi
         with pytest.raises(ValueError, match=f"{key} needs candidate_sources"):
             off = {"candidate_sources": False, "candidate_transitions": False, "candidate_directions": False}
             OneRecModel(replace(cfg, **{**off, key: True}))
-    with pytest.raises(ValueError, match="forward weights are needed"):
+    with pytest.raises(ValueError, match="weight parts are"):
         model.set_neighbours(torch.from_numpy(items), torch.from_numpy(weights))
+
+
+def test_candidate_recency_is_the_same_in_training_and_serving() -> None:
+    """Each source's recent fraction (the share left when the count fades) is what a served model computes
+    from neighbour lists built without user 0; it is 1 only where every pair behind a share is a user's
+    newest, and the whole count still ranks the candidates."""
+    from onerec.build import candidate_lists, candidate_part, neighbour_parts
+    from onerec.train import leave_user_out_candidates
+
+    seqs = [np.array([0, 1, 2, 4]), np.array([0, 3, 1]), np.array([5, 0, 3, 4]), np.array([1, 5, 0, 3, 2])]
+    pairs = np.array([(0, p) for p in range(1, 4)])
+    cand, got = leave_user_out_candidates(seqs, pairs, 20, 6, 4, 0.5, True, recency=1.5)
+    whole, whole_shares = leave_user_out_candidates(seqs, pairs, 20, 6, 4, 0.5, True)
+    assert got.shape == (3, 4, 6) and (cand == whole).all()  # the ranking is the whole count's
+    np.testing.assert_allclose(got[:, :, :3], whole_shares, rtol=1e-6)
+    cfg = ModelConfig(level_sizes=[7], session_items=1, history_window=4, d_model=8, n_heads=2, d_ff=8,
+                      catalogue_items=6, candidate_tokens=4, candidate_scores=True, candidate_sources=True,
+                      candidate_backward=0.5, candidate_recency=1.5)  # fmt: skip
+    model = OneRecModel(cfg).eval()
+    assert candidate_score_features(cfg) == 2 + 6
+    model.set_catalogue(torch.arange(6)[:, None])
+    items, weights = candidate_lists(seqs[1:], 6, 4, 0.5)
+    parts = neighbour_parts(seqs[1:], items, cfg)
+    assert list(parts) == ["neighbour_recent"]
+    recent = parts["neighbour_recent"].numpy()
+    np.testing.assert_allclose(recent, candidate_part(seqs[1:], 6, items, 0.5, 1.5), rtol=1e-6)
+    assert (recent <= weights + 1e-6).all() and (recent[items >= 0] > 0).all() and (recent < weights - 1e-3).any()
+    model.set_neighbours(torch.from_numpy(items), torch.from_numpy(weights), parts)
+    for n, (_, p) in enumerate(pairs):
+        hist = torch.from_numpy(seqs[0][:p][::-1].copy())[None, :, None]  # newest first
+        rows, want = model.candidates(hist, torch.ones(1, p, dtype=torch.bool))
+        assert rows[0].tolist() == cand[n].tolist(), p
+        np.testing.assert_allclose(got[n], want[0].numpy(), rtol=1e-5, atol=1e-6)
+    fractions = got[:, :, 3:][got[:, :, :3] > 0]
+    assert ((fractions > 0) & (fractions <= 1.0)).all() and (fractions < 1.0).any()
+    assert not got[:, :, 3:][got[:, :, :3] == 0].any()
+    with pytest.raises(ValueError, match="candidate_recency needs a whole count"):
+        OneRecModel(replace(cfg, candidate_decay=2.0))
+    with pytest.raises(ValueError, match="candidate_recency needs candidate_sources"):
+        OneRecModel(replace(cfg, candidate_sources=False))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -736,20 +783,33 @@ def test_the_build_fades_the_candidates_count_where_the_recent_pairs_predict_bet
         choose_candidate_decay(train, rows, 20, 2, 0.0, ())
 
 
-def test_the_build_fades_the_training_samples_alone_when_asked(tmp_path: Path) -> None:
-    """fade_candidates off: the chosen scale weighs the training samples, the candidates' count stays whole."""
+@pytest.mark.parametrize("recent_fractions", [False, True])
+def test_the_build_fades_the_training_samples_alone_when_asked(tmp_path: Path, recent_fractions: bool) -> None:
+    """fade_candidates off: the chosen scale weighs the training samples, the candidates' count stays whole;
+    with recent_fractions the same scale gives each source's recent fraction, saved and loaded with the model."""
+    from onerec.build import candidate_lists, candidate_part
+    from onerec.bundle import load_bundle
+
     seq = write_catalogue(tmp_path / "data", with_content=False)
     cfg = small_file_config(seq)
     cfg.model.candidate_tokens = 5
+    cfg.model.candidate_scores = cfg.model.candidate_sources = recent_fractions
     cfg.candidate_decay_lengths = (2.0,)
-    cfg.fade_candidates, cfg.fade_samples = False, True
+    cfg.fade_candidates, cfg.fade_samples, cfg.recent_fractions = False, True, recent_fractions
     published, _ = build(cfg, tmp_path / "store", progress=False)
     manifest = json.loads((published.path / "manifest.json").read_text())
-    split = leave_one_out(load_sequence_file(seq))
+    data = load_sequence_file(seq)
+    split = leave_one_out(data)
     decay = round(2.0 * float(np.mean([len(s) for s in split.train])), 3)
     assert manifest["candidates"]["decay"] == manifest["train_config"]["sample_decay"] == decay > 0
     assert manifest["candidates"]["faded"] == {"candidates": False, "samples": True}
     assert manifest["model_config"]["candidate_decay"] == 0.0
+    assert manifest["model_config"]["candidate_recency"] == (decay if recent_fractions else 0.0)
+    if recent_fractions:
+        model = load_bundle(published.path).model
+        items, _ = candidate_lists(split.train, data.n_items, 5, model.cfg.candidate_backward)
+        want = candidate_part(split.train, data.n_items, items, model.cfg.candidate_backward, decay)
+        assert torch.equal(model.neighbour_recent, torch.from_numpy(want)) and bool(model.neighbour_recent.any())
 
 
 def test_embedding_dropout_acts_in_training_only() -> None:
@@ -912,7 +972,7 @@ def test_training_progress_goes_to_stderr_so_stdout_stays_machine_readable(
 
 
 def test_a_build_with_candidates_by_source_tied_codes_and_copy_head_answers_the_same_loaded(tmp_path: Path) -> None:
-    from onerec.build import candidate_forward
+    from onerec.build import candidate_part
     from onerec.bundle import load_bundle
     from onerec.evaluate import evaluate_split
 
@@ -944,7 +1004,7 @@ def test_a_build_with_candidates_by_source_tied_codes_and_copy_head_answers_the_
     count = cooccurrence(split.train, data.n_items, 3, chosen["backward"], decay)
     want, _ = top_neighbours(*count, data.n_items, 5)
     assert torch.equal(model.neighbour_items, torch.from_numpy(want).float())  # the lists of the chosen count
-    forward = candidate_forward(split.train, data.n_items, want, decay)
+    forward = candidate_part(split.train, data.n_items, want, 0.0, decay)
     assert torch.equal(model.neighbour_forward, torch.from_numpy(forward)) and bool(model.neighbour_forward.any())
     for lvl, table in enumerate(model.enc_codes):  # still one tensor per level after the safetensors round trip
         assert model.heads[lvl].weight is table.weight and model.dec_codes[lvl].weight is table.weight

@@ -390,6 +390,10 @@ def test_huge_user_buckets_refused_without_a_big_allocation(tmp_path: Path) -> N
         ("candidate_mass", True),
         ("candidate_transitions", True),
         ("candidate_directions", True),
+        ("candidate_recency", 1.0),  # needs candidate_sources
+        ("candidate_recency", float("nan")),
+        ("candidate_decay", -1.0),
+        ("candidate_backward", float("inf")),
     ],
 )
 def test_config_outside_sane_limits_is_refused(key: str, value: Any) -> None:
@@ -643,6 +647,8 @@ def test_service_becomes_ready_on_v1_beside_a_broken_v2(
                     candidate_sources=True, candidate_transitions=True),
         ModelConfig(level_sizes=[5, 7], catalogue_items=9, candidate_tokens=2, candidate_scores=True,
                     candidate_sources=True, candidate_directions=True),
+        ModelConfig(level_sizes=[5, 7], catalogue_items=9, candidate_tokens=2, candidate_scores=True,
+                    candidate_sources=True, candidate_directions=True, candidate_recency=3.0),
     ],
 )  # fmt: skip
 def test_expected_tensors_follow_the_model(config: ModelConfig) -> None:
