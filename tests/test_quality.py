@@ -812,6 +812,22 @@ def test_the_build_fades_the_training_samples_alone_when_asked(tmp_path: Path, r
         assert torch.equal(model.neighbour_recent, torch.from_numpy(want)) and bool(model.neighbour_recent.any())
 
 
+def test_the_build_fades_the_training_samples_at_a_number_of_mean_sequences(tmp_path: Path) -> None:
+    """sample_decay_length: the samples' scale is that many mean training sequences, with no choice made and
+    no candidates needed; asking for the chosen scale as well is refused before any work."""
+    seq = write_catalogue(tmp_path / "data", with_content=False)
+    cfg = small_file_config(seq)
+    cfg.sample_decay_length = 2.0
+    published, _ = build(cfg, tmp_path / "store", progress=False)
+    manifest = json.loads((published.path / "manifest.json").read_text())
+    split = leave_one_out(load_sequence_file(seq))
+    assert manifest["train_config"]["sample_decay"] == round(2.0 * float(np.mean([len(s) for s in split.train])), 3)
+    assert manifest["train_config"]["sample_decay"] > 0 and not manifest["model_config"]["candidate_tokens"]
+    cfg.fade_samples = True
+    with pytest.raises(ValueError, match="set one"):
+        build(cfg, tmp_path / "store", progress=False)
+
+
 def test_embedding_dropout_acts_in_training_only() -> None:
     _, batch = tiny_model()
     model = OneRecModel(ModelConfig(level_sizes=[5, 6], session_items=3, history_window=4, d_model=16, n_heads=2,
