@@ -110,7 +110,8 @@ class ModelConfig:
     # With candidate_sources and a whole count (candidate_decay 0): each source's share also enters as the fraction
     # of it left when every pair fades with its age at this scale, exp(-age / candidate_recency), so "often, long
     # ago" and "often, lately" differ at the same share; the count that ranks candidates stays whole. Needs the
-    # neighbour lists' faded part (``neighbour_recent``). 0: off.
+    # neighbour lists' faded part (``neighbour_recent``). 0: off, as in the recipe: on Beauty it lowered test N@10 on
+    # both seeds tried (README round 32, quality_beauty_cpu_levers32.json).
     candidate_recency: float = 0.0
 
     @property
