@@ -151,7 +151,7 @@ def sequence_file_config(path: str) -> BuildConfig:
     The encoder reads 20 co-occurrence candidates with their scores, and the decoder's copy head can
     point at them (test R@10 0.068 -> 0.085 on Beauty, benchmarks/results/quality_beauty_cpu_levers4.json);
     their count leans forward as far as the validation rows say it pays (``choose_candidate_backward``).
-    Newer training samples weigh more, at a fading scale the validation rows choose (``choose_candidate_decay``).
+    Newer training samples weigh more, fading at ``SAMPLE_DECAY_LENGTH`` mean training sequences.
     Two semantic-ID levels (K = the power of two nearest 2 * sqrt(n) each, plus the extra level that
     names colliding items) make an item 3 decoder steps instead of 4 (levers10.json).
     The user token is one learned vector, not a hashed per-user embedding: the history already holds
@@ -229,13 +229,9 @@ def candidate_lists(
 
 def neighbour_parts(train: list[np.ndarray], items: np.ndarray, cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """The neighbour weights' parts the model keeps (``ModelConfig.neighbour_parts``), by buffer name."""
-    settings = {
-        "neighbour_forward": (0.0, cfg.candidate_decay),  # counted after the item
-        "neighbour_recent": (cfg.candidate_backward, cfg.candidate_recency),  # left when the count fades
-    }
     return {
-        name: torch.from_numpy(candidate_part(train, cfg.catalogue_items, items, *settings[name]))
-        for name in cfg.neighbour_parts()
+        name: torch.from_numpy(candidate_part(train, cfg.catalogue_items, items, backward, decay))
+        for name, (backward, decay) in cfg.neighbour_part_counts().items()
     }
 
 
@@ -305,6 +301,11 @@ def choose_candidate_backward(
     return best, recall
 
 
+def decay_in_items(length: float, train: list[np.ndarray]) -> float:
+    """A fading scale given in mean training sequences, in items (rounded to 3 places, as manifests record it)."""
+    return round(length * float(np.mean([len(s) for s in train])), 3) if train else 0.0
+
+
 def choose_candidate_decay(
     train: list[np.ndarray], rows: EvalSet, n_items: int, k: int, backward: float, lengths: tuple[float, ...]
 ) -> tuple[float, dict[str, float]]:
@@ -320,10 +321,9 @@ def choose_candidate_decay(
     """
     if not lengths:
         raise ValueError("choose_candidate_decay: no decay to choose from")
-    mean_length = float(np.mean([len(s) for s in train])) if train else 0.0
     ndcg: dict[str, float] = {}
     for length in lengths:
-        decay = round(length * mean_length, 3)
+        decay = decay_in_items(length, train)
         ndcg[str(decay)] = candidate_ndcg(*candidate_lists(train, n_items, k, backward, decay), rows)
     best = max(ndcg, key=lambda d: ndcg[d])  # dicts keep the choices' order, and max keeps the first tie
     return float(best), ndcg
@@ -421,7 +421,7 @@ def build(cfg: BuildConfig, store: Path, progress: bool = True) -> tuple[Publish
         shares = ", ".join(f"{d}: {v:.4f}" for d, v in ndcg.items())
         log(f"fading scale {decay} items for {faded} (validation NDCG@10 of the candidates by scale: {shares})")
     if cfg.sample_decay_length > 0:
-        sample_decay = round(cfg.sample_decay_length * float(np.mean([len(s) for s in split.train])), 3)
+        sample_decay = decay_in_items(cfg.sample_decay_length, split.train)
     model = OneRecModel(model_cfg)
     if model_cfg.candidate_tokens:
         model.set_catalogue(torch.from_numpy(sids.codes))

@@ -136,6 +136,12 @@ class ModelConfig:
         """The buffers of the neighbour weights' parts this model keeps, in the order their fractions enter."""
         return [name for key, name in NEIGHBOUR_PARTS if getattr(self, key)]
 
+    def neighbour_part_counts(self) -> dict[str, tuple[float, float]]:
+        """(backward, decay) of the co-occurrence count behind each part this model keeps, by buffer name."""
+        counts = part_counts(self.candidate_backward, self.candidate_decay, self.candidate_directions,
+                             self.candidate_recency)  # fmt: skip
+        return dict(zip(self.neighbour_parts(), counts, strict=True))
+
     @property
     def session_positions(self) -> int:
         return self.session_items * self.depth
@@ -480,6 +486,13 @@ def norm_for(training: bool) -> Callable[[RMSNorm, torch.Tensor], torch.Tensor]:
     return _module_norm if training else rms
 
 
+def part_counts(backward: float, decay: float, directions: bool, recency: float) -> list[tuple[float, float]]:
+    """(backward, decay) of the count behind each neighbour part kept, in ``NEIGHBOUR_PARTS`` order: the forward
+    part is the count with backward 0, the recent part the whole count faded at ``recency``. The one definition
+    the served model's buffers (``ModelConfig.neighbour_part_counts``) and the training candidates share."""
+    return [(0.0, decay)] * directions + [(backward, recency)] * (recency > 0)
+
+
 def candidate_score_features(cfg: ModelConfig) -> int:
     """How many numbers describe a candidate's score: log and share of the top, plus one per source."""
     per_source = len(CANDIDATE_RECENCY) * (
@@ -630,9 +643,7 @@ class OneRecModel(nn.Module):
         items, n = self.neighbour_items, self.cfg.catalogue_items
         if bool(((items < -1) | (items >= n) | (items != items.round())).any()):
             raise ValueError(f"neighbour_items must hold item indices in [-1, {n})")
-        if not bool(torch.isfinite(self.neighbour_weights).all()):
-            raise ValueError("neighbour_weights must be finite")
-        for name in self.cfg.neighbour_parts():
+        for name in ("neighbour_weights", *self.cfg.neighbour_parts()):
             if not bool(torch.isfinite(self._buffers[name]).all()):  # type: ignore[arg-type]
                 raise ValueError(f"{name} must be finite")
 

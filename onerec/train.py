@@ -28,7 +28,15 @@ from tqdm import tqdm
 
 from onerec.data import EvalSet
 from onerec.data_parallel import GradientGroup, usable_processes
-from onerec.model import CANDIDATE_RECENCY, CANDIDATE_WINDOW, ModelConfig, NextItemTargets, OneRecModel, hash_user
+from onerec.model import (
+    CANDIDATE_RECENCY,
+    CANDIDATE_WINDOW,
+    ModelConfig,
+    NextItemTargets,
+    OneRecModel,
+    hash_user,
+    part_counts,
+)
 from onerec.reward import history_tensors
 from onerec.tokenizer import cooccurrence
 
@@ -460,8 +468,7 @@ def leave_user_out_candidates(
     """
     rows, cols, weights = cooccurrence(sequences, n_items, CANDIDATE_WINDOW, backward, decay)
     indptr = np.searchsorted(rows, np.arange(n_items + 1))
-    # The parts of each weight, as (backward, decay) of the same count: forward (backward 0), recent (faded).
-    part_settings = [(0.0, decay)] * directions + [(backward, recency)] * (recency > 0)
+    part_settings = part_counts(backward, decay, directions, recency)  # each part of the weights: its count
     parts = []
     for part_backward, part_decay in part_settings:
         prows, pcols, pweights = cooccurrence(sequences, n_items, CANDIDATE_WINDOW, part_backward, part_decay)
