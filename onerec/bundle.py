@@ -323,6 +323,8 @@ def expected_tensors(config: ModelConfig) -> dict[str, list[int]]:
     shapes["user.weight"] = [config.user_buckets, d]
     if config.candidate_tokens:
         shapes["cand_rank.weight"] = [config.candidate_tokens, d]
+        if config.item_vectors:
+            shapes["item_vectors.weight"] = [config.catalogue_items, d]
         if config.candidate_scores:
             shapes["cand_score.weight"] = [d, candidate_score_features(config)]
         if config.copy_head:

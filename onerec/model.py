@@ -113,6 +113,13 @@ class ModelConfig:
     # neighbour lists' faded part (``neighbour_recent``). 0: off, as in the recipe: on Beauty it lowered test N@10 on
     # both seeds tried (README round 32, quality_beauty_cpu_levers32.json).
     candidate_recency: float = 0.0
+    # Each catalogue item also has its own learned vector (catalogue_items, d), added to its code sum wherever the
+    # encoder reads it (history and candidates), as SASRec's item table does: items that share codes still
+    # differ in the memory. The decoder and heads keep the code tables. An item without a catalogue row (added
+    # after training) reads the code sum alone. Off: on Beauty (1.17M parameters against 0.4M) the validation loss
+    # rose after epoch 5 on both seeds tried, 0.05 above the default's at that epoch (README round 33,
+    # quality_beauty_cpu_levers33.json).
+    item_vectors: bool = False
 
     @property
     def depth(self) -> int:
@@ -128,6 +135,8 @@ class ModelConfig:
         for key in ("candidate_transitions", "candidate_directions", "candidate_recency"):
             if getattr(self, key) and not self.candidate_sources:
                 return f"{key} needs candidate_sources (it divides or splits each source's share)"
+        if self.item_vectors and not self.candidate_tokens:
+            return "item_vectors needs candidate_tokens > 0 (the catalogue rows its vectors are indexed by)"
         if self.candidate_recency and self.candidate_decay:
             return "candidate_recency needs a whole count (candidate_decay 0): it is the faded part of each weight"
         return None
@@ -534,6 +543,8 @@ class OneRecModel(nn.Module):
             if not cfg.catalogue_items:
                 raise ValueError("candidate_tokens needs catalogue_items (the items with neighbour lists)")
             self.cand_rank = nn.Embedding(cfg.candidate_tokens, d)  # rank 0 = the strongest candidate
+            if cfg.item_vectors:
+                self.item_vectors = nn.Embedding(cfg.catalogue_items, d)  # catalogue row -> its own vector
             if cfg.candidate_scores:
                 # [log(1 + score), score / top score] (+ log(1 + each source's share)) -> d
                 self.cand_score = nn.Linear(candidate_score_features(cfg), d, bias=False)
@@ -729,6 +740,8 @@ class OneRecModel(nn.Module):
         """
         b, s, _ = hist_codes.shape
         items = self.item_embeddings(hist_codes)  # (B, S, d)
+        if self.cfg.item_vectors:
+            items = items + self.own_vectors(torch.where(hist_mask, self.catalogue_index(hist_codes), -1))
         x = torch.cat([self.user(user)[:, None], items], dim=1)  # (B, S+1, d)
         x = x + self.enc_pos(torch.arange(s + 1, device=x.device))[None]
         mask = torch.cat([torch.ones_like(hist_mask[:, :1]), hist_mask], dim=1)  # (B, S+1)
@@ -737,6 +750,8 @@ class OneRecModel(nn.Module):
             cand_mask = rows >= 0
             cand = self.item_embeddings(self.catalogue_codes[rows.clamp(min=0)])
             cand = cand + self.cand_rank.weight[None, : rows.shape[1]]
+            if self.cfg.item_vectors:
+                cand = cand + self.own_vectors(rows)
             if self.cfg.candidate_scores:
                 mass = None
                 if self.cfg.candidate_mass:  # (B, K), 0 for an empty slot
@@ -748,6 +763,10 @@ class OneRecModel(nn.Module):
         for layer in self.encoder:
             x = layer(x, mask)
         return norm_for(self.training)(self.enc_norm, x), mask
+
+    def own_vectors(self, rows: torch.Tensor) -> torch.Tensor:
+        """Catalogue rows (...) -> each item's own vector (..., d) (``item_vectors``); 0 where the row is -1."""
+        return torch.where((rows >= 0)[..., None], self.item_vectors(rows.clamp(min=0)), 0.0)
 
     def item_embeddings(self, codes: torch.Tensor) -> torch.Tensor:
         """codes (..., D) -> (..., d): an item is the sum of its per-level code embeddings."""

@@ -455,6 +455,36 @@ def _disambiguate(paths: np.ndarray, priority: np.ndarray | None = None) -> tupl
     return rank, int(group_sizes[colliding].sum()), int(colliding.sum()), int(group_sizes.max())
 
 
+def _distinct_in_groups(prefixes: np.ndarray, dist: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """`labels` with the items of each group of equal `prefixes` moved onto distinct codes, nearest pairs
+    first (greedy over the group's item-code distances `dist`); a group larger than the codebook keeps its
+    labels, and the extra level names what still collides.
+
+    Why: residual k-means assigns the last level over all items at once, so items under one prefix often
+    land on one code (44% of Beauty's items did), and the extra level that separates them only ranks
+    popularity. Codes unique within each prefix keep every item's path semantic and need no extra level
+    (LC-Rec's uniform semantic mapping asks the same of its last level).
+    """
+    out = labels.copy()
+    k = dist.shape[1]
+    _, group = np.unique(prefixes, axis=0, return_inverse=True)
+    order = np.argsort(group.reshape(-1), kind="stable")
+    bounds = np.flatnonzero(np.diff(group.reshape(-1)[order])) + 1
+    for members in np.split(order, bounds):
+        if len(members) > k or len(np.unique(labels[members])) == len(members):
+            continue
+        item_done, code_taken, left = np.zeros(len(members), bool), np.zeros(k, bool), len(members)
+        for flat in np.argsort(dist[members], axis=None, kind="stable"):
+            i, code = divmod(int(flat), k)
+            if item_done[i] or code_taken[code]:
+                continue
+            out[members[i]], item_done[i], code_taken[code] = code, True, True
+            left -= 1
+            if not left:
+                break
+    return out
+
+
 def codebook_size(n_items: int, levels: int, max_codes: int = 256) -> int:
     """Codes per level for a catalogue of `n_items`: the power of two nearest to 2 * n_items^(1/levels),
     in [2, max_codes].
@@ -478,12 +508,15 @@ def residual_semantic_ids(
     iters: int = 20,
     method: str = "sequential",
     priority: np.ndarray | None = None,
+    distinct_last: bool = False,
 ) -> SemanticIds:
     """Semantic IDs by balanced residual k-means: level l clusters the residual left by levels < l.
 
     `codes_per_level` is one K for all levels or one per level; each is clamped to the item count.
-    Where full paths collide an extra level disambiguates them, so item <-> path is a bijection; it
-    ranks the items of a group by descending `priority` when given (see `_disambiguate`).
+    With `distinct_last` the last level gives the items under each prefix distinct codes, the nearest
+    free centroids (`_distinct_in_groups`). Where full paths still collide an extra level disambiguates
+    them, so item <-> path is a bijection; it ranks the items of a group by descending `priority` when
+    given (see `_disambiguate`).
     """
     emb = np.asarray(emb, dtype=np.float64)
     if emb.ndim != 2 or len(emb) == 0:
@@ -502,6 +535,8 @@ def residual_semantic_ids(
     sizes: list[int] = []
     for level, k in enumerate(ks):
         labels, centroids = balanced_kmeans_fit(residual, min(k, n), iters, seed + level, method)
+        if distinct_last and level == levels - 1 and columns:
+            labels = _distinct_in_groups(np.stack(columns, axis=1), _sq_distances(residual, centroids), labels)
         residual -= centroids[labels]
         columns.append(labels)
         sizes.append(min(k, n))

@@ -428,6 +428,31 @@ def test_candidate_scores_enter_the_memory_when_configured() -> None:
     assert torch.equal(a, b)  # without the option only the rank is read
 
 
+def test_item_vectors_give_each_catalogue_item_its_own_input() -> None:
+    """With item_vectors the encoder reads a history item or a candidate as its code sum plus its own vector:
+    at zero vectors the memory is exactly the plain model's, an item's vector moves the memory only where that
+    item is read, and a path without a catalogue row (path 5: an item added after training) reads its codes alone."""
+    plain = candidate_model(scores=True)
+    own = OneRecModel(replace(plain.cfg, item_vectors=True)).eval()
+    own.load_state_dict({**plain.state_dict(), "item_vectors.weight": torch.zeros(5, 8)})
+    own.set_catalogue(torch.arange(5)[:, None])
+    hist, mask, user = torch.tensor([[[0], [5]]]), torch.ones(1, 2, dtype=torch.bool), torch.tensor([0])
+    given = (torch.tensor([[4, 2, -1]]), torch.tensor([[2.0, 1.0, 0.0]]))
+    base, _ = plain.encode(hist, mask, user, candidates=given)
+    assert torch.equal(own.encode(hist, mask, user, candidates=given)[0], base)
+    with torch.no_grad():
+        own.item_vectors.weight[[1, 3]] = 5.0  # neither in the history nor among the candidates
+    assert torch.equal(own.encode(hist, mask, user, candidates=given)[0], base)
+    for item in (0, 4, 2):  # the history's item, the strongest candidate, the second
+        with torch.no_grad():
+            own.item_vectors.weight.zero_()
+            own.item_vectors.weight[item] = 1.0
+        assert not torch.allclose(own.encode(hist, mask, user, candidates=given)[0], base), item
+    assert own.own_vectors(torch.tensor([-1, 2])).tolist() == [[0.0] * 8, [1.0] * 8]
+    with pytest.raises(ValueError, match="item_vectors needs candidate_tokens"):
+        OneRecModel(ModelConfig(level_sizes=[6], item_vectors=True))
+
+
 def test_candidate_sources_split_each_score_by_the_history_item_that_gave_it() -> None:
     """Item 2 is a neighbour of the newest item (co-occurrence 1, recency weight 1) and of the one before
     (2 x 0.5), item 3 of the one before only (1 x 0.5): the split says so, and sums to the plain score."""
@@ -1002,6 +1027,7 @@ def test_a_build_with_candidates_by_source_tied_codes_and_copy_head_answers_the_
     cfg.model.candidate_directions = True
     cfg.model.tie_code_embeddings = True
     cfg.model.copy_head = True
+    cfg.model.item_vectors = True  # off in the recipe: here for the saved item vectors' round trip
     cfg.candidate_backward_choices = (0.0, 1.0)
     cfg.candidate_decay_lengths = (1.0,)  # one choice: the count fades at the mean sequence length
     cfg.fade_samples = True

@@ -89,6 +89,41 @@ def test_semantic_ids_forced_collisions_duplicated_embeddings() -> None:
     assert all(sorted(extra) == list(range(len(extra))) for extra in prefixes.values())
 
 
+def test_distinct_last_level_separates_the_items_under_each_prefix_without_an_extra_level() -> None:
+    """The duplicated embeddings above collide at the last level; with distinct_last every prefix's items
+    get distinct codes (each prefix holds fewer items than the codebook), so the paths are unique at depth 2."""
+    base = np.random.default_rng(2).standard_normal((10, 4))
+    emb = np.repeat(base, 3, axis=0)  # 3 identical copies of each vector: the same path without the option
+    plain = residual_semantic_ids(emb, levels=2, codes_per_level=[4, 16], seed=1)
+    ids = residual_semantic_ids(emb, levels=2, codes_per_level=[4, 16], seed=1, distinct_last=True)
+    assert plain.depth == 3 and plain.report.colliding_items > 0
+    assert_bijective(ids.codes, ids.level_sizes)
+    assert ids.depth == 2 and ids.level_sizes == [4, 16] and ids.report.colliding_items == 0
+    assert (ids.codes[:, 0] == plain.codes[:, 0]).all()  # the first level is untouched
+    for prefix in np.unique(ids.codes[:, 0]):
+        last = ids.codes[ids.codes[:, 0] == prefix, 1]
+        assert len(np.unique(last)) == len(last)
+
+
+def test_distinct_codes_go_to_the_nearest_pairs_first() -> None:
+    """Two items under one prefix both nearest to code 0: the nearer keeps it, the other takes its own next
+    nearest free code; an item alone under its prefix keeps its label even where another code is nearer."""
+    from onerec.tokenizer import _distinct_in_groups
+
+    prefixes = np.array([[0], [0], [1]])
+    dist = np.array([[0.1, 0.5, 0.4], [0.2, 0.3, 0.25], [0.9, 0.1, 0.5]])
+    labels = np.array([0, 0, 2])
+    assert _distinct_in_groups(prefixes, dist, labels).tolist() == [0, 2, 2]
+    assert _distinct_in_groups(prefixes, dist[:, ::-1], labels).tolist() == [2, 0, 2]
+
+
+def test_distinct_last_level_keeps_the_extra_level_where_a_prefix_outgrows_the_codebook() -> None:
+    emb = np.repeat(np.eye(3), 5, axis=0)  # 3 groups of 5 identical items, 2 codes per level: 5 > 2
+    ids = residual_semantic_ids(emb, levels=2, codes_per_level=[3, 2], seed=0, distinct_last=True)
+    assert_bijective(ids.codes, ids.level_sizes)
+    assert ids.depth == 3 and ids.report.colliding_items > 0
+
+
 def test_semantic_ids_forced_collisions_tiny_codebook() -> None:
     emb = np.random.default_rng(3).standard_normal((200, 6))
     ids = residual_semantic_ids(emb, levels=2, codes_per_level=2, seed=0)  # at most 4 paths for 200 items
