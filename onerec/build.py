@@ -150,9 +150,10 @@ def sequence_file_config(path: str) -> BuildConfig:
     steps in all), and training stops early enough for the whole build to fit in about an hour on
     2 CPU cores (``TrainConfig.time_budget_s``; the schedule still decays to its end). The model is
     small (d 64, 2+2 layers, 4 experts top-2): on a Beauty-sized file, cheap steps and many of them
-    beat a wide model that sees the data a few times. Content features are joined where
-    ``item2attributes.json`` / ``item_text.tsv`` sit beside the file. Slot 1 of the m = 3 session
-    weighs most in the loss because next-item ranking reads slot 1 only; session mode still trains.
+    beat a wide model that sees the data a few times. Content features are joined (40% of each item
+    embedding's squared norm) where ``item2attributes.json`` / ``item_text.tsv`` sit beside the file.
+    Slot 1 of the m = 3 session weighs most in the loss because next-item ranking reads slot 1 only;
+    session mode still trains.
     The encoder reads 20 co-occurrence candidates with their scores, and the decoder's copy head can
     point at them (test R@10 0.068 -> 0.085 on Beauty, benchmarks/results/quality_beauty_cpu_levers4.json);
     their count leans forward as far as the validation rows say it pays (``choose_candidate_backward``).
@@ -172,9 +173,9 @@ def sequence_file_config(path: str) -> BuildConfig:
         levels=2,
         codes_per_level=None,
         content=True,
-        # Content is 40% of each joined embedding's squared norm: test N@10 0.0561 / 0.0567 -> 0.0565 / 0.0571
-        # on seeds 0 / 1 beside 0.2 (validation N@10 up on both), R@10 level over the two; 0 (collaborative codes
-        # alone) lost on every metric (quality_beauty_cpu_levers33.json, README round 33).
+        # Content is 40% of each joined embedding's squared norm: test N@10 over seeds 0 / 1 / 2 0.0563 -> 0.0568
+        # beside 0.2, higher on each seed (so was validation N@10), R@10 level (0.0941 -> 0.0939); 0 (collaborative
+        # codes alone) lost on every metric (quality_beauty_cpu_levers33.json, README round 33).
         content_weight=0.4,
         model=replace(
             # Dropout 0.2, not 0.3 (why: the docstring): validation loss 2.7576 / 2.7519 -> 2.7469 / 2.7491,
