@@ -175,7 +175,8 @@ def sequence_file_config(path: str) -> BuildConfig:
         content=True,
         # Content is 40% of each joined embedding's squared norm: test N@10 over seeds 0 / 1 / 2 0.0563 -> 0.0568
         # beside 0.2, higher on each seed (so was validation N@10), R@10 level (0.0941 -> 0.0939); 0 (collaborative
-        # codes alone) lost on every metric (quality_beauty_cpu_levers33.json, README round 33).
+        # codes alone) lost on every metric (quality_beauty_cpu_levers33.json, README round 33); 0.6 lowered test and
+        # validation N@10 on both seeds tried (levers34.json).
         content_weight=0.4,
         model=replace(
             # Dropout 0.2, not 0.3 (why: the docstring): validation loss 2.7576 / 2.7519 -> 2.7469 / 2.7491,
