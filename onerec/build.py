@@ -223,7 +223,8 @@ def sequence_file_config(path: str) -> BuildConfig:
         # Each training sample's loss fades with its age in the user's sequence, at 2 mean training
         # sequences (Beauty: 13.75 items). Test R@10 / N@10 over seeds 0, 1 and 2: 0.0927 / 0.0559 at the
         # scale the candidates' choice gives (choose_candidate_decay, 55 items on Beauty, round 30) -> 0.0941 /
-        # 0.0563, N@10 higher on each seed (quality_beauty_cpu_levers31.json). The candidates' count stays
+        # 0.0563, N@10 higher on each seed (quality_beauty_cpu_levers31.json); at 1 mean sequence, 0.0935 / 0.0567
+        # -> 0.0915 / 0.0550 side by side on seed 0 (levers35.json). The candidates' count stays
         # whole: faded, it lost (0.0930 / 0.0559 -> 0.0916 / 0.0543, levers29.json), so no scale is chosen.
         fade_candidates=False,
         sample_decay_length=SAMPLE_DECAY_LENGTH,
