@@ -325,6 +325,8 @@ def expected_tensors(config: ModelConfig) -> dict[str, list[int]]:
         shapes["cand_rank.weight"] = [config.candidate_tokens, d]
         if config.item_vectors:
             shapes["item_vectors.weight"] = [config.catalogue_items, d]
+        if config.node_bias:
+            shapes["node_bias"] = [config.depth * config.catalogue_items]
         if config.candidate_scores:
             shapes["cand_score.weight"] = [d, candidate_score_features(config)]
         if config.copy_head:
@@ -363,6 +365,8 @@ def expected_tensors(config: ModelConfig) -> dict[str, list[int]]:
     shapes["dec_norm.weight"] = [d]
     for level, size in enumerate(config.level_sizes):
         shapes[f"heads.{level}.weight"] = [size, d]
+        if config.head_bias:
+            shapes[f"heads.{level}.bias"] = [size]
     return shapes
 
 

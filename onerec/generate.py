@@ -407,6 +407,9 @@ class StepSearch:
         self._scores = torch.zeros(0, device=dev)  # (R,) total log-prob
         self._node = torch.zeros(0, dtype=torch.int64, device=dev)  # (R,) trie node, -1 = dead beam
         self._tok = torch.zeros(0, dtype=torch.int64, device=dev)  # (R,) table row of the previous code
+        # (R,) path key of the codes chosen so far in each row's current item, for the trie-node biases (node_bias)
+        self._prefix = torch.zeros(0, dtype=torch.int64, device=dev)
+        self._strides = self.model.path_strides if cfg.node_bias else None  # (D,) the keys' mixed radix
         self._items = torch.zeros(0, self._m, dtype=torch.int64, device=dev)  # (R, m) -1 = not (validly) filled
         self._item_scores = torch.zeros(0, self._m, device=dev)  # (R, m)
         self._parent: torch.Tensor | None = None  # (R,) cache reorder owed by the last step
@@ -544,6 +547,7 @@ class StepSearch:
         self._scores[torch.tensor(fresh, dtype=torch.int64, device=dev)] = 0.0  # beam 0 of each new request
         self._node = carry(self._node, 0)  # new rows at the root
         self._tok = carry(self._tok, 0)  # table row 0: the start vector
+        self._prefix = carry(self._prefix, 0)  # new rows start an item
         self._items = carry(self._items, -1)
         self._item_scores = carry(self._item_scores, 0.0)
         self._copy_match = carry(self._copy_match, True)  # new rows start an item: every candidate matches
@@ -710,6 +714,7 @@ class StepSearch:
             groups=self._groups,
             level=level,
             copy=copy,
+            prefix=self._prefix if self._strides is not None else None,
         )
         tokens = torch.stack([self._tok, self._host(pos_np + w_.pos_offset)], 1)  # (R, 2) rows of the input table
         logits = self.model.decode_step(self.model.step_input(tokens, w_), batch, w_)  # (R, V)
@@ -784,6 +789,9 @@ class StepSearch:
             # same level as its parent row); a finished item starts the next one with all of them
             follow = self._copy_match[parent] & (copy_codes == new_code[:, None])
             self._copy_match = follow if not last_np.any() else follow | self._host(last_np)[:, None]
+        if self._strides is not None:  # the parent's prefix and the chosen code; a finished item starts afresh
+            prefix = self._prefix[parent] + new_code.clamp(min=0) * self._strides[level]
+            self._prefix = torch.where(self._host(last_np), 0, prefix)
         offsets = np.asarray(w_.code_offset, dtype=np.int64)[level_np]  # table row of code 0 of the level
         self._tok = new_code.clamp(min=0) + self._host(offsets)
         self._scores, self._node, self._items, self._item_scores = best, new_node, items, item_scores

@@ -120,6 +120,15 @@ class ModelConfig:
     # rose after epoch 5 on both seeds tried, 0.05 above the default's at that epoch (README round 33,
     # quality_beauty_cpu_levers33.json).
     item_vectors: bool = False
+    # Each level's output head also has a learned bias per code: a prior (how often a code is the answer) that
+    # the tied code vectors would otherwise have to hold in their dot product with every decoder state. Off: on
+    # Beauty test N@10 fell on both seeds tried, R@10 rose, all inside the seed spread (README round 37, levers37.json).
+    head_bias: bool = False
+    # Each node of the catalogue's code trie (a code under the codes before it; at the last level, an item) has a
+    # learned bias added to that code's logit: a per-item prior, as SASRec's per-item output scores hold, that the
+    # code tables (one vector per code, shared by every prefix) cannot. A node the catalogue trained on lacks (an
+    # item added later) has none.
+    node_bias: bool = False
 
     @property
     def depth(self) -> int:
@@ -135,6 +144,8 @@ class ModelConfig:
         for key in ("candidate_transitions", "candidate_directions", "candidate_recency"):
             if getattr(self, key) and not self.candidate_sources:
                 return f"{key} needs candidate_sources (it divides or splits each source's share)"
+        if self.node_bias and not self.candidate_tokens:
+            return "node_bias needs candidate_tokens > 0 (the catalogue whose trie nodes it biases)"
         if self.item_vectors and not self.candidate_tokens:
             return "item_vectors needs candidate_tokens > 0 (the catalogue rows its vectors are indexed by)"
         if self.candidate_recency and self.candidate_decay:
@@ -437,6 +448,7 @@ class DecodeWeights:
     head: torch.Tensor  # (sum V, d): every level's output head, one matmul for rows at any levels
     head_columns: torch.Tensor  # (D, V_max) int64: level l's columns of ``head``'s output (clamped past V_l)
     head_valid: torch.Tensor  # (D, V_max) bool: column c < V_l
+    head_bias: torch.Tensor | None = None  # (sum V,) every level's per-code bias (``head_bias``), else None
     sources: list[tuple[torch.Tensor, int]] = field(default_factory=list)  # (parameter, its version when fused)
 
     def stale(self) -> bool:
@@ -459,6 +471,7 @@ class StepBatch:
     groups: list[CrossGroup]
     level: torch.Tensor  # (R,) int64 code level of each row's position
     copy: CopyRows | None = None  # with ``copy_head``
+    prefix: torch.Tensor | None = None  # (R,) int64 path key of the codes before ``level`` (with ``node_bias``)
 
 
 @dataclass
@@ -564,6 +577,10 @@ class OneRecModel(nn.Module):
             self.register_buffer("catalogue_keys", torch.zeros(0, dtype=torch.long), persistent=False)
             self.register_buffer("catalogue_rows", torch.zeros(0, dtype=torch.long), persistent=False)
             self.register_buffer("catalogue_codes", torch.zeros(0, cfg.depth, dtype=torch.long), persistent=False)
+            if cfg.node_bias:
+                # one bias per node of the catalogue's trie, nodes in ``node_keys`` order (at most n per level)
+                self.node_bias = nn.Parameter(torch.zeros(cfg.depth * cfg.catalogue_items))
+                self.register_buffer("node_keys", torch.zeros(0, dtype=torch.long), persistent=False)
         self.encoder = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.n_encoder_layers))
         self.enc_norm = RMSNorm(d)
         self.dec_codes = nn.ModuleList(nn.Embedding(v, d) for v in cfg.level_sizes)
@@ -571,7 +588,7 @@ class OneRecModel(nn.Module):
         self.dec_pos = nn.Embedding(cfg.session_positions, d)  # (slot, level) of position t
         self.decoder = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.n_decoder_layers))
         self.dec_norm = RMSNorm(d)
-        self.heads = nn.ModuleList(nn.Linear(d, v, bias=False) for v in cfg.level_sizes)
+        self.heads = nn.ModuleList(nn.Linear(d, v, bias=cfg.head_bias) for v in cfg.level_sizes)
         if cfg.tie_code_embeddings:
             # T5's (and TIGER's) sharing: a code has one vector, read by the encoder, fed to the decoder
             # and scored by the head, so what the decoder attends to in the memory (a candidate's codes)
@@ -580,6 +597,9 @@ class OneRecModel(nn.Module):
                 self.dec_codes[lvl].weight = emb.weight
                 self.heads[lvl].weight = emb.weight
         self.apply(self._init)
+        for head in self.heads:
+            if head.bias is not None:
+                nn.init.zeros_(head.bias)  # every code equally likely until the data says otherwise
         if cfg.copy_head:
             nn.init.zeros_(self.copy_gate.bias)
 
@@ -625,6 +645,24 @@ class OneRecModel(nn.Module):
         if n > 1 and bool((keys[1:] == keys[:-1]).any()):
             raise ValueError("catalogue: two items share a code path")
         self.catalogue_keys, self.catalogue_rows, self.catalogue_codes = keys, order, codes
+        if self.cfg.node_bias:
+            levels = torch.arange(self.cfg.depth, device=codes.device)
+            prefixes = torch.cumsum(codes * self.path_strides, 1)  # (n, D): key of each item's first l+1 codes
+            self.node_keys = torch.unique(prefixes * self.cfg.depth + levels)  # sorted, (nodes,)
+
+    def node_bias_logits(self, prefix: torch.Tensor, level: torch.Tensor, width: int) -> torch.Tensor:
+        """The trie-node biases of codes 0..width-1 at ``level`` under ``prefix``, (..., width); 0 off the trie.
+
+        prefix: (...) int64 key (``path_strides``) of the codes before ``level``; level: (...) int64.
+        """
+        keys = self.node_keys
+        if keys.numel() == 0:
+            raise RuntimeError("catalogue not set: call set_catalogue(catalogue codes) first")
+        codes = torch.arange(width, device=prefix.device)
+        step = self.path_strides[level][..., None]  # (..., 1)
+        wanted = (prefix[..., None] + codes * step) * self.cfg.depth + level[..., None]  # (..., width)
+        at = torch.searchsorted(keys, wanted).clamp_(max=keys.numel() - 1)
+        return torch.where(keys[at] == wanted, self.node_bias[at], 0.0)
 
     @torch.no_grad()
     def set_neighbours(
@@ -827,6 +865,10 @@ class OneRecModel(nn.Module):
         for lvl, head in enumerate(self.heads):
             x_lvl = x[:, lvl::depth]  # (B, m', d)
             logits = head(x_lvl)  # (B, m', V_lvl)
+            if self.cfg.node_bias:
+                prefix = (target_codes[:, :, :lvl] * self.path_strides[:lvl]).sum(-1)  # (B, m')
+                level = torch.full_like(prefix, lvl)
+                logits = logits + self.node_bias_logits(prefix, level, logits.shape[-1]).to(logits.dtype)
             if copy is None:
                 out.append(torch.log_softmax(logits.float(), dim=-1))
                 continue
@@ -937,6 +979,8 @@ class OneRecModel(nn.Module):
         sources += [layer.cross_attn.kv.weight for layer in self.decoder]
         sources += [self.dec_start, self.dec_pos.weight, *(e.weight for e in self.dec_codes)]
         sources += [h.weight for h in self.heads]
+        biases = [h.bias for h in self.heads if h.bias is not None]
+        sources += biases
         scale = (self.cfg.d_model // self.cfg.n_heads) ** -0.5  # SDPA's 1/sqrt(dh), folded into q
         qkv = [torch.cat([layer.self_attn.q.weight * scale, layer.self_attn.kv.weight]) for layer in self.decoder]
         cross_kv = torch.cat([layer.cross_attn.kv.weight for layer in self.decoder])
@@ -958,6 +1002,7 @@ class OneRecModel(nn.Module):
             head,
             columns.to(head.device),
             (span[None, :] < v[:, None]).to(head.device),
+            torch.cat(biases) if biases else None,
             [(p, p._version) for p in sources],
         )
 
@@ -1002,7 +1047,10 @@ class OneRecModel(nn.Module):
             x = layer.step(x, i, weights.qkv[i], batch)
         x = rms(self.dec_norm, x)  # (R, d)
         off_level = ~weights.head_valid.index_select(0, batch.level)  # (R, V_max)
-        logits = F.linear(x, weights.head).gather(1, weights.head_columns.index_select(0, batch.level))
+        logits = F.linear(x, weights.head, weights.head_bias)  # (R, sum V)
+        logits = logits.gather(1, weights.head_columns.index_select(0, batch.level))
+        if batch.prefix is not None:
+            logits = logits + self.node_bias_logits(batch.prefix, batch.level, logits.shape[1]).to(logits.dtype)
         logits = logits.masked_fill(off_level, float("-inf"))  # (R, V_max)
         copy = batch.copy
         if copy is None:

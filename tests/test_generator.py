@@ -25,12 +25,15 @@ def tiny_world(
     candidates: int = 0,
     tie: bool = False,
     copy: bool = False,
+    head_bias: bool = False,
+    node_bias: bool = False,
 ) -> tuple[OneRecModel, TrieIndex]:
     """A random model over a random catalogue of ``n_items`` paths: small enough for many searches.
 
     With ``candidates`` > 0 the encoder memory also holds that many co-occurrence candidates, from
     random neighbour lists; with ``tie`` each level's codes have one table (encoder, decoder, head);
-    with ``copy`` the output also mixes in the copy head's pointer over those candidates."""
+    with ``copy`` the output also mixes in the copy head's pointer over those candidates; with ``head_bias``
+    each head has its per-code bias; with ``node_bias`` each node of the catalogue's trie has its own."""
     rng = np.random.default_rng(seed)
     space = np.array(list(itertools.product(*[range(s) for s in sizes])))
     paths = space[rng.choice(len(space), n_items, replace=False)]
@@ -51,6 +54,8 @@ def tiny_world(
         candidate_tokens=candidates,
         tie_code_embeddings=tie,
         copy_head=copy,
+        head_bias=head_bias,
+        node_bias=node_bias,
     )
     model = OneRecModel(cfg).eval()
     with torch.no_grad():
@@ -137,16 +142,37 @@ def test_session_mode_equals_brute_force_over_ordered_pairs(copy: bool) -> None:
 
 
 @pytest.mark.parametrize(
-    ("seed", "candidates", "tie", "copy"),
-    [(0, 0, False, False), (1, 0, False, False), (2, 4, False, False), (3, 4, True, False), (4, 4, True, True)],
+    ("seed", "candidates", "tie", "copy", "head_bias", "node_bias"),
+    [
+        (0, 0, False, False, False, False),
+        (1, 0, False, False, False, False),
+        (2, 4, False, False, False, False),
+        (3, 4, True, False, False, False),
+        (4, 4, True, True, False, False),
+        (5, 0, False, False, True, False),
+        (6, 4, True, True, True, False),
+        (7, 4, False, False, False, True),
+        (8, 4, True, True, True, True),
+    ],
 )
 def test_decode_step_logits_equal_the_training_forward_at_every_position(
-    seed: int, candidates: int, tie: bool, copy: bool
+    seed: int, candidates: int, tie: bool, copy: bool, head_bias: bool, node_bias: bool
 ) -> None:
     """The two paths of ``DecoderLayer`` (every position at once, one cached position per row) agree,
     with candidate tokens in the memory too (the search gathers each request's attended positions),
-    and with tied code tables (the decode step's fused input table copies the shared one)."""
-    model, trie = tiny_world(n_items=12, session_items=3, seed=seed, candidates=candidates, tie=tie, copy=copy)
+    with tied code tables (the decode step's fused input table copies the shared one), with the
+    heads' per-code biases (the fused head's bias is their concatenation, level by level), and with the
+    trie-node biases (the search's running prefix of each row names the node the forward's target does)."""
+    model, trie = tiny_world(
+        n_items=12,
+        session_items=3,
+        seed=seed,
+        candidates=candidates,
+        tie=tie,
+        copy=copy,
+        head_bias=head_bias,
+        node_bias=node_bias,
+    )
     steps: list[torch.Tensor] = []
     decode_step = model.decode_step
 
@@ -194,9 +220,9 @@ def test_history_is_allowed_back_when_asked() -> None:
     assert sorted(it.item for it in result.items) == list(range(9))
 
 
-@pytest.mark.parametrize(("candidates", "copy"), [(0, False), (4, False), (4, True)])
-def test_same_answer_alone_and_inside_a_batch(candidates: int, copy: bool) -> None:
-    model, trie = tiny_world(n_items=18, session_items=2, seed=2, candidates=candidates, copy=copy)
+@pytest.mark.parametrize(("candidates", "copy", "node_bias"), [(0, False, False), (4, False, False), (4, True, True)])
+def test_same_answer_alone_and_inside_a_batch(candidates: int, copy: bool, node_bias: bool) -> None:
+    model, trie = tiny_world(n_items=18, session_items=2, seed=2, candidates=candidates, copy=copy, node_bias=node_bias)
     gen = Generator(model, trie)
     target = RecRequest(history=[2], num_items=4, mode="session", beam_width=3, user_id="alone")
     others = [

@@ -1028,6 +1028,8 @@ def test_a_build_with_candidates_by_source_tied_codes_and_copy_head_answers_the_
     cfg.model.tie_code_embeddings = True
     cfg.model.copy_head = True
     cfg.model.item_vectors = True  # off in the recipe: here for the saved item vectors' round trip
+    cfg.model.head_bias = True  # off in the recipe: here for the saved head and trie-node biases' round trip
+    cfg.model.node_bias = True
     cfg.candidate_backward_choices = (0.0, 1.0)
     cfg.candidate_decay_lengths = (1.0,)  # one choice: the count fades at the mean sequence length
     cfg.fade_samples = True
@@ -1050,6 +1052,8 @@ def test_a_build_with_candidates_by_source_tied_codes_and_copy_head_answers_the_
     assert torch.equal(model.neighbour_forward, torch.from_numpy(forward)) and bool(model.neighbour_forward.any())
     for lvl, table in enumerate(model.enc_codes):  # still one tensor per level after the safetensors round trip
         assert model.heads[lvl].weight is table.weight and model.dec_codes[lvl].weight is table.weight
+        assert model.heads[lvl].bias is not None and bool(model.heads[lvl].bias.any())  # trained, not the zero init
+    assert bool(model.node_bias.any()) and model.node_keys.numel() > 0  # trained, and the node keys rebuilt
     data = load_sequence_file(seq)
     assert bundle.model.cfg.catalogue_items == data.n_items
     again = evaluate_split(

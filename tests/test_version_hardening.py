@@ -651,6 +651,8 @@ def test_service_becomes_ready_on_v1_beside_a_broken_v2(
                     candidate_sources=True, candidate_directions=True, candidate_recency=3.0),
         ModelConfig(level_sizes=[5, 7], catalogue_items=9, candidate_tokens=2, candidate_scores=True,
                     tie_code_embeddings=True, copy_head=True, item_vectors=True),
+        ModelConfig(level_sizes=[5, 7], catalogue_items=9, candidate_tokens=2, candidate_scores=True,
+                    tie_code_embeddings=True, copy_head=True, head_bias=True, node_bias=True),
     ],
 )  # fmt: skip
 def test_expected_tensors_follow_the_model(config: ModelConfig) -> None:
