@@ -205,6 +205,8 @@ def sequence_file_config(path: str) -> BuildConfig:
             # 1e-3 lost (round 13), and so did 3e-3 on both seeds tried (quality_beauty_cpu_levers36.json).
             lr=2e-3,
             warmup_steps=300,
+            # Lighter later slots ([1, 0.25, 0.125]) lost (round 15), and so did equal ones on both seeds tried
+            # (quality_beauty_cpu_levers39.json): the later slots help slot 1 learn, and more of them overfits sooner.
             slot_weights=[1.0, 0.5, 0.25],
             time_budget_s=40 * 60.0,
             # One torch thread per process: on the shared 2-core host two threads ran this model at
