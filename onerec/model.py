@@ -145,10 +145,12 @@ class ModelConfig:
         for key in ("candidate_transitions", "candidate_directions", "candidate_recency"):
             if getattr(self, key) and not self.candidate_sources:
                 return f"{key} needs candidate_sources (it divides or splits each source's share)"
-        if self.node_bias and not self.candidate_tokens:
-            return "node_bias needs candidate_tokens > 0 (the catalogue whose trie nodes it biases)"
-        if self.item_vectors and not self.candidate_tokens:
-            return "item_vectors needs candidate_tokens > 0 (the catalogue rows its vectors are indexed by)"
+        for key, what in (
+            ("item_vectors", "catalogue rows its vectors are indexed by"),
+            ("node_bias", "catalogue whose trie nodes it biases"),
+        ):
+            if getattr(self, key) and not self.candidate_tokens:
+                return f"{key} needs candidate_tokens > 0 (the {what})"
         if self.candidate_recency and self.candidate_decay:
             return "candidate_recency needs a whole count (candidate_decay 0): it is the faded part of each weight"
         return None
@@ -598,11 +600,6 @@ class OneRecModel(nn.Module):
                 self.dec_codes[lvl].weight = emb.weight
                 self.heads[lvl].weight = emb.weight
         self.apply(self._init)
-        for head in self.heads:
-            if head.bias is not None:
-                nn.init.zeros_(head.bias)  # every code equally likely until the data says otherwise
-        if cfg.copy_head:
-            nn.init.zeros_(self.copy_gate.bias)
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> OneRecModel:
         """Every ``.to`` / ``.half`` / ``.cuda`` passes here: the neighbour lists follow the device but
@@ -631,6 +628,8 @@ class OneRecModel(nn.Module):
     def _init(m: nn.Module) -> None:
         if isinstance(m, nn.Linear):
             nn.init.normal_(m.weight, std=0.02)
+            if m.bias is not None:  # the copy gate's and the heads' (head_bias): no preference until the data has one
+                nn.init.zeros_(m.bias)
         elif isinstance(m, nn.Embedding):
             nn.init.normal_(m.weight, std=0.02)
 
