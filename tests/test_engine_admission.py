@@ -6,6 +6,7 @@ processes): the 429 must come up front, before a request that can only end in a 
 
 from __future__ import annotations
 
+import shutil
 import time
 from typing import Any
 
@@ -39,6 +40,8 @@ def pool(tmp_path: Any) -> Any:
             slot.timer.observe(rows, 0.001 + 1e-5 * rows)
     yield pool
     pool.ctx.destroy(0)
+    pool.send_ctx.destroy(0)
+    shutil.rmtree(pool.dir, ignore_errors=True)  # the sockets' folder stop() would have removed
 
 
 def busy(slot: Any, rows: int, steps: int, count: int = 1) -> None:
