@@ -6,7 +6,6 @@ processes): the 429 must come up front, before a request that can only end in a 
 
 from __future__ import annotations
 
-import shutil
 import time
 from typing import Any
 
@@ -39,9 +38,7 @@ def pool(tmp_path: Any) -> Any:
         for rows in (32, 64, 128, 256):  # 1 ms + 10 us per row
             slot.timer.observe(rows, 0.001 + 1e-5 * rows)
     yield pool
-    pool.ctx.destroy(0)
-    pool.send_ctx.destroy(0)
-    shutil.rmtree(pool.dir, ignore_errors=True)  # the sockets' folder stop() would have removed
+    pool.close()
 
 
 def busy(slot: Any, rows: int, steps: int, count: int = 1) -> None:

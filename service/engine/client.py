@@ -196,6 +196,10 @@ class EnginePool:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._fail_all(NotReady("the service is shutting down"))
+        self.close()
+
+    def close(self) -> None:
+        """Release the sockets and their folder (the last step of ``stop``; alone, for a pool never started)."""
         self.ctx.destroy(0)
         self.send_ctx.destroy(0)
         shutil.rmtree(self.dir, ignore_errors=True)
