@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks import quality
+from onerec.build import sequence_file_config
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -89,9 +90,9 @@ def test_baselines_only_measures_every_baseline_with_the_sasrec_seed_asked_for(t
 
 def test_train_step_benchmark_times_both_batch_orders_and_the_sorted_one_pads_less(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
-    lines = [  # many short users and a few with more than the encoder's window
-        " ".join([f"u{u}"] + [str(i) for i in rng.choice(200, 30 if u < 20 else 5, replace=False)]) for u in range(420)
-    ]
+    n_long = sequence_file_config("sequences.txt").model.history_window + 10  # more than the recipe's encoder window
+    sizes = [n_long if u < 20 else 5 for u in range(420)]  # many short users and a few long ones
+    lines = [" ".join([f"u{u}"] + [str(i) for i in rng.choice(200, n, replace=False)]) for u, n in enumerate(sizes)]
     seq = tmp_path / "sequences.txt"
     seq.write_text("\n".join(lines) + "\n", encoding="utf-8")
     proc = subprocess.run(
@@ -102,7 +103,7 @@ def test_train_step_benchmark_times_both_batch_orders_and_the_sorted_one_pads_le
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout)
     assert report["rounds"] == 2 and report["chunk_batches"] == 2
-    assert report["samples"] == 20 * 27 + 400 * 2
+    assert report["samples"] == 20 * (n_long - 3) + 400 * 2
     for order in ("random", "length_sorted"):
         assert 0 < report[order]["ms_per_step_min"] <= report[order]["ms_per_step_median"]
     assert report["random"]["mean_padded_width"] == report["history_window"]  # a long user in every batch
