@@ -70,9 +70,8 @@ class TrainConfig:
     # Batches cut from chunks of this many batches' samples sorted by history length (0: plain random
     # batches). Why: a batch pads every history to its longest, and nearly every random batch of a
     # Beauty-sized file holds one full window, so the encoder ran on padding (length_sorted_batches).
-    # On Beauty, at a history window of 20, 50 made 1.3x the steps in the same budget but lowered test
-    # N@10 (round 21 in the README, quality_beauty_cpu_levers21.json); at the recipe's window of 50, 2.2x
-    # the steps and higher test R@10 / N@10 on both seeds tried (round 42), so the recipe sets it to 50.
+    # It pays with a wide window, where random batches pad to it nearly always: on Beauty it lost at a
+    # window of 20 and won at 50 (the figures: sequence_file_config and README rounds 21 and 42).
     sorted_chunk_batches: int = 0
     # Each sample's loss weighs exp(-age / sample_decay), age = items after its target in the user's
     # training sequence (0: every sample weighs 1). Why: the newest samples are the closest in time to the

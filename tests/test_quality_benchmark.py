@@ -90,10 +90,10 @@ def test_baselines_only_measures_every_baseline_with_the_sasrec_seed_asked_for(t
 
 def test_train_step_benchmark_times_both_batch_orders_and_the_sorted_one_pads_less(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
-    n_long = sequence_file_config("sequences.txt").model.history_window + 10  # more than the recipe's encoder window
+    seq = tmp_path / "sequences.txt"
+    n_long = sequence_file_config(str(seq)).model.history_window + 10  # more than the recipe's encoder window
     sizes = [n_long if u < 20 else 5 for u in range(420)]  # many short users and a few long ones
     lines = [" ".join([f"u{u}"] + [str(i) for i in rng.choice(200, n, replace=False)]) for u, n in enumerate(sizes)]
-    seq = tmp_path / "sequences.txt"
     seq.write_text("\n".join(lines) + "\n", encoding="utf-8")
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks.train_step", "--dataset", str(seq),
