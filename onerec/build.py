@@ -222,10 +222,9 @@ def sequence_file_config(path: str) -> BuildConfig:
             # (quality_beauty_cpu_levers40.json); mean of seeds 0 / 1 / 2 0.0939 / 0.0568 -> 0.0946 / 0.0572
             # (levers41.json).
             average_epochs=1.0,
-            # Batches cut from length-sorted chunks of 50 batches (why: TrainConfig.sorted_chunk_batches): with a
-            # window of 50 nearly every random batch pads to 50 items while the mean sample reads 8.4, so sorting
-            # made 2.2x the steps of random batches (12,256-12,304 against 5,531-5,532; levers42.json). At a window
-            # of 20 it bought 1.3x and lost N@10 (round 21).
+            # Batches cut from length-sorted chunks of 50 batches (why: TrainConfig.sorted_chunk_batches): at a
+            # window of 50, 2.2x the steps of random batches (12,256-12,304 against 5,531-5,532; levers42.json);
+            # at a window of 20 it bought 1.3x and lost N@10 (round 21).
             sorted_chunk_batches=50,
             time_budget_s=40 * 60.0,
             # One torch thread per process: on the shared 2-core host two threads ran this model at
